@@ -1,0 +1,61 @@
+//! Errors of the config crate. Each says what went wrong and which field or key it concerns, so
+//! the binary can turn it into a JSON error, an HTTP status or an exit code without rewording it.
+
+use thiserror::Error;
+
+/// One field of a request or a record that does not pass validation.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// The field's path as the user wrote it, e.g. `backends[1]`.
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Failures of a [`crate::store::Store`] backend.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("the state store cannot be opened at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("state store I/O failed: {0}")]
+    Backend(String),
+    #[error("stored value at `{key}` is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(
+        "revision {requested} was compacted (oldest kept is {compacted_through} + 1); re-read the prefix and watch from its revision"
+    )]
+    Compacted {
+        requested: i64,
+        compacted_through: i64,
+    },
+    #[error("lease {0:#x} does not exist or has expired")]
+    LeaseNotFound(i64),
+    #[error("the state store is closed")]
+    Closed,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Failures of the typed operations on platform state (services, certificates, ...).
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error("{kind} `{id}` does not exist")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot encode or decode `{key}`: {reason}")]
+    Codec { key: String, reason: String },
+}

@@ -1,0 +1,461 @@
+//! The platform's domain model: what is stored, what the Snapshot holds, what the API shows.
+//!
+//! Values are stored as JSON under the keys of [`crate::keys`]; every struct here round-trips
+//! through serde, and every field that comes from a user has a validating constructor.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::error::ValidationError;
+use crate::names::DomainName;
+
+/// Upper bound on backends per service: a pool larger than this is a configuration mistake,
+/// and it bounds the memory one API call can make every node hold.
+pub const MAX_BACKENDS: usize = 64;
+
+/// A service's identity: a UUID v4 that also names its canonical domain `<id>.<zone>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ServiceId(pub Uuid);
+
+impl ServiceId {
+    pub fn new_v4() -> Self {
+        ServiceId(Uuid::new_v4())
+    }
+
+    pub fn canonical_domain(&self, zone: &DomainName) -> String {
+        format!("{}.{zone}", self.0.hyphenated())
+    }
+}
+
+impl FromStr for ServiceId {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::try_parse(s)
+            .map(ServiceId)
+            .map_err(|_| ValidationError::new("id", format!("`{s}` is not a service id (a UUID)")))
+    }
+}
+
+impl fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.hyphenated(), f)
+    }
+}
+
+impl fmt::Debug for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Where a backend is: an IP address or a host name, and a port.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Backend {
+    pub host: BackendHost,
+    pub port: u16,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum BackendHost {
+    Ip(IpAddr),
+    Name(DomainName),
+}
+
+impl Backend {
+    pub fn parse(input: &str) -> Result<Self, String> {
+        let hint = "write a backend as host:port, e.g. 10.0.0.5:8080, [2001:db8::5]:8080 or vm-1.internal:8080";
+        let (host, port) = if let Some(rest) = input.strip_prefix('[') {
+            let (ip, port) = rest
+                .split_once("]:")
+                .ok_or_else(|| format!("`{input}` has no port; {hint}"))?;
+            let ip = Ipv6Addr::from_str(ip)
+                .map_err(|_| format!("`{ip}` is not an IPv6 address; {hint}"))?;
+            (BackendHost::Ip(IpAddr::V6(ip)), port)
+        } else {
+            let (host, port) = input
+                .rsplit_once(':')
+                .ok_or_else(|| format!("`{input}` has no port; {hint}"))?;
+            if host.contains(':') {
+                return Err(format!("`{input}`: put an IPv6 address in brackets; {hint}"));
+            }
+            let host = match Ipv4Addr::from_str(host) {
+                Ok(ip) => BackendHost::Ip(IpAddr::V4(ip)),
+                Err(_) if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') => {
+                    return Err(format!("`{host}` is not an IPv4 address; {hint}"));
+                }
+                Err(_) => BackendHost::Name(
+                    DomainName::parse(host).map_err(|why| format!("{why}; {hint}"))?,
+                ),
+            };
+            (host, port)
+        };
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port `{port}` of `{input}` is not a number from 1 to 65535"))?;
+        Ok(Backend { host, port })
+    }
+}
+
+impl TryFrom<String> for Backend {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Backend::parse(&value)
+    }
+}
+
+impl From<Backend> for String {
+    fn from(value: Backend) -> Self {
+        value.to_string()
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            BackendHost::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            BackendHost::Ip(IpAddr::V4(ip)) => write!(f, "{ip}:{}", self.port),
+            BackendHost::Name(name) => write!(f, "{name}:{}", self.port),
+        }
+    }
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Validates a list of backends from a request, naming the offending entry.
+pub fn validate_backends(field: &str, inputs: &[String]) -> Result<Vec<Backend>, ValidationError> {
+    if inputs.is_empty() {
+        return Err(ValidationError::new(
+            field,
+            "a service needs at least one backend (host:port)",
+        ));
+    }
+    if inputs.len() > MAX_BACKENDS {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{} backends given; a service has at most {MAX_BACKENDS}",
+                inputs.len()
+            ),
+        ));
+    }
+    let mut out: Vec<Backend> = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.iter().enumerate() {
+        let backend =
+            Backend::parse(input).map_err(|m| ValidationError::new(format!("{field}[{i}]"), m))?;
+        if out.contains(&backend) {
+            return Err(ValidationError::new(
+                format!("{field}[{i}]"),
+                format!("`{backend}` is listed twice"),
+            ));
+        }
+        out.push(backend);
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceStatus {
+    /// Routed and answered in DNS.
+    Active,
+    /// Kept, but not routed: requests get 503 and DNS still answers (so certificates renew).
+    Suspended,
+}
+
+impl FromStr for ServiceStatus {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(ServiceStatus::Active),
+            "suspended" => Ok(ServiceStatus::Suspended),
+            other => Err(ValidationError::new(
+                "status",
+                format!("`{other}` is not a service status; use `active` or `suspended`"),
+            )),
+        }
+    }
+}
+
+/// A tenant's service: its canonical domain is derived from the id and the zone, never stored,
+/// so a zone rename cannot leave stale names behind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: ServiceId,
+    pub backends: Vec<Backend>,
+    pub status: ServiceStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// What is left of a deleted service: its id is never given out again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub id: ServiceId,
+    #[serde(with = "time::serde::rfc3339")]
+    pub deleted_at: OffsetDateTime,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerificationStatus {
+    Pending,
+    Verified,
+    Failed,
+}
+
+/// An alias domain a service owner brings (e.g. `www.shop.example`), routed to a service once
+/// its DNS points at us.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Domain {
+    pub name: DomainName,
+    pub service: ServiceId,
+    pub verification: VerificationStatus,
+    pub certificate: CertificateStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum RecordType {
+    A,
+    Aaaa,
+    Cname,
+    Txt,
+    Mx,
+    Srv,
+    Caa,
+    Https,
+    Svcb,
+    Ns,
+}
+
+impl RecordType {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RecordType::A => "A",
+            RecordType::Aaaa => "AAAA",
+            RecordType::Cname => "CNAME",
+            RecordType::Txt => "TXT",
+            RecordType::Mx => "MX",
+            RecordType::Srv => "SRV",
+            RecordType::Caa => "CAA",
+            RecordType::Https => "HTTPS",
+            RecordType::Svcb => "SVCB",
+            RecordType::Ns => "NS",
+        }
+    }
+}
+
+impl FromStr for RecordType {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.to_ascii_uppercase().as_str() {
+            "A" => RecordType::A,
+            "AAAA" => RecordType::Aaaa,
+            "CNAME" => RecordType::Cname,
+            "TXT" => RecordType::Txt,
+            "MX" => RecordType::Mx,
+            "SRV" => RecordType::Srv,
+            "CAA" => RecordType::Caa,
+            "HTTPS" => RecordType::Https,
+            "SVCB" => RecordType::Svcb,
+            "NS" => RecordType::Ns,
+            _ => {
+                return Err(ValidationError::new(
+                    "type",
+                    format!(
+                        "`{s}` is not a supported record type; use A, AAAA, CNAME, TXT, MX, SRV, CAA, HTTPS, SVCB or NS"
+                    ),
+                ));
+            }
+        })
+    }
+}
+
+impl fmt::Display for RecordType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A custom DNS record set: one name and type, its TTL and the RDATA in presentation format.
+/// The DNS responder parses the RDATA when it builds its answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The owner name; may start with `*.` for a wildcard (RFC 4592).
+    pub name: String,
+    #[serde(rename = "type")]
+    pub rtype: RecordType,
+    pub ttl: u32,
+    pub data: Vec<String>,
+}
+
+/// An ingress node of the fleet, as it announces itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub ipv4: Vec<Ipv4Addr>,
+    pub ipv6: Vec<Ipv6Addr>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateStatus {
+    Pending,
+    Ordering,
+    Validating,
+    Issuing,
+    Active,
+    Failed,
+}
+
+impl fmt::Display for CertificateStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            CertificateStatus::Pending => "pending",
+            CertificateStatus::Ordering => "ordering",
+            CertificateStatus::Validating => "validating",
+            CertificateStatus::Issuing => "issuing",
+            CertificateStatus::Active => "active",
+            CertificateStatus::Failed => "failed",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Who issued a certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum IssuerRef {
+    /// The node's local development CA.
+    Dev,
+    Acme { directory_url: String },
+}
+
+/// The CA's account of why an issuance failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub detail: String,
+}
+
+/// A certificate for one or more names. The private key lives apart, under
+/// [`Certificate::key_ref`], so listings never carry key material.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Certificate {
+    pub domains: Vec<DomainName>,
+    pub status: CertificateStatus,
+    pub issuer: IssuerRef,
+    /// PEM chain, leaf first; empty until the first issuance succeeds.
+    #[serde(default)]
+    pub chain_pem: String,
+    /// Store key of the PEM private key.
+    pub key_ref: String,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub not_before: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub not_after: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub last_error: Option<Problem>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+}
+
+impl Certificate {
+    /// True when the certificate can be served now.
+    pub fn is_servable(&self, now: OffsetDateTime) -> bool {
+        !self.chain_pem.is_empty()
+            && self.not_before.is_some_and(|t| t <= now)
+            && self.not_after.is_some_and(|t| now < t)
+    }
+}
+
+/// The ACME account: its credentials are a secret, its thumbprint is public and is all the
+/// challenge responder needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AcmeAccount {
+    pub directory_url: String,
+    pub account_url: String,
+    /// RFC 7638 thumbprint of the account key, base64url.
+    pub thumbprint: String,
+    /// instant-acme's serialized credentials (contain the private key).
+    pub credentials_json: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// One ECH key: its public ECHConfig is published in HTTPS records, its private key is not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EchKey {
+    pub config_id: u8,
+    pub public_name: DomainName,
+    /// The ECHConfig (RFC 9849 §4), base64.
+    pub config_b64: String,
+    /// X25519 private key, base64.
+    pub private_key_b64: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Set when a newer key is published; the key is still accepted until dropped.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub retired_at: Option<OffsetDateTime>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EchKeys {
+    pub keys: Vec<EchKey>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_parse_and_print() {
+        for ok in ["10.0.0.5:8080", "[2001:db8::5]:443", "vm-1.internal:3000", "localhost:1"] {
+            assert_eq!(Backend::parse(ok).unwrap().to_string(), ok);
+        }
+        for bad in [
+            "10.0.0.5",
+            "10.0.0.5:0",
+            "10.0.0.5:65536",
+            "10.0.0.300:80",
+            "2001:db8::5:80",
+            "[2001:db8::5]",
+            "bad_host:80",
+            ":80",
+        ] {
+            assert!(Backend::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn backend_list_errors_name_the_entry() {
+        let err = validate_backends("backends", &["1.2.3.4:80".into(), "x:0".into()]).unwrap_err();
+        assert_eq!(err.field, "backends[1]");
+        let err = validate_backends("backends", &[]).unwrap_err();
+        assert_eq!(err.field, "backends");
+        let dup = validate_backends("backends", &["1.2.3.4:80".into(), "1.2.3.4:80".into()]);
+        assert!(dup.unwrap_err().message.contains("twice"));
+    }
+}

@@ -1,0 +1,405 @@
+//! The Snapshot: an immutable picture of all platform state at one store revision, which every
+//! hot path reads (DNS answers, routing, certificate selection) without a lock.
+//!
+//! [`SnapshotSync`] follows the store with a watch, applies each burst of changes to a copy of
+//! the current Snapshot and swaps it in atomically; readers keep whichever one they loaded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, Guard};
+use foldhash::fast::FixedState;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::error::StoreError;
+use crate::keys;
+use crate::model::{Certificate, Domain, EchKeys, Node, Record, Service, ServiceId};
+use crate::names::{DomainName, MAX_NAME_LEN, normalize_host};
+use crate::state::decode;
+use crate::store::{EventKind, KeyValue, Revision, Store};
+
+type FastMap<K, V> = HashMap<K, V, FixedState>;
+
+/// The public half of the ACME account: enough to answer http-01 challenges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountKey {
+    pub thumbprint: Arc<str>,
+    pub account_url: Arc<str>,
+}
+
+#[derive(Clone)]
+pub struct Snapshot {
+    revision: Revision,
+    zone: DomainName,
+    /// Keyed by the id's 128 bits: a canonical Host is parsed, never hashed as a string.
+    services: FastMap<u128, Arc<Service>>,
+    /// Alias domain name -> its entry.
+    domains: FastMap<Box<str>, Arc<Domain>>,
+    records: BTreeMap<String, Arc<Record>>,
+    /// Primary name -> certificate.
+    certificates: FastMap<Box<str>, Arc<Certificate>>,
+    /// Store key -> private key PEM.
+    private_keys: FastMap<Box<str>, Arc<str>>,
+    nodes: BTreeMap<String, Arc<Node>>,
+    account: Option<AccountKey>,
+    ech_keys: Arc<EchKeys>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("revision", &self.revision)
+            .field("zone", &self.zone)
+            .field("services", &self.services.len())
+            .field("domains", &self.domains.len())
+            .field("records", &self.records.len())
+            .field("certificates", &self.certificates.len())
+            .field("nodes", &self.nodes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    pub fn empty(zone: DomainName) -> Self {
+        Snapshot {
+            revision: 0,
+            zone,
+            services: FastMap::default(),
+            domains: FastMap::default(),
+            records: BTreeMap::new(),
+            certificates: FastMap::default(),
+            private_keys: FastMap::default(),
+            nodes: BTreeMap::new(),
+            account: None,
+            ech_keys: Arc::new(EchKeys::default()),
+        }
+    }
+
+    /// Builds a Snapshot from key-values read from the store (any order).
+    pub fn from_kvs<'a>(
+        zone: DomainName,
+        revision: Revision,
+        kvs: impl IntoIterator<Item = &'a KeyValue>,
+    ) -> Self {
+        let mut snapshot = Snapshot::empty(zone);
+        for kv in kvs {
+            snapshot.apply_put(kv);
+        }
+        snapshot.revision = revision;
+        snapshot
+    }
+
+    /// Reserves room for `services` more services: a bulk load then rehashes once.
+    pub fn reserve_services(&mut self, services: usize) {
+        self.services.reserve(services);
+    }
+
+    /// Adds or replaces one service directly (bulk loads and benchmarks).
+    pub fn insert_service(&mut self, service: Arc<Service>) {
+        self.services.insert(service.id.0.as_u128(), service);
+    }
+
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    pub fn zone(&self) -> &DomainName {
+        &self.zone
+    }
+
+    pub fn service(&self, id: &ServiceId) -> Option<&Arc<Service>> {
+        self.services.get(&id.0.as_u128())
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// The service a Host header (or SNI, or `:authority`) names: its canonical domain
+    /// `<id>.<zone>` or an alias domain routed to it. Case, a port and a trailing dot are ignored.
+    pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
+        let mut buf = [0u8; MAX_NAME_LEN];
+        let host = normalize_host(host, &mut buf)?;
+        let zone = self.zone.as_str();
+        if let Some(label) = host
+            .strip_suffix(zone)
+            .and_then(|rest| rest.strip_suffix('.'))
+            && let Ok(id) = Uuid::try_parse(label)
+        {
+            return self.services.get(&id.as_u128());
+        }
+        let domain = self.domains.get(host)?;
+        self.services.get(&domain.service.0.as_u128())
+    }
+
+    pub fn domains(&self) -> impl Iterator<Item = &Arc<Domain>> {
+        self.domains.values()
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &Arc<Record>> {
+        self.records.values()
+    }
+
+    pub fn certificate(&self, primary_name: &str) -> Option<&Arc<Certificate>> {
+        self.certificates.get(primary_name)
+    }
+
+    pub fn certificates(&self) -> impl Iterator<Item = &Arc<Certificate>> {
+        self.certificates.values()
+    }
+
+    pub fn private_key(&self, key_ref: &str) -> Option<&Arc<str>> {
+        self.private_keys.get(key_ref)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Arc<Node>> {
+        self.nodes.values()
+    }
+
+    pub fn account(&self) -> Option<&AccountKey> {
+        self.account.as_ref()
+    }
+
+    pub fn ech_keys(&self) -> &Arc<EchKeys> {
+        &self.ech_keys
+    }
+
+    /// Applies one change. A value that does not decode is logged and skipped: one bad entry
+    /// must not stop a node from serving everything else.
+    pub fn apply(&mut self, revision: Revision, event: &EventKind) {
+        match event {
+            EventKind::Put(kv) => self.apply_put(kv),
+            EventKind::Delete { key } => self.apply_delete(key),
+        }
+        self.revision = self.revision.max(revision);
+    }
+
+    fn apply_put(&mut self, kv: &KeyValue) {
+        let key = kv.key.as_str();
+        let result = if key.starts_with(keys::SERVICES) {
+            decode::<Service>(kv).map(|s| {
+                self.services.insert(s.id.0.as_u128(), Arc::new(s));
+            })
+        } else if let Some(name) = key.strip_prefix(keys::DOMAINS) {
+            decode::<Domain>(kv).map(|d| {
+                self.domains.insert(name.into(), Arc::new(d));
+            })
+        } else if let Some(rest) = key.strip_prefix(keys::RECORDS) {
+            decode::<Record>(kv).map(|r| {
+                self.records.insert(rest.to_string(), Arc::new(r));
+            })
+        } else if let Some(name) = key.strip_prefix(keys::CERTIFICATES) {
+            decode::<Certificate>(kv).map(|c| {
+                self.certificates.insert(name.into(), Arc::new(c));
+            })
+        } else if key.starts_with(keys::KEYS) {
+            match std::str::from_utf8(&kv.value) {
+                Ok(pem) => {
+                    self.private_keys.insert(key.into(), pem.into());
+                    Ok(())
+                }
+                Err(e) => Err(crate::error::StateError::Codec {
+                    key: key.into(),
+                    reason: e.to_string(),
+                }),
+            }
+        } else if let Some(id) = key.strip_prefix(keys::NODES) {
+            decode::<Node>(kv).map(|n| {
+                self.nodes.insert(id.to_string(), Arc::new(n));
+            })
+        } else if key == keys::ACME_ACCOUNT {
+            decode::<crate::model::AcmeAccount>(kv).map(|a| {
+                self.account = Some(AccountKey {
+                    thumbprint: a.thumbprint.into(),
+                    account_url: a.account_url.into(),
+                });
+            })
+        } else if key == keys::ECH_KEYS {
+            decode::<EchKeys>(kv).map(|k| self.ech_keys = Arc::new(k))
+        } else {
+            // Tombstones, locks and anything newer than this build: not part of the picture.
+            Ok(())
+        };
+        if let Err(e) = result {
+            tracing::warn!(key, error = %e, "skipping a stored value that does not decode");
+        }
+    }
+
+    fn apply_delete(&mut self, key: &str) {
+        if let Some(id) = key.strip_prefix(keys::SERVICES) {
+            if let Ok(id) = Uuid::try_parse(id) {
+                self.services.remove(&id.as_u128());
+            }
+        } else if let Some(name) = key.strip_prefix(keys::DOMAINS) {
+            self.domains.remove(name);
+        } else if let Some(rest) = key.strip_prefix(keys::RECORDS) {
+            self.records.remove(rest);
+        } else if let Some(name) = key.strip_prefix(keys::CERTIFICATES) {
+            self.certificates.remove(name);
+        } else if key.starts_with(keys::KEYS) {
+            self.private_keys.remove(key);
+        } else if let Some(id) = key.strip_prefix(keys::NODES) {
+            self.nodes.remove(id);
+        } else if key == keys::ACME_ACCOUNT {
+            self.account = None;
+        } else if key == keys::ECH_KEYS {
+            self.ech_keys = Arc::new(EchKeys::default());
+        }
+    }
+}
+
+/// How the parts reach the current Snapshot. Clone freely.
+#[derive(Clone)]
+pub struct SnapshotHandle {
+    current: Arc<ArcSwap<Snapshot>>,
+    published: watch::Receiver<Revision>,
+}
+
+impl SnapshotHandle {
+    /// The Snapshot now; cheap, lock-free, for hot paths.
+    pub fn load(&self) -> Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Wakes on every published Snapshot (background work that reacts to changes).
+    pub fn subscribe(&self) -> watch::Receiver<Revision> {
+        self.published.clone()
+    }
+
+    /// Waits until a Snapshot at `revision` or later is published, at most `timeout`. Lets a
+    /// writer answer only once its change is live on this node. False on timeout.
+    pub async fn wait_for(&self, revision: Revision, timeout: Duration) -> bool {
+        let mut rx = self.published.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// A handle over a fixed Snapshot, for tests and benchmarks of the parts.
+    pub fn fixed(snapshot: Snapshot) -> Self {
+        let (tx, published) = watch::channel(snapshot.revision);
+        // Keep the sender alive so `published` never reports a closed channel.
+        std::mem::forget(tx);
+        SnapshotHandle {
+            current: Arc::new(ArcSwap::from_pointee(snapshot)),
+            published,
+        }
+    }
+}
+
+/// Keeps a [`SnapshotHandle`] in step with the store.
+pub struct SnapshotSync {
+    pub handle: SnapshotHandle,
+    pub task: JoinHandle<()>,
+}
+
+/// How long to wait before reading the store again after it failed.
+const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
+
+impl SnapshotSync {
+    /// Loads the whole state, publishes the first Snapshot, then follows the store.
+    pub async fn start(store: Arc<dyn Store>, zone: DomainName) -> Result<Self, StoreError> {
+        let (snapshot, revision) = load(store.as_ref(), zone.clone()).await?;
+        let current = Arc::new(ArcSwap::from_pointee(snapshot));
+        let (tx, published) = watch::channel(revision);
+        let handle = SnapshotHandle {
+            current: current.clone(),
+            published,
+        };
+        let task = tokio::spawn(follow(store, zone, current, tx, revision));
+        Ok(SnapshotSync { handle, task })
+    }
+}
+
+async fn load(store: &dyn Store, zone: DomainName) -> Result<(Snapshot, Revision), StoreError> {
+    // Read the revision first and watch from just after it: changes made while the pages are
+    // read are replayed in order on top, which ends in the same state.
+    let start = store.current_revision().await?;
+    let (kvs, _) = store.list_all("").await?;
+    let snapshot = Snapshot::from_kvs(zone, start, &kvs);
+    Ok((snapshot, start))
+}
+
+async fn follow(
+    store: Arc<dyn Store>,
+    zone: DomainName,
+    current: Arc<ArcSwap<Snapshot>>,
+    published: watch::Sender<Revision>,
+    mut revision: Revision,
+) {
+    loop {
+        let mut watch = match store.watch("", revision + 1).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the store; reloading state");
+                reload(store.as_ref(), &zone, &current, &published, &mut revision).await;
+                continue;
+            }
+        };
+        while let Some(batch) = watch.next().await {
+            let mut next: Option<Snapshot> = None;
+            let mut pending = Some(batch);
+            let mut failed = None;
+            while let Some(batch) = pending.take() {
+                match batch {
+                    Ok(batch) => {
+                        let snapshot = next.get_or_insert_with(|| (**current.load()).clone());
+                        for event in &batch.events {
+                            snapshot.apply(batch.revision, &event.kind);
+                        }
+                        revision = batch.revision;
+                        pending = watch.try_next();
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            if let Some(mut snapshot) = next {
+                snapshot.revision = revision;
+                current.store(Arc::new(snapshot));
+                published.send_replace(revision);
+            }
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, "store watch failed; reloading state");
+                break;
+            }
+        }
+        if published.is_closed() && Arc::strong_count(&current) == 1 {
+            return;
+        }
+        reload(store.as_ref(), &zone, &current, &published, &mut revision).await;
+    }
+}
+
+async fn reload(
+    store: &dyn Store,
+    zone: &DomainName,
+    current: &ArcSwap<Snapshot>,
+    published: &watch::Sender<Revision>,
+    revision: &mut Revision,
+) {
+    loop {
+        match load(store, zone.clone()).await {
+            Ok((snapshot, rev)) => {
+                current.store(Arc::new(snapshot));
+                *revision = rev;
+                published.send_replace(rev);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reloading state failed; serving the last Snapshot");
+                tokio::time::sleep(RETRY_AFTER_ERROR).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Typed operations on platform state: what the admin API and the issuers call. Each write is
+//! one store transaction, so a crash never leaves half of an operation behind.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+
+use crate::error::StateError;
+use crate::keys;
+use crate::model::{Backend, Certificate, Node, Service, ServiceId, ServiceStatus, Tombstone};
+use crate::names::DomainName;
+use crate::store::{Compare, KeyValue, LeaseId, Op, PageRequest, Revision, Store, Txn};
+
+/// How many times a read-modify-write retries when another writer got there first.
+const CAS_ATTEMPTS: usize = 16;
+
+#[derive(Clone)]
+pub struct State {
+    store: Arc<dyn Store>,
+    zone: DomainName,
+}
+
+/// A change to a service; absent fields stay as they are.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServicePatch {
+    pub backends: Option<Vec<Backend>>,
+    pub status: Option<ServiceStatus>,
+}
+
+/// A value read from the store with the revision it was written at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub mod_revision: Revision,
+}
+
+pub fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StateError> {
+    serde_json::to_vec(value).map_err(|e| StateError::Codec {
+        key: key.into(),
+        reason: e.to_string(),
+    })
+}
+
+pub fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, StateError> {
+    serde_json::from_slice(&kv.value).map_err(|e| StateError::Codec {
+        key: kv.key.clone(),
+        reason: e.to_string(),
+    })
+}
+
+impl State {
+    pub fn new(store: Arc<dyn Store>, zone: DomainName) -> Self {
+        State { store, zone }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn zone(&self) -> &DomainName {
+        &self.zone
+    }
+
+    /// Creates a service with a fresh id. Returns it and the revision that made it.
+    pub async fn create_service(
+        &self,
+        backends: Vec<Backend>,
+        status: ServiceStatus,
+    ) -> Result<(Service, Revision), StateError> {
+        let now = OffsetDateTime::now_utc();
+        // A v4 collision is astronomically unlikely; the compare makes it impossible, even with
+        // the id of a deleted service.
+        for _ in 0..CAS_ATTEMPTS {
+            let service = Service {
+                id: ServiceId::new_v4(),
+                backends: backends.clone(),
+                status,
+                created_at: now,
+                updated_at: now,
+            };
+            let key = keys::service(&service.id);
+            let out = self
+                .store
+                .txn(Txn {
+                    compare: vec![
+                        Compare::Absent(key.clone()),
+                        Compare::Absent(keys::tombstone(&service.id)),
+                    ],
+                    success: vec![Op::put(key.clone(), encode(&key, &service)?)],
+                    failure: vec![],
+                })
+                .await?;
+            if out.succeeded {
+                return Ok((service, out.revision));
+            }
+        }
+        Err(StateError::Conflict(
+            "could not find an unused service id; try again".into(),
+        ))
+    }
+
+    pub async fn get_service(
+        &self,
+        id: &ServiceId,
+    ) -> Result<Option<Versioned<Service>>, StateError> {
+        match self.store.get(&keys::service(id)).await? {
+            Some(kv) => Ok(Some(Versioned {
+                value: decode(&kv)?,
+                mod_revision: kv.mod_revision,
+            })),
+            None => Ok(None),
+        }
+    }
+
+    /// One page of services in id order, and the id to continue after when there are more.
+    pub async fn list_services(
+        &self,
+        after: Option<&ServiceId>,
+        limit: usize,
+    ) -> Result<(Vec<Service>, Option<ServiceId>), StateError> {
+        let page = self
+            .store
+            .list(
+                keys::SERVICES,
+                PageRequest {
+                    after: after.map(keys::service),
+                    limit,
+                },
+            )
+            .await?;
+        let services: Vec<Service> = page.items.iter().map(decode).collect::<Result<_, _>>()?;
+        let next = if page.more {
+            services.last().map(|s| s.id)
+        } else {
+            None
+        };
+        Ok((services, next))
+    }
+
+    pub async fn is_tombstoned(&self, id: &ServiceId) -> Result<bool, StateError> {
+        Ok(self.store.get(&keys::tombstone(id)).await?.is_some())
+    }
+
+    pub async fn update_service(
+        &self,
+        id: &ServiceId,
+        patch: ServicePatch,
+    ) -> Result<(Service, Revision), StateError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(current) = self.get_service(id).await? else {
+                return Err(self.missing_service(id).await);
+            };
+            let mut service = current.value;
+            if let Some(backends) = &patch.backends {
+                service.backends = backends.clone();
+            }
+            if let Some(status) = patch.status {
+                service.status = status;
+            }
+            service.updated_at = OffsetDateTime::now_utc();
+            let key = keys::service(id);
+            if let Some(rev) = self
+                .store
+                .compare_and_swap(&key, Some(current.mod_revision), encode(&key, &service)?)
+                .await?
+            {
+                return Ok((service, rev));
+            }
+        }
+        Err(StateError::Conflict(format!(
+            "service `{id}` is being changed by others; try again"
+        )))
+    }
+
+    /// Deletes a service, its certificate and key, and leaves a tombstone so the id and its
+    /// canonical name are never given out again.
+    pub async fn delete_service(&self, id: &ServiceId) -> Result<Revision, StateError> {
+        let key = keys::service(id);
+        let tombstone_key = keys::tombstone(id);
+        let tombstone = Tombstone {
+            id: *id,
+            deleted_at: OffsetDateTime::now_utc(),
+        };
+        let domain = id.canonical_domain(&self.zone);
+        let out = self
+            .store
+            .txn(Txn {
+                compare: vec![Compare::Present(key.clone())],
+                success: vec![
+                    Op::delete(key),
+                    Op::put(tombstone_key.clone(), encode(&tombstone_key, &tombstone)?),
+                    Op::delete(keys::certificate(&domain)),
+                    Op::delete(keys::private_key(&domain)),
+                ],
+                failure: vec![],
+            })
+            .await?;
+        if out.succeeded {
+            Ok(out.revision)
+        } else {
+            Err(self.missing_service(id).await)
+        }
+    }
+
+    async fn missing_service(&self, id: &ServiceId) -> StateError {
+        match self.is_tombstoned(id).await {
+            Ok(true) => StateError::NotFound {
+                kind: "service",
+                id: format!("{id} (deleted)"),
+            },
+            Ok(false) => StateError::NotFound {
+                kind: "service",
+                id: id.to_string(),
+            },
+            Err(e) => e,
+        }
+    }
+
+    pub async fn list_certificates(&self) -> Result<Vec<Certificate>, StateError> {
+        let (items, _) = self.store.list_all(keys::CERTIFICATES).await?;
+        items.iter().map(decode).collect()
+    }
+
+    /// Stores a certificate and its key together, but only while the service it is for still
+    /// exists (`owner`), so an issuance that finishes after a delete leaves nothing behind.
+    pub async fn put_certificate(
+        &self,
+        owner: &ServiceId,
+        certificate: &Certificate,
+        private_key_pem: Option<&str>,
+    ) -> Result<Option<Revision>, StateError> {
+        let primary = certificate
+            .domains
+            .first()
+            .ok_or_else(|| StateError::Conflict("a certificate needs at least one name".into()))?;
+        let key = keys::certificate(primary.as_str());
+        let mut success = vec![Op::put(key.clone(), encode(&key, certificate)?)];
+        if let Some(pem) = private_key_pem {
+            success.push(Op::put(certificate.key_ref.clone(), pem.as_bytes().to_vec()));
+        }
+        let out = self
+            .store
+            .txn(Txn {
+                compare: vec![Compare::Present(keys::service(owner))],
+                success,
+                failure: vec![],
+            })
+            .await?;
+        Ok(out.succeeded.then_some(out.revision))
+    }
+
+    /// Announces this node; the entry lives as long as `lease` is kept alive.
+    pub async fn put_node(&self, node: &Node, lease: LeaseId) -> Result<Revision, StateError> {
+        let key = keys::node(&node.id);
+        Ok(self
+            .store
+            .put_with_lease(&key, encode(&key, node)?, lease)
+            .await?)
+    }
+}
