@@ -83,7 +83,9 @@ impl Backend {
                 .rsplit_once(':')
                 .ok_or_else(|| format!("`{input}` has no port; {hint}"))?;
             if host.contains(':') {
-                return Err(format!("`{input}`: put an IPv6 address in brackets; {hint}"));
+                return Err(format!(
+                    "`{input}`: put an IPv6 address in brackets; {hint}"
+                ));
             }
             let host = match Ipv4Addr::from_str(host) {
                 Ok(ip) => BackendHost::Ip(IpAddr::V4(ip)),
@@ -96,11 +98,10 @@ impl Backend {
             };
             (host, port)
         };
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("port `{port}` of `{input}` is not a number from 1 to 65535"))?;
+        let port: u16 =
+            port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+                format!("port `{port}` of `{input}` is not a number from 1 to 65535")
+            })?;
         Ok(Backend { host, port })
     }
 }
@@ -347,7 +348,9 @@ impl fmt::Display for CertificateStatus {
 pub enum IssuerRef {
     /// The node's local development CA.
     Dev,
-    Acme { directory_url: String },
+    Acme {
+        directory_url: String,
+    },
 }
 
 /// The CA's account of why an issuance failed.
@@ -383,6 +386,22 @@ pub struct Certificate {
 }
 
 impl Certificate {
+    /// The record of a name the issuer has yet to take up.
+    pub fn pending(domain: DomainName, issuer: IssuerRef, key_ref: String) -> Self {
+        Certificate {
+            domains: vec![domain],
+            status: CertificateStatus::Pending,
+            issuer,
+            chain_pem: String::new(),
+            key_ref,
+            not_before: None,
+            not_after: None,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
+        }
+    }
+
     /// True when the certificate can be served now.
     pub fn is_servable(&self, now: OffsetDateTime) -> bool {
         !self.chain_pem.is_empty()
@@ -432,7 +451,12 @@ mod tests {
 
     #[test]
     fn backends_parse_and_print() {
-        for ok in ["10.0.0.5:8080", "[2001:db8::5]:443", "vm-1.internal:3000", "localhost:1"] {
+        for ok in [
+            "10.0.0.5:8080",
+            "[2001:db8::5]:443",
+            "vm-1.internal:3000",
+            "localhost:1",
+        ] {
             assert_eq!(Backend::parse(ok).unwrap().to_string(), ok);
         }
         for bad in [

@@ -172,16 +172,27 @@ mod tests {
     #[test]
     fn within() {
         let zone = DomainName::parse("app.example.test").unwrap();
-        assert!(DomainName::parse("x.app.example.test").unwrap().is_within(&zone));
+        assert!(
+            DomainName::parse("x.app.example.test")
+                .unwrap()
+                .is_within(&zone)
+        );
         assert!(zone.is_within(&zone));
-        assert!(!DomainName::parse("xapp.example.test").unwrap().is_within(&zone));
+        assert!(
+            !DomainName::parse("xapp.example.test")
+                .unwrap()
+                .is_within(&zone)
+        );
         assert!(!DomainName::parse("example.test").unwrap().is_within(&zone));
     }
 
     #[test]
     fn normalizes_hosts() {
         let mut buf = [0; MAX_NAME_LEN];
-        assert_eq!(normalize_host("A.Example:8443", &mut buf), Some("a.example"));
+        assert_eq!(
+            normalize_host("A.Example:8443", &mut buf),
+            Some("a.example")
+        );
         assert_eq!(normalize_host("a.example.", &mut buf), Some("a.example"));
         assert_eq!(normalize_host("[::1]:443", &mut buf), None);
         assert_eq!(normalize_host("a.example:x", &mut buf), None);

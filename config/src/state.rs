@@ -9,7 +9,9 @@ use time::OffsetDateTime;
 
 use crate::error::StateError;
 use crate::keys;
-use crate::model::{Backend, Certificate, Node, Service, ServiceId, ServiceStatus, Tombstone};
+use crate::model::{
+    Backend, Certificate, IssuerRef, Node, Service, ServiceId, ServiceStatus, Tombstone,
+};
 use crate::names::DomainName;
 use crate::store::{Compare, KeyValue, LeaseId, Op, PageRequest, Revision, Store, Txn};
 
@@ -63,11 +65,13 @@ impl State {
         &self.zone
     }
 
-    /// Creates a service with a fresh id. Returns it and the revision that made it.
+    /// Creates a service with a fresh id, and the `pending` certificate of its canonical domain
+    /// for the issuer to take up. Returns it and the revision that made it.
     pub async fn create_service(
         &self,
         backends: Vec<Backend>,
         status: ServiceStatus,
+        issuer: IssuerRef,
     ) -> Result<(Service, Revision), StateError> {
         let now = OffsetDateTime::now_utc();
         // A v4 collision is astronomically unlikely; the compare makes it impossible, even with
@@ -81,6 +85,13 @@ impl State {
                 updated_at: now,
             };
             let key = keys::service(&service.id);
+            let domain = service.id.canonical_domain(&self.zone);
+            let cert_key = keys::certificate(&domain);
+            let cert = Certificate::pending(
+                DomainName::validate("domain", &domain)?,
+                issuer.clone(),
+                keys::private_key(&domain),
+            );
             let out = self
                 .store
                 .txn(Txn {
@@ -88,7 +99,10 @@ impl State {
                         Compare::Absent(key.clone()),
                         Compare::Absent(keys::tombstone(&service.id)),
                     ],
-                    success: vec![Op::put(key.clone(), encode(&key, &service)?)],
+                    success: vec![
+                        Op::put(key.clone(), encode(&key, &service)?),
+                        Op::put(cert_key.clone(), encode(&cert_key, &cert)?),
+                    ],
                     failure: vec![],
                 })
                 .await?;
@@ -238,7 +252,10 @@ impl State {
         let key = keys::certificate(primary.as_str());
         let mut success = vec![Op::put(key.clone(), encode(&key, certificate)?)];
         if let Some(pem) = private_key_pem {
-            success.push(Op::put(certificate.key_ref.clone(), pem.as_bytes().to_vec()));
+            success.push(Op::put(
+                certificate.key_ref.clone(),
+                pem.as_bytes().to_vec(),
+            ));
         }
         let out = self
             .store

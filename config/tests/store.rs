@@ -1,12 +1,14 @@
 //! The embedded store against the Store contract: CRUD, paging, compare-and-swap, ordered
 //! watches, leases, locks, and crash safety under SIGKILL.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use portcullis_config::model::{Backend, ServiceStatus};
+use portcullis_config::model::{Backend, IssuerRef, ServiceStatus};
 use portcullis_config::store::{
     Compare, EmbeddedStore, EventKind, Op, PageRequest, Store, Txn, lock,
 };
@@ -15,7 +17,9 @@ use portcullis_config::{DomainName, ServiceId, State, StoreError};
 const DEADLINE: Duration = Duration::from_secs(10);
 
 async fn open(dir: &tempfile::TempDir) -> EmbeddedStore {
-    EmbeddedStore::open(dir.path().join("state.redb")).await.unwrap()
+    EmbeddedStore::open(dir.path().join("state.redb"))
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -33,7 +37,10 @@ async fn crud_and_revisions() {
     assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (1, 2, 2));
 
     assert!(store.delete("a").await.unwrap());
-    assert!(!store.delete("a").await.unwrap(), "deleting twice reports absence");
+    assert!(
+        !store.delete("a").await.unwrap(),
+        "deleting twice reports absence"
+    );
     assert_eq!(store.get("a").await.unwrap(), None);
     assert_eq!(
         store.current_revision().await.unwrap(),
@@ -43,7 +50,11 @@ async fn crud_and_revisions() {
 
     store.put("a", b"3".to_vec()).await.unwrap();
     let kv = store.get("a").await.unwrap().unwrap();
-    assert_eq!((kv.create_revision, kv.version), (4, 1), "re-created key starts over");
+    assert_eq!(
+        (kv.create_revision, kv.version),
+        (4, 1),
+        "re-created key starts over"
+    );
 }
 
 #[tokio::test]
@@ -189,7 +200,11 @@ async fn watch_delivers_every_change_in_order() {
         assert!(batch.revision > last, "revisions go forward");
         last = batch.revision;
         for e in batch.events {
-            assert!(e.key().starts_with("w/"), "{} is outside the prefix", e.key());
+            assert!(
+                e.key().starts_with("w/"),
+                "{} is outside the prefix",
+                e.key()
+            );
             assert_eq!(e.revision, batch.revision);
             live.push(e);
         }
@@ -215,7 +230,10 @@ async fn watch_delivers_every_change_in_order() {
         .count();
     assert_eq!(puts, 161);
     // And each delete of an existing key is one event, in between.
-    assert!(live.iter().any(|e| matches!(e.kind, EventKind::Delete { .. })));
+    assert!(
+        live.iter()
+            .any(|e| matches!(e.kind, EventKind::Delete { .. }))
+    );
 }
 
 #[tokio::test]
@@ -353,7 +371,7 @@ async fn state_survives_reopen() {
         let store: Arc<dyn Store> = Arc::new(open(&dir).await);
         let state = State::new(store, zone.clone());
         state
-            .create_service(backends.clone(), ServiceStatus::Active)
+            .create_service(backends.clone(), ServiceStatus::Active, IssuerRef::Dev)
             .await
             .unwrap()
             .0
@@ -385,7 +403,7 @@ async fn crash_child() {
     let mut out = std::io::stdout().lock();
     loop {
         let (service, _) = state
-            .create_service(backends.clone(), ServiceStatus::Active)
+            .create_service(backends.clone(), ServiceStatus::Active, IssuerRef::Dev)
             .await
             .unwrap();
         writeln!(out, "committed {}", service.id).unwrap();
@@ -432,10 +450,7 @@ async fn crash_safety_under_sigkill() {
             DomainName::parse("app.example.test").unwrap(),
         );
         for id in &committed {
-            assert!(
-                state.get_service(id).await.unwrap().is_some(),
-                "lost {id}"
-            );
+            assert!(state.get_service(id).await.unwrap().is_some(), "lost {id}");
         }
         let (all, rev) = store.list_all("services/").await.unwrap();
         assert!(all.len() >= committed.len());

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable,
-    TableDefinition, WriteTransaction,
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -126,11 +126,12 @@ impl EmbeddedStore {
     }
 }
 
-fn read_meta<T: ReadableTable<&'static str, u64>>(
-    meta: &T,
-    key: &str,
-) -> Result<u64, StoreError> {
-    Ok(meta.get(key).map_err(backend)?.map(|v| v.value()).unwrap_or(0))
+fn read_meta<T: ReadableTable<&'static str, u64>>(meta: &T, key: &str) -> Result<u64, StoreError> {
+    Ok(meta
+        .get(key)
+        .map_err(backend)?
+        .map(|v| v.value())
+        .unwrap_or(0))
 }
 
 // --- value encoding ---------------------------------------------------------------------------
@@ -292,17 +293,23 @@ impl Inner {
                 let holds = match cmp {
                     Compare::Absent(key) => kv.get(key.as_str()).map_err(backend)?.is_none(),
                     Compare::Present(key) => kv.get(key.as_str()).map_err(backend)?.is_some(),
-                    Compare::ModRevision(key, rev) => match kv.get(key.as_str()).map_err(backend)? {
-                        Some(v) => decode_entry(key, v.value())?.mod_revision == *rev,
-                        None => false,
-                    },
+                    Compare::ModRevision(key, rev) => {
+                        match kv.get(key.as_str()).map_err(backend)? {
+                            Some(v) => decode_entry(key, v.value())?.mod_revision == *rev,
+                            None => false,
+                        }
+                    }
                 };
                 if !holds {
                     succeeded = false;
                     break;
                 }
             }
-            let ops = if succeeded { &txn.success } else { &txn.failure };
+            let ops = if succeeded {
+                &txn.success
+            } else {
+                &txn.failure
+            };
             let leases = wtx.open_table(LEASES).map_err(backend)?;
             let mut lease_keys = wtx.open_multimap_table(LEASE_KEYS).map_err(backend)?;
             let mut events = Vec::with_capacity(ops.len());

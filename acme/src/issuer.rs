@@ -1,0 +1,45 @@
+use async_trait::async_trait;
+use portcullis_config::DomainName;
+use portcullis_config::model::IssuerRef;
+use time::OffsetDateTime;
+
+/// A freshly issued certificate with its key.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    /// Leaf first.
+    pub chain_pem: String,
+    pub private_key_pem: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("the dev CA at {path} cannot be used: {reason}")]
+    DevCa { path: String, reason: String },
+    #[error("certificate generation failed: {0}")]
+    Generate(String),
+    #[error("{kind}: {detail}")]
+    Rejected { kind: String, detail: String },
+}
+
+impl IssueError {
+    /// The problem as shown in a certificate's status.
+    pub fn problem(&self) -> portcullis_config::model::Problem {
+        let (kind, detail) = match self {
+            IssueError::Rejected { kind, detail } => (kind.clone(), detail.clone()),
+            IssueError::DevCa { .. } => ("portcullis:dev-ca".into(), self.to_string()),
+            IssueError::Generate(_) => ("portcullis:generate".into(), self.to_string()),
+        };
+        portcullis_config::model::Problem { kind, detail }
+    }
+}
+
+/// Something that turns names into a certificate: the dev CA, an ACME CA.
+#[async_trait]
+pub trait Issuer: Send + Sync + 'static {
+    /// Recorded on each certificate, so a change of issuer can re-issue what the old one made.
+    fn reference(&self) -> IssuerRef;
+
+    async fn issue(&self, domains: &[DomainName]) -> Result<Issued, IssueError>;
+}

@@ -1,0 +1,231 @@
+//! The loop that keeps certificates issued and renewed: it wakes on every new Snapshot and at
+//! the next renewal or retry time, and issues what is due.
+
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use portcullis_config::model::{Certificate, CertificateStatus};
+use portcullis_config::{DomainName, ServiceId, SnapshotHandle, State, StateError, keys};
+use time::{Duration, OffsetDateTime};
+use tokio_util::sync::CancellationToken;
+
+use crate::issuer::Issuer;
+
+/// When to renew, and how to back off after failures.
+#[derive(Clone, Debug)]
+pub struct RenewalPolicy {
+    /// Renew when this fraction of the lifetime remains (Let's Encrypt advises a third).
+    pub remaining_fraction: f64,
+    pub first_retry: StdDuration,
+    pub max_retry: StdDuration,
+}
+
+impl Default for RenewalPolicy {
+    fn default() -> Self {
+        RenewalPolicy {
+            remaining_fraction: 1.0 / 3.0,
+            first_retry: StdDuration::from_secs(5),
+            max_retry: StdDuration::from_secs(3600),
+        }
+    }
+}
+
+impl RenewalPolicy {
+    pub fn renew_at(&self, cert: &Certificate) -> Option<OffsetDateTime> {
+        let (from, to) = (cert.not_before?, cert.not_after?);
+        let lifetime = (to - from).as_seconds_f64();
+        Some(to - Duration::seconds_f64(lifetime * self.remaining_fraction))
+    }
+
+    /// Exponential backoff with jitter: half the step fixed, half random, so nodes and names
+    /// that failed together do not retry together.
+    pub fn retry_after(&self, attempts: u32) -> StdDuration {
+        let step = self
+            .first_retry
+            .saturating_mul(1u32 << attempts.saturating_sub(1).min(20))
+            .min(self.max_retry);
+        let mut byte = [0u8; 1];
+        let random = getrandom::fill(&mut byte).map(|()| byte[0]).unwrap_or(128);
+        step / 2 + (step / 2).mul_f64(f64::from(random) / 255.0)
+    }
+}
+
+pub struct CertificateManager {
+    state: State,
+    snapshot: SnapshotHandle,
+    issuer: Arc<dyn Issuer>,
+    policy: RenewalPolicy,
+}
+
+/// Longest sleep with nothing due: a safety net should a wake-up be missed.
+const IDLE_WAKE: StdDuration = StdDuration::from_secs(3600);
+/// How long to wait for our own write to show in the Snapshot before looking again.
+const SNAPSHOT_CATCH_UP: StdDuration = StdDuration::from_secs(5);
+
+enum Due {
+    Now,
+    At(OffsetDateTime),
+}
+
+impl CertificateManager {
+    pub fn new(
+        state: State,
+        snapshot: SnapshotHandle,
+        issuer: Arc<dyn Issuer>,
+        policy: RenewalPolicy,
+    ) -> Self {
+        CertificateManager {
+            state,
+            snapshot,
+            issuer,
+            policy,
+        }
+    }
+
+    fn due(&self, cert: Option<&Certificate>, now: OffsetDateTime) -> Due {
+        let Some(cert) = cert else {
+            return Due::Now;
+        };
+        if cert.status == CertificateStatus::Failed
+            && let Some(at) = cert.next_attempt_at
+            && at > now
+        {
+            return Due::At(at);
+        }
+        if cert.issuer != self.issuer.reference() || !cert.is_servable(now) {
+            return Due::Now;
+        }
+        match self.policy.renew_at(cert) {
+            Some(at) if at > now => Due::At(at),
+            _ => Due::Now,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut changes = self.snapshot.subscribe();
+        loop {
+            let snapshot = self.snapshot.load_full();
+            let zone = snapshot.zone().clone();
+            let now = OffsetDateTime::now_utc();
+            let mut wake = now + IDLE_WAKE;
+            let mut due = Vec::new();
+            for service in snapshot.services() {
+                let domain = service.id.canonical_domain(&zone);
+                match self.due(snapshot.certificate(&domain).map(|c| &**c), now) {
+                    Due::Now => due.push(service.id),
+                    Due::At(at) => wake = wake.min(at),
+                }
+            }
+            drop(snapshot);
+            for id in due {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                match self.issue_for(&id, &zone).await {
+                    Ok(Some(revision)) => {
+                        self.snapshot.wait_for(revision, SNAPSHOT_CATCH_UP).await;
+                    }
+                    Ok(None) => {} // the service went away meanwhile
+                    Err(e) => {
+                        tracing::warn!(service = %id, error = %e, "cannot record a certificate")
+                    }
+                }
+            }
+            changes.borrow_and_update();
+            let sleep = (wake - OffsetDateTime::now_utc())
+                .try_into()
+                .unwrap_or(StdDuration::ZERO);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    async fn issue_for(
+        &self,
+        id: &ServiceId,
+        zone: &DomainName,
+    ) -> Result<Option<i64>, StateError> {
+        let name = id.canonical_domain(zone);
+        let domain = DomainName::validate("domain", &name)?;
+        let previous = self.snapshot.load().certificate(&name).cloned();
+        let mut domains = vec![domain];
+        let started = std::time::Instant::now();
+        let cert = match self.issuer.issue(&domains).await {
+            Ok(issued) => {
+                tracing::info!(domain = %name, took_ms = started.elapsed().as_millis() as u64, "certificate issued");
+                let cert = Certificate {
+                    domains,
+                    status: CertificateStatus::Active,
+                    issuer: self.issuer.reference(),
+                    chain_pem: issued.chain_pem,
+                    key_ref: keys::private_key(&name),
+                    not_before: Some(issued.not_before),
+                    not_after: Some(issued.not_after),
+                    attempts: 0,
+                    last_error: None,
+                    next_attempt_at: None,
+                };
+                return self
+                    .state
+                    .put_certificate(id, &cert, Some(&issued.private_key_pem))
+                    .await;
+            }
+            Err(e) => {
+                let attempts = previous.as_ref().map_or(0, |p| p.attempts) + 1;
+                let retry = self.policy.retry_after(attempts);
+                tracing::warn!(domain = %name, attempts, retry_in_s = retry.as_secs(), error = %e, "issuance failed");
+                // A failed renewal keeps serving the certificate it has.
+                let mut cert = match previous {
+                    Some(p) => (*p).clone(),
+                    None => Certificate::pending(
+                        domains.remove(0),
+                        self.issuer.reference(),
+                        keys::private_key(&name),
+                    ),
+                };
+                cert.status = CertificateStatus::Failed;
+                cert.attempts = attempts;
+                cert.last_error = Some(e.problem());
+                cert.next_attempt_at = Some(OffsetDateTime::now_utc() + retry);
+                cert
+            }
+        };
+        self.state.put_certificate(id, &cert, None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_with_a_third_left_and_backs_off_with_jitter() {
+        let policy = RenewalPolicy::default();
+        let start = OffsetDateTime::UNIX_EPOCH;
+        let cert = Certificate {
+            domains: vec![],
+            status: CertificateStatus::Active,
+            issuer: portcullis_config::model::IssuerRef::Dev,
+            chain_pem: "x".into(),
+            key_ref: String::new(),
+            not_before: Some(start),
+            not_after: Some(start + Duration::days(90)),
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
+        };
+        assert_eq!(policy.renew_at(&cert), Some(start + Duration::days(60)));
+        for attempts in 1..30 {
+            let d = policy.retry_after(attempts);
+            let step =
+                (policy.first_retry * 2u32.pow((attempts - 1).min(20))).min(policy.max_retry);
+            assert!(
+                d >= step / 2 && d <= step,
+                "attempt {attempts}: {d:?} outside {step:?}"
+            );
+        }
+    }
+}

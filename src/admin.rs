@@ -1,0 +1,513 @@
+//! The admin API: JSON over HTTP on the admin listener. Every error is
+//! `{"error": {"code": "...", "message": "...", "field"?: "..."}}` with a stable `code`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State as AxumState};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use portcullis_config::model::{Certificate, IssuerRef, Service, ServiceStatus, validate_backends};
+use portcullis_config::state::ServicePatch;
+use portcullis_config::{ServiceId, SnapshotHandle, State, StateError, StoreError};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Largest request body: a service with the maximum number of long backends fits many times.
+pub const MAX_BODY: usize = 64 * 1024;
+const MAX_PAGE: usize = 1000;
+/// A write answers once it is live in this node's Snapshot, or after this long.
+const LIVE_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub struct Admin {
+    pub state: State,
+    pub snapshot: SnapshotHandle,
+    pub token: Arc<str>,
+    /// Port of the HTTPS listener, for the URLs the API shows.
+    pub https_port: u16,
+    /// Who issues the certificates of new services.
+    pub issuer: IssuerRef,
+}
+
+pub fn router(admin: Admin) -> Router {
+    let v1 = Router::new()
+        .route("/services", get(list_services).post(create_service))
+        .route(
+            "/services/{id}",
+            get(show_service)
+                .patch(patch_service)
+                .delete(delete_service),
+        )
+        .route("/certificates", get(list_certificates))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(admin.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .nest("/v1", v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(admin)
+}
+
+// --- errors -----------------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+                field: self.field.as_deref(),
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::Validation(v) => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                code: "validation_failed",
+                message: v.to_string(),
+                field: Some(v.field),
+            },
+            StateError::NotFound { ref id, .. } if id.ends_with("(deleted)") => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "service_deleted",
+                format!("{e}; its id is never reused, create a new service"),
+            ),
+            StateError::NotFound { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            StateError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            StateError::Store(StoreError::Closed) | StateError::Store(StoreError::Backend(_)) => {
+                tracing::error!(error = %e, "state store failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!("{e}; retry later, and see the node's log"),
+                )
+            }
+            other => {
+                tracing::error!(error = %other, "admin request failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("{other}; see the node's log"),
+                )
+            }
+        }
+    }
+}
+
+impl From<portcullis_config::ValidationError> for ApiError {
+    fn from(v: portcullis_config::ValidationError) -> Self {
+        StateError::Validation(v).into()
+    }
+}
+
+/// `Json<T>` whose rejections are API errors (413 for a body over the limit, 415 for a wrong
+/// content type, 400 for bad JSON) instead of axum's plain-text ones.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => {
+                let (status, code, message) = match &rejection {
+                    // Valid JSON of the wrong shape (unknown field, wrong type): the body does
+                    // not validate, like any other field error.
+                    JsonRejection::JsonDataError(e) => {
+                        (StatusCode::BAD_REQUEST, "validation_failed", e.body_text())
+                    }
+                    JsonRejection::MissingJsonContentType(_) => (
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported_media_type",
+                        "send the body as JSON with `Content-Type: application/json`".into(),
+                    ),
+                    r if r.status() == StatusCode::PAYLOAD_TOO_LARGE => (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("the request body is larger than {MAX_BODY} bytes"),
+                    ),
+                    r => (StatusCode::BAD_REQUEST, "invalid_json", r.body_text()),
+                };
+                Err(ApiError::new(status, code, message))
+            }
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see the API section of the README",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method; see the API section of the README",
+    )
+}
+
+async fn require_token(
+    AxumState(admin): AxumState<Admin>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if constant_time_eq(token.as_bytes(), admin.token.as_bytes()) => {
+            next.run(request).await
+        }
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the bearer token is wrong; use the token from the node's admin token file",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send `Authorization: Bearer <token>` with the token from the node's admin token file",
+        )
+        .into_response(),
+    }
+}
+
+/// Compares without an early exit, so response timing does not reveal a token prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// --- views ------------------------------------------------------------------------------------
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct CertificateView {
+    pub domains: Vec<String>,
+    pub status: String,
+    pub issuer: String,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub not_before: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub not_after: Option<OffsetDateTime>,
+    pub attempts: u32,
+    pub last_error: Option<portcullis_config::model::Problem>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+}
+
+impl From<&Certificate> for CertificateView {
+    fn from(c: &Certificate) -> Self {
+        CertificateView {
+            domains: c.domains.iter().map(|d| d.to_string()).collect(),
+            status: c.status.to_string(),
+            issuer: match &c.issuer {
+                portcullis_config::model::IssuerRef::Dev => "dev".into(),
+                portcullis_config::model::IssuerRef::Acme { directory_url } => {
+                    format!("acme {directory_url}")
+                }
+            },
+            not_before: c.not_before,
+            not_after: c.not_after,
+            attempts: c.attempts,
+            last_error: c.last_error.clone(),
+            next_attempt_at: c.next_attempt_at,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ServiceView {
+    pub id: String,
+    pub canonical_domain: String,
+    pub url: String,
+    pub backends: Vec<String>,
+    pub status: ServiceStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// The canonical domain's certificate; `None` until the issuer has taken it up.
+    pub certificate: Option<CertificateView>,
+}
+
+impl Admin {
+    fn view(&self, service: &Service) -> ServiceView {
+        let domain = service.id.canonical_domain(self.state.zone());
+        let certificate = self
+            .snapshot
+            .load()
+            .certificate(&domain)
+            .map(|c| CertificateView::from(&**c));
+        let url = match self.https_port {
+            443 => format!("https://{domain}/"),
+            port => format!("https://{domain}:{port}/"),
+        };
+        ServiceView {
+            id: service.id.to_string(),
+            canonical_domain: domain,
+            url,
+            backends: service.backends.iter().map(|b| b.to_string()).collect(),
+            status: service.status,
+            created_at: service.created_at,
+            updated_at: service.updated_at,
+            certificate,
+        }
+    }
+
+    /// Waits until this node serves what the write at `revision` changed.
+    async fn live(&self, revision: i64) {
+        if !self.snapshot.wait_for(revision, LIVE_WAIT).await {
+            tracing::warn!(
+                revision,
+                "change not live within {LIVE_WAIT:?}; answering anyway"
+            );
+        }
+    }
+}
+
+// --- handlers ---------------------------------------------------------------------------------
+
+async fn ready(AxumState(admin): AxumState<Admin>) -> Response {
+    let snapshot = admin.snapshot.load();
+    Json(serde_json::json!({
+        "status": "ready",
+        "revision": snapshot.revision(),
+        "services": snapshot.service_count(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateService {
+    backends: Vec<String>,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+async fn create_service(
+    AxumState(admin): AxumState<Admin>,
+    ApiJson(body): ApiJson<CreateService>,
+) -> Result<Response, ApiError> {
+    let backends = validate_backends("backends", &body.backends)?;
+    let status = match body.status.as_deref() {
+        Some(s) => s.parse()?,
+        None => ServiceStatus::Active,
+    };
+    let (service, revision) = admin
+        .state
+        .create_service(backends, status, admin.issuer.clone())
+        .await?;
+    admin.live(revision).await;
+    let location = format!("/v1/services/{}", service.id);
+    let mut response = (StatusCode::CREATED, Json(admin.view(&service))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ServiceList {
+    services: Vec<ServiceView>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+async fn list_services(
+    AxumState(admin): AxumState<Admin>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<ServiceList>, ApiError> {
+    let Query(query) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "validation_failed", e.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(portcullis_config::ValidationError::new(
+            "limit",
+            format!("`{limit}` is not a page size from 1 to {MAX_PAGE}"),
+        )
+        .into());
+    }
+    let after = match query.after.as_deref() {
+        Some(a) => Some(
+            a.parse::<ServiceId>()
+                .map_err(|e| portcullis_config::ValidationError::new("after", e.message))?,
+        ),
+        None => None,
+    };
+    let (services, next) = admin.state.list_services(after.as_ref(), limit).await?;
+    Ok(Json(ServiceList {
+        services: services.iter().map(|s| admin.view(s)).collect(),
+        next: next.map(|id| id.to_string()),
+    }))
+}
+
+fn parse_id(id: &str) -> Result<ServiceId, ApiError> {
+    id.parse::<ServiceId>().map_err(|e| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{}; list services with GET /v1/services", e.message),
+        )
+    })
+}
+
+async fn show_service(
+    AxumState(admin): AxumState<Admin>,
+    Path(id): Path<String>,
+) -> Result<Json<ServiceView>, ApiError> {
+    let id = parse_id(&id)?;
+    match admin.state.get_service(&id).await? {
+        Some(s) => Ok(Json(admin.view(&s.value))),
+        None => Err(missing(&admin, &id).await),
+    }
+}
+
+async fn missing(admin: &Admin, id: &ServiceId) -> ApiError {
+    match admin.state.is_tombstoned(id).await {
+        Ok(true) => StateError::NotFound {
+            kind: "service",
+            id: format!("{id} (deleted)"),
+        }
+        .into(),
+        Ok(false) => StateError::NotFound {
+            kind: "service",
+            id: id.to_string(),
+        }
+        .into(),
+        Err(e) => e.into(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchService {
+    backends: Option<Vec<String>>,
+    status: Option<String>,
+}
+
+async fn patch_service(
+    AxumState(admin): AxumState<Admin>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PatchService>,
+) -> Result<Json<ServiceView>, ApiError> {
+    let id = parse_id(&id)?;
+    let patch = ServicePatch {
+        backends: body
+            .backends
+            .as_deref()
+            .map(|b| validate_backends("backends", b))
+            .transpose()?,
+        status: body.status.as_deref().map(str::parse).transpose()?,
+    };
+    if patch == ServicePatch::default() {
+        return Err(portcullis_config::ValidationError::new(
+            "body",
+            "nothing to change; give `backends` and/or `status`",
+        )
+        .into());
+    }
+    let (service, revision) = admin.state.update_service(&id, patch).await?;
+    admin.live(revision).await;
+    Ok(Json(admin.view(&service)))
+}
+
+async fn delete_service(
+    AxumState(admin): AxumState<Admin>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    let revision = admin.state.delete_service(&id).await?;
+    admin.live(revision).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+struct CertificateList {
+    certificates: Vec<CertificateView>,
+}
+
+async fn list_certificates(
+    AxumState(admin): AxumState<Admin>,
+) -> Result<Json<CertificateList>, ApiError> {
+    let certificates = admin.state.list_certificates().await?;
+    Ok(Json(CertificateList {
+        certificates: certificates.iter().map(CertificateView::from).collect(),
+    }))
+}

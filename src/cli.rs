@@ -1,0 +1,401 @@
+//! Command-line interface: arguments, and the human and JSON output of each command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use portcullis_config::NodeConfig;
+use serde_json::{Value, json};
+
+use crate::admin::{CertificateView, ServiceView};
+use crate::client::{AdminClient, DEFAULT_STATE_DIR};
+use crate::exit::{CliError, EX_SOFTWARE, EX_USAGE};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Ingress edge for hosting platforms"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    global: Global,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// Admin API URL, e.g. http://127.0.0.1:9080
+    #[arg(long = "admin", global = true, env = "PORTCULLIS_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// Admin API bearer token
+    #[arg(
+        long,
+        global = true,
+        env = "PORTCULLIS_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// A node's state directory: `serve --dev` keeps its state there; the other commands read
+    /// the admin URL and token a node wrote there [default: ./.portcullis]
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Print JSON instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node
+    Serve(ServeArgs),
+    /// Manage services
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Show certificates
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// The dev issuer's certificate authority
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Run a tiny HTTP backend that echoes each request's method, path and Host
+    DemoBackend {
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Configuration file (see portcullis.example.toml)
+    #[arg(long, conflicts_with = "dev")]
+    config: Option<PathBuf>,
+    /// Development node: no config, loopback ports, zone app.localhost, the dev CA
+    #[arg(long)]
+    dev: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ServiceCommand {
+    /// Create a service; it gets an id and the canonical domain <id>.<zone>
+    Create {
+        /// host:port of a backend; repeat for several
+        #[arg(long = "backend", required = true)]
+        backends: Vec<String>,
+        /// `active` (default) or `suspended`
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// List services
+    List,
+    /// Show one service
+    Show { id: String },
+    /// Delete a service (its id is never reused)
+    Delete { id: String },
+    /// Replace a service's backends
+    SetBackends {
+        id: String,
+        #[arg(long = "backend", required = true)]
+        backends: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCommand {
+    /// List certificates and their status
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Print the dev issuer's root certificate (PEM), to trust it in a client
+    Root {
+        /// Read the state directory from this configuration file instead of --state-dir
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load_config(path: &std::path::Path) -> Result<NodeConfig, CliError> {
+    NodeConfig::load(path).map_err(|e| CliError::new(EX_USAGE, e.to_string()))
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let global = cli.global;
+    match cli.command {
+        Command::Serve(args) => {
+            let (config, dev) = match (args.config, args.dev) {
+                (Some(path), _) => (load_config(&path)?, false),
+                (None, true) => {
+                    let dir = global
+                        .state_dir
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+                    (NodeConfig::dev(&dir), true)
+                }
+                (None, false) => {
+                    return Err(CliError::new(
+                        EX_USAGE,
+                        "serve needs --config FILE, or --dev for a development node",
+                    ));
+                }
+            };
+            crate::serve::init_logging(&config);
+            crate::serve::run(config, dev)
+                .await
+                .map_err(|e| CliError::new(EX_SOFTWARE, format!("{e:#}")))
+        }
+        Command::DemoBackend { listen } => crate::demo::run(listen)
+            .await
+            .map_err(|e| CliError::new(EX_SOFTWARE, format!("{e:#}"))),
+        Command::Ca(CaCommand::Root { config }) => {
+            let dir = match config {
+                Some(path) => load_config(&path)?.store.path,
+                None => global
+                    .state_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            };
+            let path = portcullis_acme::DevCa::root_path(&dir.join("dev-ca"));
+            let pem = std::fs::read_to_string(&path).map_err(|e| {
+                CliError::new(
+                    EX_USAGE,
+                    format!(
+                        "cannot read the dev CA root {}: {e}; start the node once (`portcullis serve --dev`) or pass the --state-dir it uses",
+                        path.display()
+                    ),
+                )
+            })?;
+            print!("{pem}");
+            Ok(())
+        }
+        Command::Service(cmd) => {
+            let client = connect(&global)?;
+            service(cmd, &client, global.json).await
+        }
+        Command::Cert(CertCommand::List) => {
+            let client = connect(&global)?;
+            let value = client
+                .call(Method::GET, "/v1/certificates", None)
+                .await?
+                .unwrap_or(Value::Null);
+            if global.json {
+                return print_json(&value);
+            }
+            let certs: Vec<CertificateView> =
+                serde_json::from_value(value["certificates"].clone()).map_err(unexpected)?;
+            let rows = certs
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.domains.join(","),
+                        c.status.clone(),
+                        c.issuer.clone(),
+                        c.not_after.map_or("-".into(), fmt_time),
+                        c.last_error
+                            .as_ref()
+                            .map_or(String::new(), |p| p.detail.clone()),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["DOMAINS", "STATUS", "ISSUER", "NOT AFTER", "LAST ERROR"],
+                rows,
+            );
+            Ok(())
+        }
+    }
+}
+
+fn connect(global: &Global) -> Result<AdminClient, CliError> {
+    AdminClient::resolve(
+        global.admin_url.clone(),
+        global.token.clone(),
+        global.state_dir.as_deref(),
+    )
+}
+
+fn unexpected(e: serde_json::Error) -> CliError {
+    CliError::new(
+        1,
+        format!(
+            "the admin API answered in a shape this CLI does not know ({e}); are the CLI and the node the same version?"
+        ),
+    )
+}
+
+fn print_json(value: &Value) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(unexpected)?;
+    println!("{text}");
+    Ok(())
+}
+
+fn fmt_time(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+fn encode_id(id: &str) -> Result<String, CliError> {
+    // Ids are UUIDs; anything else would only get a 404, but must not alter the path.
+    if id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !id.is_empty() {
+        Ok(id.to_string())
+    } else {
+        Err(CliError::new(
+            EX_USAGE,
+            format!("`{id}` is not a service id; list them with `portcullis service list`"),
+        ))
+    }
+}
+
+async fn service(cmd: ServiceCommand, client: &AdminClient, json: bool) -> Result<(), CliError> {
+    match cmd {
+        ServiceCommand::Create { backends, status } => {
+            let mut body = json!({ "backends": backends });
+            if let Some(status) = status {
+                body["status"] = json!(status);
+            }
+            let value = client
+                .call(Method::POST, "/v1/services", Some(body))
+                .await?
+                .unwrap_or(Value::Null);
+            if json {
+                return print_json(&value);
+            }
+            let view: ServiceView = serde_json::from_value(value).map_err(unexpected)?;
+            println!("created service {}", view.id);
+            print_service(&view);
+            Ok(())
+        }
+        ServiceCommand::List => {
+            let mut all = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let path = match &after {
+                    Some(a) => format!("/v1/services?limit=1000&after={a}"),
+                    None => "/v1/services?limit=1000".to_string(),
+                };
+                let value = client
+                    .call(Method::GET, &path, None)
+                    .await?
+                    .unwrap_or(Value::Null);
+                let page: Vec<Value> = value["services"].as_array().cloned().unwrap_or_default();
+                all.extend(page);
+                match value["next"].as_str() {
+                    Some(next) => after = Some(encode_id(next)?),
+                    None => break,
+                }
+            }
+            if json {
+                return print_json(&json!({ "services": all }));
+            }
+            let views: Vec<ServiceView> =
+                serde_json::from_value(Value::Array(all)).map_err(unexpected)?;
+            let rows = views
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.id.clone(),
+                        status_name(&v.status),
+                        v.certificate
+                            .as_ref()
+                            .map_or("none".into(), |c| c.status.clone()),
+                        v.backends.join(","),
+                        v.canonical_domain.clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "STATUS", "CERT", "BACKENDS", "DOMAIN"], rows);
+            Ok(())
+        }
+        ServiceCommand::Show { id } => {
+            let path = format!("/v1/services/{}", encode_id(&id)?);
+            let value = client
+                .call(Method::GET, &path, None)
+                .await?
+                .unwrap_or(Value::Null);
+            if json {
+                return print_json(&value);
+            }
+            let view: ServiceView = serde_json::from_value(value).map_err(unexpected)?;
+            println!("service {}", view.id);
+            print_service(&view);
+            Ok(())
+        }
+        ServiceCommand::Delete { id } => {
+            let path = format!("/v1/services/{}", encode_id(&id)?);
+            client.call(Method::DELETE, &path, None).await?;
+            if json {
+                return print_json(&json!({ "deleted": id }));
+            }
+            println!("deleted service {id}");
+            Ok(())
+        }
+        ServiceCommand::SetBackends { id, backends } => {
+            let path = format!("/v1/services/{}", encode_id(&id)?);
+            let value = client
+                .call(Method::PATCH, &path, Some(json!({ "backends": backends })))
+                .await?
+                .unwrap_or(Value::Null);
+            if json {
+                return print_json(&value);
+            }
+            let view: ServiceView = serde_json::from_value(value).map_err(unexpected)?;
+            println!("updated service {}", view.id);
+            print_service(&view);
+            Ok(())
+        }
+    }
+}
+
+fn status_name(status: &portcullis_config::ServiceStatus) -> String {
+    serde_json::to_value(status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn print_service(view: &ServiceView) {
+    println!("  domain       {}", view.canonical_domain);
+    println!("  url          {}", view.url);
+    println!("  status       {}", status_name(&view.status));
+    println!("  backends     {}", view.backends.join(", "));
+    match &view.certificate {
+        Some(c) => {
+            let until = c
+                .not_after
+                .map_or(String::new(), |t| format!(" until {}", fmt_time(t)));
+            println!("  certificate  {} ({}){until}", c.status, c.issuer);
+            if let Some(problem) = &c.last_error {
+                println!("  last error   {}: {}", problem.kind, problem.detail);
+            }
+        }
+        None => println!("  certificate  not yet requested"),
+    }
+    println!("  created      {}", fmt_time(view.created_at));
+}
+
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

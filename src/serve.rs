@@ -1,0 +1,257 @@
+//! Wiring of a node: opens the store, follows it into the Snapshot, starts the issuer and the
+//! admin API, announces the node, and shuts all of it down on SIGTERM or Ctrl-C.
+
+use std::fs;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use portcullis_acme::{CertificateManager, DevCa, Issuer, RenewalPolicy};
+use portcullis_config::file::{IssuerKind, LogFormat};
+use portcullis_config::model::Node;
+use portcullis_config::store::LeaseId;
+use portcullis_config::{EmbeddedStore, NodeConfig, SnapshotSync, State, Store};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Admin};
+
+/// The node's entry in the store lives this long without a keep-alive.
+const NODE_LEASE: Duration = Duration::from_secs(30);
+const NODE_KEEPALIVE: Duration = Duration::from_secs(10);
+
+pub fn init_logging(config: &NodeConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))
+}
+
+/// Reads the admin token, or creates it (mode 0600) when the file does not exist.
+pub fn load_or_create_token(path: &Path) -> Result<String> {
+    match fs::read_to_string(path) {
+        Ok(token) => {
+            let token = token.trim().to_string();
+            anyhow::ensure!(
+                token.len() >= 16,
+                "the admin token in {} is shorter than 16 characters; put a longer one there, or delete the file to have one generated",
+                path.display()
+            );
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                ensure_private_dir(parent)?;
+            }
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| {
+                    format!("cannot create the admin token file {}", path.display())
+                })?;
+            writeln!(file, "{token}")?;
+            Ok(token)
+        }
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot read the admin token file {}", path.display()))
+        }
+    }
+}
+
+pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
+    let state_dir = config.store.path.clone();
+    ensure_private_dir(&state_dir)?;
+    let token: Arc<str> = load_or_create_token(&config.admin_token_file())?.into();
+
+    let db = config.store.database_file();
+    let store: Arc<dyn Store> = Arc::new(
+        EmbeddedStore::open(&db)
+            .await
+            .with_context(|| format!("opening the state store {}", db.display()))?,
+    );
+    let state = State::new(store.clone(), config.zone.name.clone());
+    let sync = SnapshotSync::start(store.clone(), config.zone.name.clone())
+        .await
+        .context("loading state from the store")?;
+    let snapshot = sync.handle.clone();
+    let shutdown = CancellationToken::new();
+
+    let issuer = match config.issuer.kind {
+        IssuerKind::Dev => {
+            let dir = state_dir.join("dev-ca");
+            let node_id = config.node.id.to_string();
+            let ca = tokio::task::spawn_blocking(move || DevCa::open_or_create(&dir, &node_id))
+                .await??;
+            Arc::new(ca)
+        }
+    };
+    let issuer_ref = issuer.reference();
+    let manager = CertificateManager::new(
+        state.clone(),
+        snapshot.clone(),
+        issuer,
+        RenewalPolicy::default(),
+    );
+    let manager_task = tokio::spawn(manager.run(shutdown.clone()));
+
+    let lease = announce(&state, &config).await?;
+    let announce_task = tokio::spawn(keep_announcing(
+        state.clone(),
+        config.clone(),
+        lease,
+        shutdown.clone(),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(config.listen.admin)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the admin API (listen.admin); is another node running?",
+                config.listen.admin
+            )
+        })?;
+    let admin_addr = listener.local_addr()?;
+    let admin_url = format!("http://{admin_addr}");
+    let url_file = state_dir.join("admin.url");
+    fs::write(&url_file, format!("{admin_url}\n"))
+        .with_context(|| format!("cannot write {}", url_file.display()))?;
+
+    print_banner(&config, dev, &admin_url);
+
+    let router = admin::router(Admin {
+        state: state.clone(),
+        snapshot: snapshot.clone(),
+        token,
+        https_port: config.listen.https.port(),
+        issuer: issuer_ref,
+    });
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("admin API failed")?;
+
+    shutdown.cancel();
+    let _ = manager_task.await;
+    let lease = announce_task.await.unwrap_or(lease);
+    // Leave the fleet at once rather than when the lease runs out.
+    if let Err(e) = store.revoke_lease(lease).await {
+        tracing::warn!(error = %e, "could not withdraw this node's entry");
+    }
+    let _ = fs::remove_file(&url_file);
+    sync.task.abort();
+    Ok(())
+}
+
+fn print_banner(config: &NodeConfig, dev: bool, admin_url: &str) {
+    let dir = config.store.path.display();
+    let mut out = std::io::stdout().lock();
+    let kind = if dev { "dev node" } else { "node" };
+    let _ = writeln!(out, "portcullis {kind} `{}` is up", config.node.id);
+    let _ = writeln!(out, "  zone        {}", config.zone.name);
+    let _ = writeln!(
+        out,
+        "  admin API   {admin_url}  (token in {})",
+        config.admin_token_file().display()
+    );
+    let _ = writeln!(out, "  state       {dir}");
+    if config.issuer.kind == IssuerKind::Dev {
+        let _ = writeln!(out, "  dev CA root {dir}/dev-ca/root.pem");
+    }
+    let _ = writeln!(
+        out,
+        "  not served yet by this build: DNS {:?}, HTTP {}, HTTPS {}",
+        config.listen.dns, config.listen.http, config.listen.https
+    );
+    let _ = out.flush();
+}
+
+async fn announce(state: &State, config: &NodeConfig) -> Result<LeaseId> {
+    let lease = state
+        .store()
+        .grant_lease(NODE_LEASE)
+        .await
+        .context("granting this node's lease")?;
+    let node = Node {
+        id: config.node.id.to_string(),
+        ipv4: config.node.public_ipv4.clone(),
+        ipv6: config.node.public_ipv6.clone(),
+        last_seen: OffsetDateTime::now_utc(),
+    };
+    state
+        .put_node(&node, lease)
+        .await
+        .context("announcing this node")?;
+    Ok(lease)
+}
+
+/// Keeps the node's lease alive; re-announces if it was lost (e.g. the process was stopped
+/// longer than the lease). Returns the lease in force at shutdown.
+async fn keep_announcing(
+    state: State,
+    config: NodeConfig,
+    mut lease: LeaseId,
+    shutdown: CancellationToken,
+) -> LeaseId {
+    let mut tick = tokio::time::interval(NODE_KEEPALIVE);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return lease,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = state.store().keep_alive(lease).await {
+            tracing::warn!(error = %e, "node lease lost; announcing again");
+            match announce(&state, &config).await {
+                Ok(new) => lease = new,
+                Err(e) => tracing::warn!(error = %e, "announcing this node failed; retrying"),
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The admin API of a real `portcullis serve` process: auth, validation errors, the CRUD round
+//! trip, tombstones, certificates.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
+mod support;
+
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::{Node, Reply, http};
+
+const JSON: &str = "application/json";
+
+struct Api<'a> {
+    node: &'a Node,
+}
+
+impl Api<'_> {
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Reply {
+        let url = format!("{}{path}", self.node.admin);
+        let body = body.map(|b| (JSON, b.to_string().into_bytes()));
+        http(method, &url, Some(&self.node.token), body).await
+    }
+
+    async fn create(&self, body: Value) -> Reply {
+        self.call(Method::POST, "/v1/services", Some(body)).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_is_required_except_for_health() {
+    let node = Node::start();
+    let url = format!("{}/v1/services", node.admin);
+
+    let none = http(Method::GET, &url, None, None).await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(none.code(), "unauthorized");
+    assert_eq!(none.headers["www-authenticate"], "Bearer");
+
+    let wrong = http(Method::GET, &url, Some("not-the-token"), None).await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let body = Some((JSON, br#"{"backends":["127.0.0.1:1"]}"#.to_vec()));
+    let post = http(Method::POST, &url, Some("x"), body).await;
+    assert_eq!(post.status, StatusCode::UNAUTHORIZED, "writes too");
+
+    let right = http(Method::GET, &url, Some(&node.token), None).await;
+    assert_eq!(right.status, StatusCode::OK);
+
+    for path in ["/healthz", "/readyz"] {
+        let r = http(Method::GET, &format!("{}{path}", node.admin), None, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+    }
+    let ready = http(Method::GET, &format!("{}/readyz", node.admin), None, None).await;
+    assert_eq!(ready.json()["status"], "ready");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_validation_error_names_its_field() {
+    let node = Node::start();
+    let api = Api { node: &node };
+    let cases = [
+        (json!({"backends": []}), "backends", "at least one backend"),
+        (
+            json!({"backends": ["10.0.0.1"]}),
+            "backends[0]",
+            "has no port",
+        ),
+        (
+            json!({"backends": ["10.0.0.1:0"]}),
+            "backends[0]",
+            "1 to 65535",
+        ),
+        (
+            json!({"backends": ["10.0.0.1:70000"]}),
+            "backends[0]",
+            "1 to 65535",
+        ),
+        (
+            json!({"backends": ["10.0.0.300:80"]}),
+            "backends[0]",
+            "not an IPv4 address",
+        ),
+        (json!({"backends": ["::1:80"]}), "backends[0]", "brackets"),
+        (
+            json!({"backends": ["bad_name:80"]}),
+            "backends[0]",
+            "RFC 1123",
+        ),
+        (
+            json!({"backends": ["10.0.0.1:80", "10.0.0.1:80"]}),
+            "backends[1]",
+            "listed twice",
+        ),
+        (
+            json!({"backends": ["10.0.0.1:80"], "status": "paused"}),
+            "status",
+            "not a service status",
+        ),
+    ];
+    for (body, field, words) in cases {
+        let r = api.create(body.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+        let v = r.json();
+        assert_eq!(v["error"]["code"], "validation_failed", "{body}: {v}");
+        assert_eq!(v["error"]["field"], field, "{body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(words), "{body}: {message}");
+    }
+    let too_many: Vec<String> = (1..=65).map(|p| format!("10.0.0.1:{p}")).collect();
+    let r = api.create(json!({ "backends": too_many })).await;
+    assert_eq!(r.json()["error"]["field"], "backends");
+
+    // Shape errors of the body itself.
+    let url = format!("{}/v1/services", node.admin);
+    let t = Some(node.token.as_str());
+    let r = api
+        .create(json!({"backends": ["10.0.0.1:80"], "extra": 1}))
+        .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_REQUEST, "validation_failed")
+    );
+    assert!(String::from_utf8_lossy(&r.body).contains("extra"));
+    let r = api.create(json!({"backends": "10.0.0.1:80"})).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_REQUEST, "validation_failed")
+    );
+    let r = api.create(json!({})).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_REQUEST, "validation_failed")
+    );
+    assert!(String::from_utf8_lossy(&r.body).contains("backends"));
+    let r = http(Method::POST, &url, t, Some((JSON, b"{not json".to_vec()))).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_json")
+    );
+    let r = http(Method::POST, &url, t, Some(("text/plain", b"{}".to_vec()))).await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(r.code(), "unsupported_media_type");
+    let huge = format!(r#"{{"backends":["{}"]}}"#, "a".repeat(100 * 1024));
+    let r = http(Method::POST, &url, t, Some((JSON, huge.into_bytes()))).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.code(), "body_too_large");
+
+    let r = api.call(Method::GET, "/v1/services?limit=0", None).await;
+    assert_eq!(r.json()["error"]["field"], "limit");
+    let r = api.call(Method::GET, "/v1/services?after=nope", None).await;
+    assert_eq!(r.json()["error"]["field"], "after");
+    let r = api.call(Method::GET, "/v1/nothing-here", None).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let r = api.call(Method::PUT, "/v1/services", None).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.code(), "method_not_allowed");
+
+    let list = api.call(Method::GET, "/v1/services", None).await.json();
+    assert_eq!(list["services"], json!([]), "nothing invalid was stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crud_round_trip_with_tombstone_and_certificate() {
+    let mut node = Node::start();
+    let api = Api { node: &node };
+
+    let created = api.create(json!({"backends": ["127.0.0.1:3000"]})).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let service = created.json();
+    let id = service["id"].as_str().unwrap().to_string();
+    assert_eq!(created.headers["location"], format!("/v1/services/{id}"));
+    assert_eq!(
+        service["canonical_domain"],
+        format!("{id}.app.example.test"),
+        "canonical domain is <id>.<zone>"
+    );
+    assert_eq!(service["status"], "active");
+    assert_eq!(service["backends"], json!(["127.0.0.1:3000"]));
+    assert_eq!(id.len(), 36);
+    assert_eq!(&id[14..15], "4", "a UUID v4");
+    let cert = &service["certificate"];
+    assert_eq!(cert["domains"], json!([format!("{id}.app.example.test")]));
+
+    // The dev issuer takes the pending certificate up without being asked.
+    let path = format!("/v1/services/{id}");
+    let active = support::poll("the certificate to become active", || {
+        let rt = tokio::runtime::Handle::current();
+        let v =
+            tokio::task::block_in_place(|| rt.block_on(api.call(Method::GET, &path, None))).json();
+        (v["certificate"]["status"] == "active").then_some(v)
+    });
+    assert_eq!(active["certificate"]["issuer"], "dev");
+    assert!(active["certificate"]["not_after"].is_string());
+    let certs = api.call(Method::GET, "/v1/certificates", None).await.json();
+    assert_eq!(certs["certificates"].as_array().unwrap().len(), 1);
+    assert!(
+        !certs.to_string().contains("PRIVATE KEY"),
+        "no key material in listings"
+    );
+
+    // Update: backends and status.
+    let patched = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"backends": ["127.0.0.1:3001", "[::1]:3002"], "status": "suspended"})),
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    let patched = patched.json();
+    assert_eq!(patched["backends"], json!(["127.0.0.1:3001", "[::1]:3002"]));
+    assert_eq!(patched["status"], "suspended");
+    assert_eq!(patched["created_at"], service["created_at"]);
+    assert_ne!(patched["updated_at"], service["updated_at"]);
+    let r = api.call(Method::PATCH, &path, Some(json!({}))).await;
+    assert_eq!(r.json()["error"]["field"], "body");
+    let r = api
+        .call(Method::PATCH, &path, Some(json!({"backends": ["x"]})))
+        .await;
+    assert_eq!(r.json()["error"]["field"], "backends[0]");
+    let shown = api.call(Method::GET, &path, None).await.json();
+    assert_eq!(
+        shown["backends"], patched["backends"],
+        "a failed patch changed nothing"
+    );
+
+    // Paging over several services.
+    let mut ids = vec![id.clone()];
+    for port in 1..=4 {
+        let r = api
+            .create(json!({"backends": [format!("127.0.0.1:{port}")]}))
+            .await;
+        ids.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    ids.sort();
+    let mut seen = Vec::new();
+    let mut query = "/v1/services?limit=2".to_string();
+    loop {
+        let page = api.call(Method::GET, &query, None).await.json();
+        let services = page["services"].as_array().unwrap();
+        assert!(services.len() <= 2);
+        seen.extend(
+            services
+                .iter()
+                .map(|s| s["id"].as_str().unwrap().to_string()),
+        );
+        match page["next"].as_str() {
+            Some(next) => query = format!("/v1/services?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+
+    // Delete leaves a tombstone: the id stays gone, with its own error code.
+    let r = api.call(Method::DELETE, &path, None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    for method in [Method::GET, Method::DELETE] {
+        let r = api.call(method.clone(), &path, None).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{method}");
+        assert_eq!(r.code(), "service_deleted", "{method}");
+    }
+    let r = api
+        .call(Method::PATCH, &path, Some(json!({"status": "active"})))
+        .await;
+    assert_eq!(r.code(), "service_deleted");
+    let unknown = "/v1/services/00000000-0000-4000-8000-000000000000";
+    let r = api.call(Method::GET, unknown, None).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let certs = api.call(Method::GET, "/v1/certificates", None).await.json();
+    assert!(
+        !certs.to_string().contains(&id),
+        "the deleted service's certificate went with it"
+    );
+
+    let status = node.stop();
+    assert!(status.success(), "SIGTERM exits 0, got {status}");
+    assert!(
+        !node.state_dir().join("admin.url").exists(),
+        "admin.url removed on exit"
+    );
+
+    // Everything written survives a restart: the four live services, and the tombstone.
+    node.restart();
+    let api = Api { node: &node };
+    let list = api.call(Method::GET, "/v1/services", None).await.json();
+    let mut after: Vec<String> = list["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    after.sort();
+    let mut expected = ids.clone();
+    expected.retain(|i| *i != id);
+    assert_eq!(after, expected);
+    let r = api.call(Method::GET, &path, None).await;
+    assert_eq!(r.code(), "service_deleted");
+}

@@ -1,0 +1,242 @@
+//! Test support: start a real `portcullis` process on loopback ports, talk to it over HTTP and
+//! through its own CLI. Waits poll with a deadline; nothing sleeps for a fixed time.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{HeaderMap, Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(10);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_portcullis")
+}
+
+/// Calls `check` until it returns `Some`, or fails the test after `DEADLINE`.
+pub fn poll<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A node started from a config file whose listeners all use port 0.
+pub struct Node {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    config: PathBuf,
+    pub admin: String,
+    pub token: String,
+}
+
+pub fn config_text(state_dir: &Path) -> String {
+    format!(
+        r#"[node]
+id = "test-1"
+public_ipv4 = ["127.0.0.1"]
+
+[listen]
+dns = ["127.0.0.1:0"]
+http = "127.0.0.1:0"
+https = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[zone]
+name = "app.example.test"
+nameservers = ["ns1.example.test"]
+
+[store]
+kind = "embedded"
+path = "{dir}"
+
+[issuer]
+kind = "dev"
+
+[admin]
+token_file = "{dir}/secret/admin.token"
+"#,
+        dir = state_dir.display()
+    )
+}
+
+impl Node {
+    pub fn start() -> Node {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("portcullis.toml");
+        std::fs::write(&config, config_text(&dir.path().join("state"))).expect("write config");
+        Self::start_with(dir, &config)
+    }
+
+    pub fn start_with(dir: tempfile::TempDir, config: &Path) -> Node {
+        let mut node = Node {
+            child: None,
+            admin: String::new(),
+            token: String::new(),
+            config: config.to_path_buf(),
+            dir,
+        };
+        node.spawn();
+        node
+    }
+
+    /// Starts the process again on the same configuration and state (after `stop`).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the node first");
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("node.log"))
+            .expect("log file");
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start portcullis");
+        self.child = Some(child);
+        let state = self.state_dir();
+        self.admin = poll("the node to write admin.url", || {
+            self.assert_running();
+            read_trimmed(&state.join("admin.url"))
+        });
+        self.token = read_trimmed(&state.join("secret/admin.token")).expect("admin token written");
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!("portcullis exited early ({status}):\n{}", self.log());
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(["--admin", &self.admin, "--token", &self.token])
+            .args(args)
+            .env_remove("PORTCULLIS_ADMIN_URL")
+            .env_remove("PORTCULLIS_ADMIN_TOKEN")
+            .output()
+            .expect("run the CLI")
+    }
+
+    /// SIGTERM, then waits for the exit.
+    /// The state directory stays until the `Node` is dropped, for the test to inspect.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        terminate(&mut child)
+    }
+}
+
+pub fn terminate(child: &mut Child) -> ExitStatus {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    poll("the process to exit", || child.try_wait().expect("wait"))
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The stable error code of an API error body.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {}", String::from_utf8_lossy(&self.body)))
+            .to_string()
+    }
+}
+
+/// One HTTP/1.1 request with an optional bearer token and body.
+pub async fn http(
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<(&str, Vec<u8>)>,
+) -> Reply {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = Request::builder().method(method).uri(url);
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let body = match body {
+        Some((content_type, bytes)) => {
+            req = req.header("content-type", content_type);
+            Full::new(Bytes::from(bytes))
+        }
+        None => Full::new(Bytes::new()),
+    };
+    let response = client
+        .request(req.body(body).expect("request"))
+        .await
+        .expect("HTTP request");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
