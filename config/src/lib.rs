@@ -9,6 +9,7 @@ pub mod file;
 pub mod keys;
 pub mod model;
 pub mod names;
+mod service_index;
 pub mod snapshot;
 pub mod state;
 pub mod store;

@@ -115,9 +115,9 @@ impl AsRef<str> for DomainName {
     }
 }
 
-/// Writes the lowercase form of a Host header value (port and trailing dot removed) into `buf`
-/// and returns it, without allocating. `None` when it cannot be a name we serve.
-pub fn normalize_host<'a>(host: &str, buf: &'a mut [u8; MAX_NAME_LEN]) -> Option<&'a str> {
+/// The name part of a Host header value: the port and one trailing dot removed, case kept.
+/// `None` for what cannot name a service (an IP literal with a port, an empty name).
+pub fn host_name(host: &str) -> Option<&str> {
     let host = match host.rsplit_once(':') {
         // An IPv6 literal has colons too, but it never names a service.
         Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
@@ -127,9 +127,13 @@ pub fn normalize_host<'a>(host: &str, buf: &'a mut [u8; MAX_NAME_LEN]) -> Option
         None => host,
     };
     let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty() || host.len() > MAX_NAME_LEN {
-        return None;
-    }
+    (!host.is_empty() && host.len() <= MAX_NAME_LEN).then_some(host)
+}
+
+/// Writes the lowercase form of a Host header value (port and trailing dot removed) into `buf`
+/// and returns it, without allocating. `None` when it cannot be a name we serve.
+pub fn normalize_host<'a>(host: &str, buf: &'a mut [u8; MAX_NAME_LEN]) -> Option<&'a str> {
+    let host = host_name(host)?;
     let out = &mut buf[..host.len()];
     for (o, b) in out.iter_mut().zip(host.bytes()) {
         if !(b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*') {
@@ -141,9 +145,70 @@ pub fn normalize_host<'a>(host: &str, buf: &'a mut [u8; MAX_NAME_LEN]) -> Option
     std::str::from_utf8(out).ok()
 }
 
+const HEX: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// The 128 bits of a hyphenated UUID (`8-4-4-4-12` hex digits, any case), as a service id in a
+/// Host header is written. Kept apart from `uuid`'s parser because it is on the routing path and
+/// needs none of the other forms that one accepts.
+pub fn uuid_bits(text: &[u8]) -> Option<u128> {
+    if text.len() != 36
+        || text[8] != b'-'
+        || text[13] != b'-'
+        || text[18] != b'-'
+        || text[23] != b'-'
+    {
+        return None;
+    }
+    // Byte by byte from digit pairs: each byte is independent of the others, so the CPU
+    // decodes them in parallel instead of through one long shift chain.
+    const PAIRS: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+    let mut bytes = [0u8; 16];
+    let mut bad = 0u8;
+    for (out, &at) in bytes.iter_mut().zip(PAIRS.iter()) {
+        let (hi, lo) = (HEX[text[at] as usize], HEX[text[at + 1] as usize]);
+        bad |= hi | lo;
+        *out = (hi << 4) | (lo & 0x0f);
+    }
+    let bits = u128::from_be_bytes(bytes);
+    // Every valid digit is below 16; one invalid byte sets the high bits of `bad`.
+    (bad < 16).then_some(bits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uuid_bits_match_the_uuid_crate() {
+        let id = uuid::Uuid::new_v4();
+        let text = id.hyphenated().to_string();
+        assert_eq!(uuid_bits(text.as_bytes()), Some(id.as_u128()));
+        assert_eq!(
+            uuid_bits(text.to_uppercase().as_bytes()),
+            Some(id.as_u128())
+        );
+        let mut bad = text.clone().into_bytes();
+        bad[3] = b'g';
+        assert_eq!(uuid_bits(&bad), None);
+        bad = text.clone().into_bytes();
+        bad[8] = b'0';
+        assert_eq!(uuid_bits(&bad), None);
+        assert_eq!(uuid_bits(b"short"), None);
+    }
 
     #[test]
     fn parses_and_lowercases() {

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redb::{
@@ -39,6 +39,7 @@ const META_LEASE_SEQ: &str = "lease_seq";
 pub const DEFAULT_HISTORY: u64 = 100_000;
 const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 const WATCH_BUFFER: usize = 256;
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
 
 /// The single-node store. Cheap to clone; all clones share one database.
 #[derive(Clone)]
@@ -78,13 +79,25 @@ impl EmbeddedStore {
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let open_path = path.clone();
-        let db = tokio::task::spawn_blocking(move || Database::create(&open_path))
-            .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?
-            .map_err(|e| StoreError::Open {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+        let db = tokio::task::spawn_blocking(move || {
+            // A store dropped in this process a moment ago may still be closing (its background
+            // task finishing a lease check): wait for it, briefly, rather than fail.
+            let deadline = Instant::now() + REOPEN_WAIT;
+            loop {
+                match Database::create(&open_path) {
+                    Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+        .map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let current = {
             let wtx = db.begin_write().map_err(backend)?;
             // Create every table up front so readers never meet a missing one.

@@ -1,0 +1,38 @@
+# The two commands of the README. Both install what they need (Debian packages) when missing.
+#   make run    a dev node with a demo backend and a demo service, no internet needed
+#   make test   formatting, lints, and every test
+# Builds go to CARGO_TARGET_DIR (outside the clone by default) so they stay incremental.
+
+CARGO_TARGET_DIR ?= $(HOME)/.cache/portcullis-target
+export CARGO_TARGET_DIR
+
+# command:package pairs each target needs; later capabilities add theirs here.
+RUN_DEPS  := curl:curl kill:procps
+TEST_DEPS := curl:curl kill:procps
+
+.PHONY: run test deps-run deps-test build lint bench
+
+run: deps-run
+	cargo build --bin portcullis
+	scripts/dev.sh "$(CARGO_TARGET_DIR)/debug/portcullis"
+
+test: deps-test
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	scripts/nextest.sh run --workspace --no-fail-fast
+
+build:
+	cargo build --release --bin portcullis
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+bench:
+	cargo bench -p portcullis-benches
+
+deps-run:
+	@scripts/deps.sh $(RUN_DEPS)
+
+deps-test:
+	@scripts/deps.sh $(TEST_DEPS)
