@@ -119,7 +119,7 @@ impl From<StateError> for ApiError {
                 message: v.to_string(),
                 field: Some(v.field),
             },
-            StateError::NotFound { ref id, .. } if id.ends_with("(deleted)") => ApiError::new(
+            StateError::Deleted { .. } => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "service_deleted",
                 format!("{e}; its id is never reused, create a new service"),
@@ -435,23 +435,7 @@ async fn show_service(
     let id = parse_id(&id)?;
     match admin.state.get_service(&id).await? {
         Some(s) => Ok(Json(admin.view(&s.value))),
-        None => Err(missing(&admin, &id).await),
-    }
-}
-
-async fn missing(admin: &Admin, id: &ServiceId) -> ApiError {
-    match admin.state.is_tombstoned(id).await {
-        Ok(true) => StateError::NotFound {
-            kind: "service",
-            id: format!("{id} (deleted)"),
-        }
-        .into(),
-        Ok(false) => StateError::NotFound {
-            kind: "service",
-            id: id.to_string(),
-        }
-        .into(),
-        Err(e) => e.into(),
+        None => Err(admin.state.missing_service(&id).await.into()),
     }
 }
 

@@ -256,17 +256,15 @@ async fn service(cmd: ServiceCommand, client: &AdminClient, json: bool) -> Resul
             if let Some(status) = status {
                 body["status"] = json!(status);
             }
-            let value = client
-                .call(Method::POST, "/v1/services", Some(body))
-                .await?
-                .unwrap_or(Value::Null);
-            if json {
-                return print_json(&value);
-            }
-            let view: ServiceView = serde_json::from_value(value).map_err(unexpected)?;
-            println!("created service {}", view.id);
-            print_service(&view);
-            Ok(())
+            service_reply(
+                client,
+                Method::POST,
+                "/v1/services",
+                Some(body),
+                json,
+                "created service",
+            )
+            .await
         }
         ServiceCommand::List => {
             let mut all = Vec::new();
@@ -311,17 +309,7 @@ async fn service(cmd: ServiceCommand, client: &AdminClient, json: bool) -> Resul
         }
         ServiceCommand::Show { id } => {
             let path = format!("/v1/services/{}", encode_id(&id)?);
-            let value = client
-                .call(Method::GET, &path, None)
-                .await?
-                .unwrap_or(Value::Null);
-            if json {
-                return print_json(&value);
-            }
-            let view: ServiceView = serde_json::from_value(value).map_err(unexpected)?;
-            println!("service {}", view.id);
-            print_service(&view);
-            Ok(())
+            service_reply(client, Method::GET, &path, None, json, "service").await
         }
         ServiceCommand::Delete { id } => {
             let path = format!("/v1/services/{}", encode_id(&id)?);
@@ -334,19 +322,40 @@ async fn service(cmd: ServiceCommand, client: &AdminClient, json: bool) -> Resul
         }
         ServiceCommand::SetBackends { id, backends } => {
             let path = format!("/v1/services/{}", encode_id(&id)?);
-            let value = client
-                .call(Method::PATCH, &path, Some(json!({ "backends": backends })))
-                .await?
-                .unwrap_or(Value::Null);
-            if json {
-                return print_json(&value);
-            }
-            let view: ServiceView = serde_json::from_value(value).map_err(unexpected)?;
-            println!("updated service {}", view.id);
-            print_service(&view);
-            Ok(())
+            let body = json!({ "backends": backends });
+            service_reply(
+                client,
+                Method::PATCH,
+                &path,
+                Some(body),
+                json,
+                "updated service",
+            )
+            .await
         }
     }
+}
+
+/// Sends a request that answers with a service, and prints it under `heading` (or as JSON).
+async fn service_reply(
+    client: &AdminClient,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    json: bool,
+    heading: &str,
+) -> Result<(), CliError> {
+    let value = client
+        .call(method, path, body)
+        .await?
+        .unwrap_or(Value::Null);
+    if json {
+        return print_json(&value);
+    }
+    let view: ServiceView = serde_json::from_value(value).map_err(unexpected)?;
+    println!("{heading} {}", view.id);
+    print_service(&view);
+    Ok(())
 }
 
 fn status_name(status: &portcullis_config::ServiceStatus) -> String {

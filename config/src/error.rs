@@ -52,6 +52,9 @@ pub enum StateError {
     Validation(#[from] ValidationError),
     #[error("{kind} `{id}` does not exist")]
     NotFound { kind: &'static str, id: String },
+    /// It existed and was deleted; its id is never given out again.
+    #[error("{kind} `{id}` was deleted")]
+    Deleted { kind: &'static str, id: String },
     #[error("{0}")]
     Conflict(String),
     #[error(transparent)]

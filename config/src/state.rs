@@ -218,16 +218,12 @@ impl State {
         }
     }
 
-    async fn missing_service(&self, id: &ServiceId) -> StateError {
+    /// The error for a service that is not there: deleted (tombstoned) or never existed.
+    pub async fn missing_service(&self, id: &ServiceId) -> StateError {
+        let (kind, id_text) = ("service", id.to_string());
         match self.is_tombstoned(id).await {
-            Ok(true) => StateError::NotFound {
-                kind: "service",
-                id: format!("{id} (deleted)"),
-            },
-            Ok(false) => StateError::NotFound {
-                kind: "service",
-                id: id.to_string(),
-            },
+            Ok(true) => StateError::Deleted { kind, id: id_text },
+            Ok(false) => StateError::NotFound { kind, id: id_text },
             Err(e) => e,
         }
     }
