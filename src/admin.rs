@@ -9,7 +9,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State a
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use portcullis_config::model::{Certificate, IssuerRef, Service, ServiceStatus, validate_backends};
 use portcullis_config::state::ServicePatch;
@@ -32,6 +32,7 @@ pub struct Admin {
     pub https_port: u16,
     /// Who issues the certificates of new services.
     pub issuer: IssuerRef,
+    pub listeners: Arc<crate::serve::Listeners>,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -44,6 +45,7 @@ pub fn router(admin: Admin) -> Router {
                 .delete(delete_service),
         )
         .route("/certificates", get(list_certificates))
+        .route("/certificates/{name}/renew", post(renew_certificate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(admin.clone(), require_token));
@@ -341,6 +343,7 @@ async fn ready(AxumState(admin): AxumState<Admin>) -> Response {
         "status": "ready",
         "revision": snapshot.revision(),
         "services": snapshot.service_count(),
+        "listeners": &*admin.listeners,
     }))
     .into_response()
 }
@@ -494,4 +497,14 @@ async fn list_certificates(
     Ok(Json(CertificateList {
         certificates: certificates.iter().map(CertificateView::from).collect(),
     }))
+}
+
+async fn renew_certificate(
+    AxumState(admin): AxumState<Admin>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<CertificateView>), ApiError> {
+    let name = portcullis_config::DomainName::validate("name", &name)?;
+    let (cert, revision) = admin.state.request_renewal(name.as_str()).await?;
+    admin.live(revision).await;
+    Ok((StatusCode::ACCEPTED, Json(CertificateView::from(&cert))))
 }

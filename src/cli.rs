@@ -106,6 +106,8 @@ enum ServiceCommand {
 enum CertCommand {
     /// List certificates and their status
     List,
+    /// Renew a certificate now; the current one is served until the new one is stored
+    Renew { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,6 +176,34 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Service(cmd) => {
             let client = connect(&global)?;
             service(cmd, &client, global.json).await
+        }
+        Command::Cert(CertCommand::Renew { name }) => {
+            let client = connect(&global)?;
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*')
+            {
+                return Err(CliError::new(
+                    EX_USAGE,
+                    format!("`{name}` is not a domain name"),
+                ));
+            }
+            let value = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/certificates/{name}/renew"),
+                    None,
+                )
+                .await?
+                .unwrap_or(Value::Null);
+            if global.json {
+                return print_json(&value);
+            }
+            println!(
+                "renewal of {name} requested; the current certificate is served until the new one is stored"
+            );
+            Ok(())
         }
         Command::Cert(CertCommand::List) => {
             let client = connect(&global)?;

@@ -17,6 +17,8 @@ use portcullis_config::{EmbeddedStore, NodeConfig, SnapshotSync, State, Store};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use portcullis_proxy::{Limits, Proxy};
+
 use crate::admin::{self, Admin};
 
 /// The node's entry in the store lives this long without a keep-alive.
@@ -125,6 +127,20 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         shutdown.clone(),
     ));
 
+    let p = &config.proxy;
+    let limits = Limits {
+        tls_hello_timeout: p.tls_hello_timeout.0,
+        header_read_timeout: p.header_read_timeout.0,
+        max_header_bytes: p.max_header_bytes,
+        max_concurrent_streams: p.max_concurrent_streams,
+        connect_timeout: p.connect_timeout.0,
+        response_timeout: p.response_timeout.0,
+        shutdown_grace: p.shutdown_grace.0,
+    };
+    let proxy = Proxy::bind(config.listen.http, config.listen.https, 0, limits).await?;
+    let http_addr = proxy.http_addr()?;
+    let https_addr = proxy.https_addr()?;
+
     let listener = tokio::net::TcpListener::bind(config.listen.admin)
         .await
         .with_context(|| {
@@ -139,14 +155,21 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     fs::write(&url_file, format!("{admin_url}\n"))
         .with_context(|| format!("cannot write {}", url_file.display()))?;
 
-    print_banner(&config, dev, &admin_url);
+    let listeners = Listeners {
+        admin: admin_url.clone(),
+        http: http_addr.to_string(),
+        https: https_addr.to_string(),
+    };
+    print_banner(&config, dev, &listeners);
+    let proxy_task = tokio::spawn(proxy.serve(snapshot.clone(), shutdown.clone()));
 
     let router = admin::router(Admin {
         state: state.clone(),
         snapshot: snapshot.clone(),
         token,
-        https_port: config.listen.https.port(),
+        https_port: https_addr.port(),
         issuer: issuer_ref,
+        listeners: Arc::new(listeners),
     });
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -160,6 +183,11 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         .context("admin API failed")?;
 
     shutdown.cancel();
+    match proxy_task.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "proxy stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "proxy task failed"),
+        Ok(Ok(())) => {}
+    }
     let _ = manager_task.await;
     let lease = announce_task.await.unwrap_or(lease);
     // Leave the fleet at once rather than when the lease runs out.
@@ -171,15 +199,30 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_banner(config: &NodeConfig, dev: bool, admin_url: &str) {
+/// Where this node listens, as bound (port 0 in the config becomes the real port here).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Listeners {
+    pub admin: String,
+    pub http: String,
+    pub https: String,
+}
+
+fn print_banner(config: &NodeConfig, dev: bool, listeners: &Listeners) {
     let dir = config.store.path.display();
     let mut out = std::io::stdout().lock();
     let kind = if dev { "dev node" } else { "node" };
     let _ = writeln!(out, "portcullis {kind} `{}` is up", config.node.id);
     let _ = writeln!(out, "  zone        {}", config.zone.name);
+    let _ = writeln!(out, "  HTTPS       {}", listeners.https);
     let _ = writeln!(
         out,
-        "  admin API   {admin_url}  (token in {})",
+        "  HTTP        {}  (redirects to HTTPS)",
+        listeners.http
+    );
+    let _ = writeln!(
+        out,
+        "  admin API   {}  (token in {})",
+        listeners.admin,
         config.admin_token_file().display()
     );
     let _ = writeln!(out, "  state       {dir}");
@@ -188,8 +231,8 @@ fn print_banner(config: &NodeConfig, dev: bool, admin_url: &str) {
     }
     let _ = writeln!(
         out,
-        "  not served yet by this build: DNS {:?}, HTTP {}, HTTPS {}",
-        config.listen.dns, config.listen.http, config.listen.https
+        "  not served yet by this build: DNS {:?}",
+        config.listen.dns
     );
     let _ = out.flush();
 }

@@ -92,7 +92,11 @@ impl CertificateManager {
         {
             return Due::At(at);
         }
-        if cert.issuer != self.issuer.reference() || !cert.is_servable(now) {
+        // Pending: new, or renewal asked for (`cert renew`), even while the old one serves.
+        if cert.status == CertificateStatus::Pending
+            || cert.issuer != self.issuer.reference()
+            || !cert.is_servable(now)
+        {
             return Due::Now;
         }
         match self.policy.renew_at(cert) {

@@ -25,7 +25,81 @@ pub struct NodeConfig {
     #[serde(default)]
     pub admin: AdminSection,
     #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
     pub log: LogSection,
+}
+
+/// A duration written as a number and a unit: `500ms`, `60s`, `5m`, `1h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Duration(pub std::time::Duration);
+
+impl TryFrom<String> for Duration {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        let text = value.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number.parse().map_err(|_| {
+            format!("`{value}` is not a duration; write a number and a unit: 500ms, 60s, 5m, 1h")
+        })?;
+        let d = match unit.trim() {
+            "ms" => std::time::Duration::from_millis(n),
+            "s" => std::time::Duration::from_secs(n),
+            "m" => std::time::Duration::from_secs(n * 60),
+            "h" => std::time::Duration::from_secs(n * 3600),
+            _ => {
+                return Err(format!(
+                    "`{value}` has no known unit; write a number and ms, s, m or h"
+                ));
+            }
+        };
+        if d.is_zero() {
+            return Err(format!("`{value}`: a timeout must be longer than zero"));
+        }
+        Ok(Duration(d))
+    }
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration(std::time::Duration::from_secs(n))
+}
+
+/// The HTTPS edge's limits; defaults follow nginx where nginx has one.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    /// Time for a client to send its TLS ClientHello.
+    pub tls_hello_timeout: Duration,
+    /// Time for a client to send a request's headers (slowloris); nginx: 60s.
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes; nginx: 4 x 8 KiB.
+    pub max_header_bytes: usize,
+    /// HTTP/2 streams per connection; nginx: 128.
+    pub max_concurrent_streams: u32,
+    /// Connecting to a backend.
+    pub connect_timeout: Duration,
+    /// Waiting for a backend's response headers; nginx's proxy_read_timeout: 60s.
+    pub response_timeout: Duration,
+    /// How long in-flight requests may finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        ProxySection {
+            tls_hello_timeout: secs(10),
+            header_read_timeout: secs(60),
+            max_header_bytes: 32 * 1024,
+            max_concurrent_streams: 128,
+            connect_timeout: secs(5),
+            response_timeout: secs(60),
+            shutdown_grace: secs(30),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -321,6 +395,7 @@ impl NodeConfig {
             admin: AdminSection {
                 token_file: Some(state_dir.join("admin.token")),
             },
+            proxy: ProxySection::default(),
             log: LogSection::default(),
         }
     }
@@ -387,6 +462,31 @@ mod tests {
         let err = parse(&text).unwrap_err();
         assert_eq!(err.key.as_deref(), Some("zone.name"), "{err}");
         assert!(err.message.contains("empty label"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        let set = |key: &str, from: &str, to: &str| {
+            let text = EXAMPLE.replacen(
+                &format!("{key} = \"{from}\""),
+                &format!("{key} = \"{to}\""),
+                1,
+            );
+            assert_ne!(text, EXAMPLE, "{key} not in the example");
+            parse(&text)
+        };
+        let cfg = set("response_timeout", "60s", "1500ms").unwrap();
+        assert_eq!(cfg.proxy.response_timeout.0.as_millis(), 1500);
+        assert_eq!(cfg.proxy.connect_timeout.0.as_secs(), 5);
+        let cfg = set("header_read_timeout", "60s", "2m").unwrap();
+        assert_eq!(cfg.proxy.header_read_timeout.0.as_secs(), 120);
+        let err = set("response_timeout", "60s", "soon").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("proxy.response_timeout"), "{err}");
+        let err = set("connect_timeout", "5s", "0s").unwrap_err();
+        assert!(err.message.contains("longer than zero"), "{err}");
+        let minimal =
+            "[node]\nid = \"a\"\npublic_ipv4 = [\"192.0.2.1\"]\n[zone]\nname = \"z.test\"\n";
+        assert_eq!(parse(minimal).unwrap().proxy, ProxySection::default());
     }
 
     #[test]

@@ -10,7 +10,8 @@ use time::OffsetDateTime;
 use crate::error::StateError;
 use crate::keys;
 use crate::model::{
-    Backend, Certificate, IssuerRef, Node, Service, ServiceId, ServiceStatus, Tombstone,
+    Backend, Certificate, CertificateStatus, IssuerRef, Node, Service, ServiceId, ServiceStatus,
+    Tombstone,
 };
 use crate::names::DomainName;
 use crate::store::{Compare, KeyValue, LeaseId, Op, PageRequest, Revision, Store, Txn};
@@ -262,6 +263,34 @@ impl State {
             })
             .await?;
         Ok(out.succeeded.then_some(out.revision))
+    }
+
+    /// Asks the issuer to renew a certificate now. The current one keeps being served until
+    /// the new one is stored.
+    pub async fn request_renewal(&self, name: &str) -> Result<(Certificate, Revision), StateError> {
+        let key = keys::certificate(name);
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Err(StateError::NotFound {
+                    kind: "certificate",
+                    id: name.to_string(),
+                });
+            };
+            let mut cert: Certificate = decode(&kv)?;
+            cert.status = CertificateStatus::Pending;
+            cert.attempts = 0;
+            cert.next_attempt_at = None;
+            if let Some(rev) = self
+                .store
+                .compare_and_swap(&key, Some(kv.mod_revision), encode(&key, &cert)?)
+                .await?
+            {
+                return Ok((cert, rev));
+            }
+        }
+        Err(StateError::Conflict(format!(
+            "certificate `{name}` is being changed by others; try again"
+        )))
     }
 
     /// Announces this node; the entry lives as long as `lease` is kept alive.

@@ -1,6 +1,267 @@
-//! portcullis-proxy: listeners, TLS termination, the ACME challenge responder, the Host router
-//! and upstream pools, reading certificates and routes from the Snapshot only. It knows nothing
-//! of DNS or ACME ordering; it meets them through the Snapshot.
-//!
-//! The proxy comes with its own issue; this crate holds its place in the workspace so the
-//! dependency direction (config below, the parts beside each other) is fixed from the start.
+//! portcullis-proxy: the HTTPS edge. Listeners, TLS termination (rustls; the accept path lives
+//! in [`tls`] alone, where the BoringSSL path for ECH will branch off), the Host router and the
+//! upstream client. It reads certificates and routes only from the Snapshot, and knows nothing
+//! of DNS or ACME ordering.
+
+mod router;
+pub mod tls;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use portcullis_config::SnapshotHandle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+pub use router::ProxyBody;
+use router::{ConnInfo, Shared};
+use tls::TlsAcceptor;
+
+/// Timeouts and sizes, with defaults like nginx's where nginx has one.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Time for a client to send its ClientHello.
+    pub tls_hello_timeout: Duration,
+    /// Time for a client to send a request's headers (slowloris); nginx: 60 s.
+    pub header_read_timeout: Duration,
+    /// Largest request head; nginx: 4 buffers of 8 KiB.
+    pub max_header_bytes: usize,
+    /// HTTP/2 streams per connection; nginx: 128.
+    pub max_concurrent_streams: u32,
+    /// Connecting to a backend; nginx: 60 s, shorter here so a dead backend fails fast.
+    pub connect_timeout: Duration,
+    /// Waiting for a backend's response head; nginx's proxy_read_timeout: 60 s.
+    pub response_timeout: Duration,
+    /// How long in-flight requests may finish after shutdown starts.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            tls_hello_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(60),
+            max_header_bytes: 32 * 1024,
+            max_concurrent_streams: 128,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The edge's listeners, bound (so port 0 resolves and a taken port fails at start).
+pub struct Proxy {
+    http: TcpListener,
+    https: TcpListener,
+    limits: Limits,
+    https_public_port: u16,
+}
+
+impl Proxy {
+    /// `https_public_port`: the port clients use for HTTPS, for redirects (0: the bound port).
+    pub async fn bind(
+        http: SocketAddr,
+        https: SocketAddr,
+        https_public_port: u16,
+        limits: Limits,
+    ) -> Result<Self, ProxyError> {
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Bind { what, addr, source })
+        };
+        let http = bind("HTTP (listen.http)", http).await?;
+        let https = bind("HTTPS (listen.https)", https).await?;
+        let https_public_port = match https_public_port {
+            0 => https.local_addr().map(|a| a.port()).unwrap_or(443),
+            port => port,
+        };
+        Ok(Proxy {
+            http,
+            https,
+            limits,
+            https_public_port,
+        })
+    }
+
+    pub fn http_addr(&self) -> io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+
+    pub fn https_addr(&self) -> io::Result<SocketAddr> {
+        self.https.local_addr()
+    }
+
+    /// Serves until `shutdown`, then lets in-flight requests finish within the grace period.
+    pub async fn serve(
+        self,
+        snapshot: SnapshotHandle,
+        shutdown: CancellationToken,
+    ) -> Result<(), ProxyError> {
+        let acceptor = Arc::new(TlsAcceptor::new(
+            snapshot.clone(),
+            self.limits.tls_hello_timeout,
+        )?);
+        let shared = Arc::new(Shared::new(
+            snapshot.clone(),
+            acceptor.resolver().clone(),
+            self.limits.clone(),
+            self.https_public_port,
+        ));
+        let graceful = Arc::new(GracefulShutdown::new());
+        let sweeper = tokio::spawn(sweep_certificates(
+            snapshot,
+            acceptor.resolver().clone(),
+            shutdown.clone(),
+        ));
+        let builder = Arc::new(http_builder(&self.limits));
+        let http = tokio::spawn(accept_loop(
+            self.http,
+            shutdown.clone(),
+            graceful.clone(),
+            builder.clone(),
+            shared.clone(),
+            None,
+        ));
+        let https = tokio::spawn(accept_loop(
+            self.https,
+            shutdown.clone(),
+            graceful.clone(),
+            builder,
+            shared,
+            Some(acceptor),
+        ));
+        let _ = tokio::join!(http, https);
+        sweeper.abort();
+        let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
+        if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "in-flight requests still running after {:?}; closing them",
+                self.limits.shutdown_grace
+            );
+        }
+        Ok(())
+    }
+}
+
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .enable_connect_protocol();
+    builder
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    graceful: Arc<GracefulShutdown>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    shared: Arc<Shared>,
+    tls: Option<Arc<TlsAcceptor>>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving what we have.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let graceful = graceful.clone();
+        let builder = builder.clone();
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => serve_tls(acceptor, tcp, peer, graceful, builder, shared).await,
+                None => {
+                    let service = service_fn(move |req| router::redirect(shared.clone(), req));
+                    let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                    if let Err(e) = graceful.watch(conn.into_owned()).await {
+                        tracing::debug!(error = %e, "HTTP connection ended with an error");
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn serve_tls(
+    acceptor: Arc<TlsAcceptor>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    graceful: Arc<GracefulShutdown>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    shared: Arc<Shared>,
+) {
+    let accepted = match acceptor.accept(tcp).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(client = %peer, kind = e.kind(), error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    let info = ConnInfo {
+        peer,
+        sni: Some(accepted.server_name.into()),
+    };
+    let service = service_fn(move |req| router::route(shared.clone(), info.clone(), req));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(accepted.stream), service);
+    if let Err(e) = graceful.watch(conn.into_owned()).await {
+        tracing::debug!(client = %peer, error = %e, "HTTPS connection ended with an error");
+    }
+}
+
+/// Drops parsed keys of certificates that were replaced or deleted, on every Snapshot.
+async fn sweep_certificates(
+    snapshot: SnapshotHandle,
+    resolver: Arc<tls::SnapshotResolver>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = snapshot.subscribe();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        resolver.sweep();
+    }
+}

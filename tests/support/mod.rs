@@ -4,6 +4,10 @@
 #![allow(dead_code)] // each test binary uses its own part of this module
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
+pub mod backend;
+pub mod tls;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -67,6 +71,12 @@ kind = "dev"
 
 [admin]
 token_file = "{dir}/secret/admin.token"
+
+[proxy]
+header_read_timeout = "2s"
+connect_timeout = "1s"
+response_timeout = "2s"
+shutdown_grace = "5s"
 "#,
         dir = state_dir.display()
     )
@@ -123,6 +133,86 @@ impl Node {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The dev CA's root certificate (PEM).
+    pub fn root_pem(&self) -> String {
+        std::fs::read_to_string(self.state_dir().join("dev-ca/root.pem")).expect("dev CA root")
+    }
+
+    /// The bound listener addresses, as `/readyz` reports them.
+    pub async fn listener(&self, which: &str) -> SocketAddr {
+        let ready = http(Method::GET, &format!("{}/readyz", self.admin), None, None).await;
+        ready.json()["listeners"][which]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {which} listener in /readyz"))
+            .parse()
+            .expect("listener address")
+    }
+
+    /// Creates a service through the API and waits until its certificate is served.
+    /// Returns its id and canonical host.
+    pub async fn service(&self, backends: &[SocketAddr]) -> (String, String) {
+        let body = serde_json::json!({
+            "backends": backends.iter().map(|b| b.to_string()).collect::<Vec<_>>()
+        });
+        let created = http(
+            Method::POST,
+            &format!("{}/v1/services", self.admin),
+            Some(&self.token),
+            Some(("application/json", body.to_string().into_bytes())),
+        )
+        .await;
+        assert_eq!(
+            created.status,
+            StatusCode::CREATED,
+            "{}",
+            String::from_utf8_lossy(&created.body)
+        );
+        let id = created.json()["id"].as_str().unwrap().to_string();
+        self.wait_certificate(&id, |c| c["status"] == "active")
+            .await;
+        let host = format!("{id}.app.example.test");
+        (id, host)
+    }
+
+    /// Polls the service until its certificate view satisfies `ok`; returns that view.
+    pub async fn wait_certificate(
+        &self,
+        id: &str,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let url = format!("{}/v1/services/{id}", self.admin);
+        let start = Instant::now();
+        loop {
+            let v = http(Method::GET, &url, Some(&self.token), None)
+                .await
+                .json();
+            if ok(&v["certificate"]) {
+                return v["certificate"].clone();
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "certificate of {id} never got there: {v}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Calls the admin API with the node's token and a JSON body.
+    pub async fn api(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Reply {
+        let body = body.map(|b| ("application/json", b.to_string().into_bytes()));
+        http(
+            method,
+            &format!("{}{path}", self.admin),
+            Some(&self.token),
+            body,
+        )
+        .await
     }
 
     fn assert_running(&mut self) {

@@ -1,0 +1,503 @@
+//! One request: pick the service by Host, check it against the TLS name, forward it to a
+//! backend with the forwarding headers, stream both bodies, tunnel upgrades, and turn every
+//! failure into a clear status and page.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis_config::model::{Service, ServiceStatus};
+use portcullis_config::names::{MAX_NAME_LEN, host_name, normalize_host};
+use portcullis_config::{ServiceId, SnapshotHandle};
+
+use crate::Limits;
+use crate::tls::SnapshotResolver;
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// What every connection of the node shares.
+pub struct Shared {
+    pub snapshot: SnapshotHandle,
+    pub resolver: Arc<SnapshotResolver>,
+    client: Client<HttpConnector, ProxyBody>,
+    /// Per-service round-robin position.
+    cursors: DashMap<ServiceId, Arc<AtomicUsize>>,
+    limits: Limits,
+    request_ids: RequestIds,
+    /// Port clients reach HTTPS on, for redirects.
+    pub https_port: u16,
+}
+
+impl Shared {
+    pub fn new(
+        snapshot: SnapshotHandle,
+        resolver: Arc<SnapshotResolver>,
+        limits: Limits,
+        https_port: u16,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(limits.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Shared {
+            snapshot,
+            resolver,
+            client,
+            cursors: DashMap::new(),
+            limits,
+            request_ids: RequestIds::new(),
+            https_port,
+        }
+    }
+}
+
+/// What the router knows of the connection a request came on.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The TLS server name, lowercased; `None` on plain HTTP.
+    pub sni: Option<Arc<str>>,
+}
+
+/// Request ids: a random per-process prefix and a counter, so they are unique without a
+/// syscall per request.
+struct RequestIds {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let mut bytes = [0u8; 8];
+        let _ = getrandom::fill(&mut bytes);
+        RequestIds {
+            prefix: u64::from_le_bytes(bytes),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "{:016x}{:08x}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed) as u32
+        )
+    }
+}
+
+fn page(status: StatusCode, text: String) -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn empty(status: StatusCode) -> Response<ProxyBody> {
+    let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    *response.status_mut() = status;
+    response
+}
+
+/// The request's host: `:authority` in HTTP/2, else the Host header.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
+/// Answers a request on the HTTP listener: 308 to HTTPS, and (until the ACME issuer answers
+/// them) 404 for http-01 challenges.
+pub async fn redirect(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    if req.uri().path().starts_with("/.well-known/acme-challenge/") {
+        return Ok(page(
+            StatusCode::NOT_FOUND,
+            "No ACME challenge is answered here: this node does not use an ACME issuer.\n".into(),
+        ));
+    }
+    let Some(name) = request_host(&req).and_then(host_name) else {
+        return Ok(page(
+            StatusCode::BAD_REQUEST,
+            "The request has no Host header; send one naming the site you want.\n".into(),
+        ));
+    };
+    let port = match shared.https_port {
+        443 => String::new(),
+        port => format!(":{port}"),
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{name}{port}{path}");
+    let mut response = empty(StatusCode::PERMANENT_REDIRECT);
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            response.headers_mut().insert(header::LOCATION, v);
+            Ok(response)
+        }
+        Err(_) => Ok(page(
+            StatusCode::BAD_REQUEST,
+            "Invalid Host header.\n".into(),
+        )),
+    }
+}
+
+/// Answers a request on the HTTPS listener.
+pub async fn route(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .map(str::to_string)
+        .unwrap_or_else(|| shared.request_ids.next());
+    let host = request_host(&req).unwrap_or("").to_string();
+    let (response, service, upstream) = route_inner(&shared, &conn, req, &host, &request_id).await;
+    let mut response = response;
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    tracing::info!(
+        target: "portcullis::access",
+        service = service.map(|s| s.to_string()).unwrap_or_default(),
+        host,
+        method = %method,
+        path,
+        status = response.status().as_u16(),
+        bytes = response.body().size_hint().exact().unwrap_or(0),
+        duration_us = started.elapsed().as_micros() as u64,
+        upstream = upstream.unwrap_or_default(),
+        request_id,
+        client = %conn.peer.ip(),
+    );
+    Ok(response)
+}
+
+async fn route_inner(
+    shared: &Shared,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    host: &str,
+    request_id: &str,
+) -> (Response<ProxyBody>, Option<ServiceId>, Option<String>) {
+    let mut buf = [0u8; MAX_NAME_LEN];
+    let Some(name) = normalize_host(host, &mut buf) else {
+        let text = if host.is_empty() {
+            "The request names no host; send a Host header.\n".to_string()
+        } else {
+            format!("`{host}` is not a host name.\n")
+        };
+        return (page(StatusCode::BAD_REQUEST, text), None, None);
+    };
+    if let Some(sni) = &conn.sni
+        && !covered_by_sni(shared, sni, name)
+    {
+        let text = format!(
+            "This connection was opened for {sni}, not {name}: open a new connection for {name}.\n"
+        );
+        return (page(StatusCode::MISDIRECTED_REQUEST, text), None, None);
+    }
+    let snapshot = shared.snapshot.load();
+    let Some(service) = snapshot.service_for_host(name).cloned() else {
+        let text = format!("No site is served at {name}.\n");
+        return (page(StatusCode::NOT_FOUND, text), None, None);
+    };
+    drop(snapshot);
+    if service.status == ServiceStatus::Suspended {
+        let text = format!("The site at {name} is suspended by its platform.\n");
+        return (
+            page(StatusCode::SERVICE_UNAVAILABLE, text),
+            Some(service.id),
+            None,
+        );
+    }
+    let (response, upstream) = forward(shared, conn, &service, req, name, request_id).await;
+    (response, Some(service.id), upstream)
+}
+
+/// A request for `host` on a connection for `sni` is fine when the certificate serving `sni`
+/// also covers `host` (RFC 9110 §15.5.20: otherwise 421).
+fn covered_by_sni(shared: &Shared, sni: &str, host: &str) -> bool {
+    if sni.eq_ignore_ascii_case(host) {
+        return true;
+    }
+    let Some(cert) = shared.resolver.certificate_for(sni) else {
+        return false;
+    };
+    cert.domains.iter().any(|d| {
+        let d = d.as_str();
+        d == host
+            || d.strip_prefix("*.")
+                .is_some_and(|parent| host.split_once('.').is_some_and(|(_, p)| p == parent))
+    })
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are the connection's, never forwarded. `Trailer` is not
+/// one of them (it was in RFC 2616): it tells the next hop which trailer fields to pass on.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+fn forwarded_for(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(ip) => ip.to_string(),
+        // RFC 7239 §6: IPv6 in brackets and quotes.
+        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    }
+}
+
+fn append(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    let combined = match headers.get(name).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {value}"),
+        _ => value.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&combined) {
+        headers.insert(name, v);
+    }
+}
+
+async fn forward(
+    shared: &Shared,
+    conn: &ConnInfo,
+    service: &Service,
+    mut req: Request<Incoming>,
+    host: &str,
+    request_id: &str,
+) -> (Response<ProxyBody>, Option<String>) {
+    let backends = &service.backends;
+    if backends.is_empty() {
+        let text = format!("The site at {host} has no backend to serve it.\n");
+        return (page(StatusCode::SERVICE_UNAVAILABLE, text), None);
+    }
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // Only a request whose body is known to be empty can be sent again after a failure, and
+    // only when the method is idempotent (RFC 9110 §9.2.2).
+    let retryable = req.body().is_end_stream()
+        && matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+        );
+    let cursor = shared
+        .cursors
+        .entry(service.id)
+        .or_insert_with(|| Arc::new(AtomicUsize::new(0)))
+        .clone();
+    let start = cursor.fetch_add(1, Ordering::Relaxed);
+
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    // `TE: trailers` is the one TE value that must reach the backend: without it an HTTP/1.1
+    // backend sends no trailers, and gRPC's status lives there.
+    let wants_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    strip_hop_by_hop(&mut headers, upgrade);
+    if wants_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let ip = conn.peer.ip();
+    append(&mut headers, "x-forwarded-for", &ip.to_string());
+    let proto = if conn.sni.is_some() { "https" } else { "http" };
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert("x-forwarded-host", v.clone());
+        headers.insert(header::HOST, v);
+    }
+    append(
+        &mut headers,
+        "forwarded",
+        &format!("for={};host={host};proto={proto}", forwarded_for(ip)),
+    );
+    let via = match parts.version {
+        Version::HTTP_2 => "2 portcullis",
+        Version::HTTP_10 => "1.0 portcullis",
+        _ => "1.1 portcullis",
+    };
+    append(&mut headers, "via", via);
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", v);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+
+    let mut body = Some(body.boxed());
+    let attempts = if retryable { backends.len().min(2) } else { 1 };
+    let mut last_error = String::new();
+    for attempt in 0..attempts {
+        let backend = &backends[(start + attempt) % backends.len()];
+        let backend_text = backend.to_string();
+        let uri: Uri = match format!("http://{backend_text}{path}").parse() {
+            Ok(uri) => uri,
+            Err(_) => {
+                return (
+                    page(StatusCode::BAD_REQUEST, "Invalid request target.\n".into()),
+                    None,
+                );
+            }
+        };
+        let mut up = Request::new(
+            body.take()
+                .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed()),
+        );
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.version_mut() = Version::HTTP_11;
+        *up.headers_mut() = headers.clone();
+
+        let sent = tokio::time::timeout(shared.limits.response_timeout, shared.client.request(up));
+        match sent.await {
+            Ok(Ok(mut response)) => {
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client_upgrade) = client_upgrade
+                {
+                    let backend_upgrade = hyper::upgrade::on(&mut response);
+                    tokio::spawn(tunnel(client_upgrade, backend_upgrade));
+                    let (mut parts, _) = response.into_parts();
+                    parts
+                        .headers
+                        .insert("via", HeaderValue::from_static("1.1 portcullis"));
+                    return (
+                        Response::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed()),
+                        Some(backend_text),
+                    );
+                }
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers, false);
+                append(&mut parts.headers, "via", "1.1 portcullis");
+                return (
+                    Response::from_parts(parts, body.boxed()),
+                    Some(backend_text),
+                );
+            }
+            Ok(Err(e)) => {
+                let connect = e.is_connect();
+                tracing::warn!(backend = %backend_text, error = %e, connect, "upstream request failed");
+                last_error = format!("{backend_text}: {}", error_text(&e));
+                if connect && attempt + 1 < attempts {
+                    continue;
+                }
+                let text = format!("The site's backend failed to answer ({last_error}).\n");
+                return (page(StatusCode::BAD_GATEWAY, text), Some(backend_text));
+            }
+            Err(_) => {
+                let text = format!(
+                    "The site's backend {backend_text} did not answer within {}s.\n",
+                    shared.limits.response_timeout.as_secs()
+                );
+                return (page(StatusCode::GATEWAY_TIMEOUT, text), Some(backend_text));
+            }
+        }
+    }
+    let text = format!("The site's backend failed to answer ({last_error}).\n");
+    (page(StatusCode::BAD_GATEWAY, text), None)
+}
+
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut backend = TokioIo::new(backend);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
+    }
+}

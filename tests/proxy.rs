@@ -1,0 +1,511 @@
+//! The HTTPS edge end to end: a real node, real backends on loopback, and clients that verify
+//! the chain to the dev CA root (a rustls client, and curl).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+use support::backend::Backend;
+use support::tls::{HttpConn, TlsClient, body_text};
+use support::{DEADLINE, Node};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn get(host: &str, path: &str) -> hyper::http::request::Builder {
+    // HTTP/2 takes the authority from the URI, HTTP/1.1 from Host: give both.
+    Request::builder()
+        .uri(format!("https://{host}{path}"))
+        .header("host", host)
+}
+
+fn empty() -> Full<Bytes> {
+    Full::new(Bytes::new())
+}
+
+async fn open(client: &TlsClient, addr: SocketAddr, sni: &str) -> (HttpConn, Option<Vec<u8>>) {
+    HttpConn::open(client.connect(addr, sni).await.expect("TLS handshake")).await
+}
+
+async fn echo(conn: &mut HttpConn, host: &str) -> Value {
+    let response = conn
+        .send(get(host, "/echo").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    serde_json::from_str(&body_text(response).await).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn h1_and_h2_reach_the_backend_with_forwarding_headers() {
+    let node = Node::start();
+    let backend = Backend::start("a").await;
+    let (_, host) = node.service(&[backend.addr]).await;
+    let https = node.listener("https").await;
+    let root = node.root_pem();
+
+    for (alpn, expected) in [(&b"h2"[..], "HTTP/2.0"), (&b"http/1.1"[..], "HTTP/1.1")] {
+        let client = TlsClient::new(&root, &[alpn]);
+        let (mut conn, negotiated) = open(&client, https, &host).await;
+        assert_eq!(negotiated.as_deref(), Some(alpn), "ALPN");
+        let request = get(&host, "/echo?x=1")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-request-id", "req-123")
+            .header("x-custom", "kept")
+            .body(empty())
+            .unwrap();
+        let response = conn.send(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(format!("{:?}", response.version()), expected);
+        let headers = response.headers().clone();
+        assert_eq!(
+            headers["x-request-id"], "req-123",
+            "a given request id is kept"
+        );
+        assert!(headers["via"].to_str().unwrap().contains("portcullis"));
+        assert!(
+            !headers.contains_key("keep-alive"),
+            "hop-by-hop headers from the backend are dropped"
+        );
+        let seen: Value = serde_json::from_str(&body_text(response).await).unwrap();
+        let h = &seen["headers"];
+        assert_eq!(seen["path"], "/echo?x=1");
+        assert_eq!(h["host"], host.as_str());
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], host.as_str());
+        assert_eq!(
+            h["forwarded"],
+            format!("for=127.0.0.1;host={host};proto=https").as_str()
+        );
+        assert_eq!(h["x-request-id"], "req-123");
+        assert_eq!(h["x-custom"], "kept");
+        assert!(h["via"].as_str().unwrap().ends_with("portcullis"));
+
+        // Without one, the edge makes a request id and passes it both ways.
+        let seen = echo(&mut conn, &host).await;
+        let id = seen["headers"]["x-request-id"].as_str().unwrap();
+        assert!(id.len() >= 16, "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_speaks_http2_and_sees_the_right_statuses() {
+    let node = Node::start();
+    let backend = Backend::start("a").await;
+    let (_, host) = node.service(&[backend.addr]).await;
+    let https = node.listener("https").await;
+    let http = node.listener("http").await;
+    let root = node.state_dir().join("dev-ca/root.pem");
+    let resolve = |port: u16| format!("{host}:{port}:127.0.0.1");
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "20"])
+            .args(args)
+            .output()
+            .expect("curl is installed (make test installs it)");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let url = format!("https://{host}:{}/echo", https.port());
+
+    let (code, out, err) = curl(&[
+        "--cacert",
+        root.to_str().unwrap(),
+        "--resolve",
+        &resolve(https.port()),
+        "--http2",
+        "-w",
+        "\n%{http_version} %{http_code}",
+        &url,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.ends_with("\n2 200"), "{out}");
+    assert!(out.contains("\"backend\":\"a\""), "{out}");
+
+    // Plain HTTP redirects to the same URL on HTTPS, with the HTTPS port.
+    let (_, out, err) = curl(&[
+        "--resolve",
+        &resolve(http.port()),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        &format!("http://{host}:{}/a/b?c=d", http.port()),
+    ]);
+    assert_eq!(
+        out,
+        format!("308 https://{host}:{}/a/b?c=d", https.port()),
+        "{err}"
+    );
+    let (_, out, _) = curl(&[
+        "--resolve",
+        &resolve(http.port()),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!(
+            "http://{host}:{}/.well-known/acme-challenge/abc",
+            http.port()
+        ),
+    ]);
+    assert_eq!(out, "404");
+
+    // A name with no certificate here: the handshake is refused with unrecognized_name.
+    let stranger = "nobody.app.example.test";
+    let (code, _, err) = curl(&[
+        "--cacert",
+        root.to_str().unwrap(),
+        "--resolve",
+        &format!("{stranger}:{}:127.0.0.1", https.port()),
+        &format!("https://{stranger}:{}/", https.port()),
+    ]);
+    assert_eq!(code, Some(35), "TLS failure expected: {err}");
+    assert!(err.contains("unrecognized name"), "{err}");
+
+    // A Host that the connection's certificate does not cover: 421.
+    let (_, out, _) = curl(&[
+        "--cacert",
+        root.to_str().unwrap(),
+        "--resolve",
+        &resolve(https.port()),
+        "-H",
+        &format!("Host: {stranger}"),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &url,
+    ]);
+    assert_eq!(out, "421");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_bodies_stream_both_ways() {
+    let node = Node::start();
+    let backend = Backend::start("a").await;
+    let (_, host) = node.service(&[backend.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+    let peak = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    };
+    let before = peak(node.pid());
+
+    const SIZE: usize = 100 * 1024 * 1024;
+    let body = Bytes::from(vec![7u8; SIZE]);
+    let response = conn
+        .send(
+            Request::post(format!("https://{host}/upload"))
+                .body(Full::new(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let got: Value = serde_json::from_str(&body_text(response).await).unwrap();
+    assert_eq!(got["bytes"], SIZE as u64);
+    assert_eq!(got["sum"], 7 * SIZE as u64);
+
+    let response = conn
+        .send(
+            get(&host, &format!("/download?bytes={SIZE}"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut received = 0usize;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received += data.len();
+        }
+    }
+    assert_eq!(received, SIZE);
+
+    let growth = peak(node.pid()).saturating_sub(before);
+    assert!(
+        growth < 40 * 1024 * 1024,
+        "the proxy's peak memory grew by {} MiB for 100 MiB each way: bodies are buffered",
+        growth >> 20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_echo_through_the_edge() {
+    let node = Node::start();
+    let backend = Backend::start("ws").await;
+    let (_, host) = node.service(&[backend.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+    let stream = client.connect(https, &host).await.unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async(format!("wss://{host}/ws"), stream)
+        .await
+        .expect("WebSocket handshake through the proxy");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for text in ["hello", "through", "the edge"] {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .unwrap();
+        let back = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), text);
+    }
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_style_trailers_pass_over_h2() {
+    let node = Node::start();
+    let backend = Backend::start("a").await;
+    let (_, host) = node.service(&[backend.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+    let response = conn
+        .send(
+            get(&host, "/trailers")
+                .header("te", "trailers")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "ok");
+    assert_eq!(collected.to_bytes(), Bytes::from_static(b"grpc-style body"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renewed_certificate_serves_new_handshakes_and_open_connections_live_on() {
+    let node = Node::start();
+    let backend = Backend::start("a").await;
+    let (id, host) = node.service(&[backend.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+
+    let stream = client.connect(https, &host).await.unwrap();
+    let old_leaf = TlsClient::peer_leaf(&stream);
+    let (mut open_conn, _) = HttpConn::open(stream).await;
+    echo(&mut open_conn, &host).await;
+
+    let renew = node
+        .api(
+            Method::POST,
+            &format!("/v1/certificates/{host}/renew"),
+            None,
+        )
+        .await;
+    assert_eq!(renew.status, StatusCode::ACCEPTED);
+    assert_eq!(renew.json()["status"], "pending");
+
+    // New handshakes get the new certificate, with no restart.
+    let start = Instant::now();
+    loop {
+        let stream = client.connect(https, &host).await.expect("handshake");
+        if TlsClient::peer_leaf(&stream) != old_leaf {
+            let (mut conn, _) = HttpConn::open(stream).await;
+            echo(&mut conn, &host).await;
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "new handshakes still get the old certificate"
+        );
+        tokio::task::yield_now().await;
+    }
+    node.wait_certificate(&id, |c| c["status"] == "active")
+        .await;
+    // The connection opened before the swap still works.
+    echo(&mut open_conn, &host).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routing_follows_changes_without_restart() {
+    let node = Node::start();
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let (id, host) = node.service(&[a.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+    async fn backends_hit(conn: &mut HttpConn, host: &str, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(
+                echo(conn, host).await["backend"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        out.sort();
+        out
+    }
+    assert_eq!(backends_hit(&mut conn, &host, 2).await, ["a", "a"]);
+
+    let path = format!("/v1/services/{id}");
+    let both = json!({"backends": [a.addr.to_string(), b.addr.to_string()]});
+    assert_eq!(
+        node.api(Method::PATCH, &path, Some(both)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        backends_hit(&mut conn, &host, 4).await,
+        ["a", "a", "b", "b"],
+        "round robin over both"
+    );
+
+    let only_b = json!({"backends": [b.addr.to_string()]});
+    node.api(Method::PATCH, &path, Some(only_b)).await;
+    assert_eq!(backends_hit(&mut conn, &host, 3).await, ["b", "b", "b"]);
+
+    let suspended = json!({"status": "suspended"});
+    node.api(Method::PATCH, &path, Some(suspended)).await;
+    let response = conn
+        .send(get(&host, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    assert_eq!(
+        node.api(Method::DELETE, &path, None).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let response = conn
+        .send(get(&host, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let page = body_text(response).await;
+    assert!(page.contains(&host), "the page names the host: {page}");
+    assert!(
+        client.connect(https, &host).await.is_err(),
+        "no certificate for a deleted service"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_failures_become_502_and_504() {
+    let node = Node::start();
+    let a = Backend::start("a").await;
+    let (_, host) = node.service(&[a.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+
+    // The node's response_timeout is 2s.
+    let response = conn
+        .send(get(&host, "/slow?ms=4000").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+
+    a.stop();
+    let response = conn
+        .send(get(&host, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let page = body_text(response).await;
+    assert!(page.contains("refused"), "the page says why: {page}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotent_request_is_retried_on_another_backend() {
+    let node = Node::start();
+    let live = Backend::start("live").await;
+    let dead = Backend::start("dead").await;
+    dead.stop();
+    let (_, host) = node.service(&[dead.addr, live.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+    for _ in 0..4 {
+        assert_eq!(echo(&mut conn, &host).await["backend"], "live");
+    }
+    // A POST with a body is not retried: whichever backend it is sent to answers.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let response = conn
+            .send(
+                Request::post(format!("https://{host}/echo"))
+                    .body(Full::new(Bytes::from_static(b"data")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 502]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slowloris_is_cut_at_the_header_timeout() {
+    let node = Node::start();
+    let a = Backend::start("a").await;
+    let (_, host) = node.service(&[a.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+    let mut stream = client.connect(https, &host).await.unwrap();
+    let start = Instant::now();
+    let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-Slow: ");
+    let mut closed = false;
+    // One byte at a time, a few a second, never finishing the head. The node's
+    // header_read_timeout is 2s.
+    for byte in head.bytes().chain(std::iter::repeat(b'a')) {
+        if stream.write_all(&[byte]).await.is_err() || stream.flush().await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(250), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => {
+                // A 408 before closing is fine; keep reading until the close.
+            }
+            Err(_) => {}
+        }
+        assert!(start.elapsed() < DEADLINE, "slow client never cut off");
+    }
+    assert!(closed);
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "cut before the timeout: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "cut too late: {elapsed:?}"
+    );
+}
