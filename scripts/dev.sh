@@ -45,14 +45,14 @@ cat <<MSG
 Demo service $id is routed to the demo backend at $backend.
 $("${cli[@]}" service show "$id")
 
-See it through the admin API:
-  curl -H "Authorization: Bearer \$(cat $state/admin.token)" $admin/v1/services/$id
+Reach it over HTTPS, with the dev CA's certificate (names under .localhost resolve to loopback):
+  curl --cacert $state/dev-ca/root.pem https://$id.app.localhost:8443/
 
-Or with the CLI:
+Plain HTTP redirects there:
+  curl -i http://$id.app.localhost:8080/
+
+Manage services with the CLI, or the admin API at $admin:
   $bin --state-dir $state service list
-
-(The HTTPS edge that serves https://$id.app.localhost:8443/ with the dev CA's
-certificate comes with the proxy; its root is printed by: $bin ca root --state-dir $state)
 
 Ctrl-C stops the node and the demo backend.
 MSG
