@@ -11,7 +11,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use portcullis_config::model::{Certificate, IssuerRef, Service, ServiceStatus, validate_backends};
+use portcullis_config::model::{
+    Certificate, IssuerRef, Service, ServiceOptions, ServiceStatus, validate_backends,
+};
 use portcullis_config::state::ServicePatch;
 use portcullis_config::{ServiceId, SnapshotHandle, State, StateError, StoreError};
 use serde::{Deserialize, Serialize};
@@ -32,6 +34,7 @@ pub struct Admin {
     pub https_port: u16,
     /// Who issues the certificates of new services.
     pub issuer: IssuerRef,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub listeners: Arc<crate::serve::Listeners>,
 }
 
@@ -52,6 +55,7 @@ pub fn router(admin: Admin) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(render_metrics))
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -292,6 +296,7 @@ pub struct ServiceView {
     pub url: String,
     pub backends: Vec<String>,
     pub status: ServiceStatus,
+    pub options: ServiceOptions,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -318,6 +323,7 @@ impl Admin {
             url,
             backends: service.backends.iter().map(|b| b.to_string()).collect(),
             status: service.status,
+            options: service.options.clone(),
             created_at: service.created_at,
             updated_at: service.updated_at,
             certificate,
@@ -337,6 +343,15 @@ impl Admin {
 
 // --- handlers ---------------------------------------------------------------------------------
 
+async fn render_metrics(AxumState(admin): AxumState<Admin>) -> Response {
+    let body = admin
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
 async fn ready(AxumState(admin): AxumState<Admin>) -> Response {
     let snapshot = admin.snapshot.load();
     Json(serde_json::json!({
@@ -354,6 +369,8 @@ struct CreateService {
     backends: Vec<String>,
     #[serde(default)]
     status: Option<String>,
+    #[serde(default)]
+    options: ServiceOptions,
 }
 
 async fn create_service(
@@ -365,9 +382,10 @@ async fn create_service(
         Some(s) => s.parse()?,
         None => ServiceStatus::Active,
     };
+    body.options.validate()?;
     let (service, revision) = admin
         .state
-        .create_service(backends, status, admin.issuer.clone())
+        .create_service(backends, status, body.options, admin.issuer.clone())
         .await?;
     admin.live(revision).await;
     let location = format!("/v1/services/{}", service.id);
@@ -447,6 +465,7 @@ async fn show_service(
 struct PatchService {
     backends: Option<Vec<String>>,
     status: Option<String>,
+    options: Option<ServiceOptions>,
 }
 
 async fn patch_service(
@@ -462,11 +481,15 @@ async fn patch_service(
             .map(|b| validate_backends("backends", b))
             .transpose()?,
         status: body.status.as_deref().map(str::parse).transpose()?,
+        options: body.options,
     };
+    if let Some(options) = &patch.options {
+        options.validate()?;
+    }
     if patch == ServicePatch::default() {
         return Err(portcullis_config::ValidationError::new(
             "body",
-            "nothing to change; give `backends` and/or `status`",
+            "nothing to change; give `backends`, `status` or `options`",
         )
         .into());
     }

@@ -170,6 +170,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         https_port: https_addr.port(),
         issuer: issuer_ref,
         listeners: Arc::new(listeners),
+        metrics: metrics_handle(shutdown.clone()),
     });
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -197,6 +198,32 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     let _ = fs::remove_file(&url_file);
     sync.task.abort();
     Ok(())
+}
+
+/// Installs the Prometheus recorder the parts report to. `None` when one is installed already
+/// (a second node in one process), which leaves `/metrics` empty.
+fn metrics_handle(
+    shutdown: CancellationToken,
+) -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])
+        .ok()?
+        .install_recorder()
+        .ok()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        // Histograms are folded here, every few seconds, not on the request path.
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => upkeep.run_upkeep(),
+            }
+        }
+    });
+    Some(handle)
 }
 
 /// Where this node listens, as bound (port 0 in the config becomes the real port here).

@@ -509,3 +509,202 @@ async fn slowloris_is_cut_at_the_header_timeout() {
         "cut too late: {elapsed:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_checks_move_traffic_and_all_down_is_503() {
+    let node = Node::start();
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let (id, host) = node.service(&[a.addr, b.addr]).await;
+    let fast_checks = json!({"options": {"health_check": {
+        "interval_ms": 100, "timeout_ms": 100, "healthy_threshold": 1, "unhealthy_threshold": 2
+    }}});
+    let path = format!("/v1/services/{id}");
+    let patched = node.api(Method::PATCH, &path, Some(fast_checks)).await;
+    assert_eq!(patched.status, StatusCode::OK);
+    assert_eq!(
+        patched.json()["options"]["health_check"]["interval_ms"],
+        100
+    );
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+
+    // The checker reports both healthy in the metrics.
+    let metrics = || async {
+        support::http(Method::GET, &format!("{}/metrics", node.admin), None, None).await
+    };
+    let gauge = |text: &str, backend: SocketAddr| -> Option<f64> {
+        text.lines()
+            .find(|l| {
+                l.starts_with("portcullis_backend_healthy")
+                    && l.contains(&format!("backend=\"{backend}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    let start = Instant::now();
+    loop {
+        let text = String::from_utf8(metrics().await.body).unwrap();
+        if gauge(&text, a.addr) == Some(1.0) && gauge(&text, b.addr) == Some(1.0) {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "no health gauges:\n{text}");
+        tokio::task::yield_now().await;
+    }
+
+    // b goes away: the checks take it out, and then even requests that cannot be retried
+    // (POST with a body) all land on a.
+    b.stop();
+    let start = Instant::now();
+    loop {
+        let text = String::from_utf8(metrics().await.body).unwrap();
+        if gauge(&text, b.addr) == Some(0.0) {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "b never marked unhealthy");
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..6 {
+        let response = conn
+            .send(
+                Request::post(format!("https://{host}/echo"))
+                    .body(Full::new(Bytes::from_static(b"x")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let seen: Value = serde_json::from_str(&body_text(response).await).unwrap();
+        assert_eq!(seen["backend"], "a");
+    }
+
+    // Every backend down: 503 with Retry-After.
+    a.stop();
+    let start = Instant::now();
+    let response = loop {
+        let response = conn
+            .send(get(&host, "/").body(empty()).unwrap())
+            .await
+            .unwrap();
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            break response;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "never 503 with every backend down"
+        );
+    };
+    assert_eq!(response.headers()["retry-after"], "5");
+
+    // The other metrics the edge keeps are there too.
+    let text = String::from_utf8(metrics().await.body).unwrap();
+    for name in [
+        "portcullis_http_requests_total",
+        "portcullis_http_request_duration_seconds",
+        "portcullis_tls_handshakes_total",
+        "portcullis_active_connections",
+        "portcullis_upstream_connect_errors_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    assert!(
+        text.contains(&format!("service=\"{id}\",class=\"5xx\"")),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_options_plain_http_and_hsts() {
+    let node = Node::start();
+    let a = Backend::start("a").await;
+    let (id, host) = node.service(&[a.addr]).await;
+    let https = node.listener("https").await;
+    let http = node.listener("http").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+
+    // The dev CA is not publicly trusted: no HSTS by default.
+    let (mut conn, _) = open(&client, https, &host).await;
+    let response = conn
+        .send(get(&host, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert!(!response.headers().contains_key("strict-transport-security"));
+
+    let path = format!("/v1/services/{id}");
+    let options = json!({"options": {"hsts": true, "plain_http": true}});
+    assert_eq!(
+        node.api(Method::PATCH, &path, Some(options)).await.status,
+        StatusCode::OK
+    );
+    let response = conn
+        .send(get(&host, "/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["strict-transport-security"],
+        "max-age=31536000"
+    );
+
+    // Plain HTTP now serves the site instead of redirecting.
+    // By hand, so the Host is the service's while the connection goes to the loopback port.
+    let mut tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+    tcp.write_all(
+        format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("\"x-forwarded-proto\":\"http\""),
+        "{answer}"
+    );
+
+    let bad = json!({"options": {"health_check": {"interval_ms": 10}}});
+    let r = node.api(Method::PATCH, &path, Some(bad)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.json()["error"]["field"],
+        "options.health_check.interval_ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let mut node = Node::start();
+    let a = Backend::start("a").await;
+    let (_, host) = node.service(&[a.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+    let slow = tokio::spawn(async move {
+        let response = conn
+            .send(get(&host, "/slow?ms=1000").body(empty()).unwrap())
+            .await
+            .unwrap();
+        (response.status(), body_text(response).await)
+    });
+    // Wait until the backend has the request, then stop the node.
+    let start = Instant::now();
+    while a.hits() == 0 {
+        assert!(start.elapsed() < DEADLINE);
+        tokio::task::yield_now().await;
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let status = node.stop();
+        (status, node)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert!(status.success(), "{status}");
+    let (code, body) = slow.await.unwrap();
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body, "slow answer\n");
+    assert!(
+        tokio::net::TcpStream::connect(https).await.is_err(),
+        "the listener is closed after shutdown"
+    );
+}

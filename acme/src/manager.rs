@@ -160,6 +160,10 @@ impl CertificateManager {
         let cert = match self.issuer.issue(&domains).await {
             Ok(issued) => {
                 tracing::info!(domain = %name, took_ms = started.elapsed().as_millis() as u64, "certificate issued");
+                metrics::counter!("portcullis_certificate_orders_total", "outcome" => "issued")
+                    .increment(1);
+                metrics::histogram!("portcullis_certificate_issuance_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 let cert = Certificate {
                     domains,
                     status: CertificateStatus::Active,
@@ -181,6 +185,8 @@ impl CertificateManager {
                 let attempts = previous.as_ref().map_or(0, |p| p.attempts) + 1;
                 let retry = self.policy.retry_after(attempts);
                 tracing::warn!(domain = %name, attempts, retry_in_s = retry.as_secs(), error = %e, "issuance failed");
+                metrics::counter!("portcullis_certificate_orders_total", "outcome" => "failed")
+                    .increment(1);
                 // A failed renewal keeps serving the certificate it has.
                 let mut cert = match previous {
                     Some(p) => (*p).clone(),

@@ -37,6 +37,7 @@ pub fn service_kvs(n: usize) -> Vec<KeyValue> {
                         .unwrap_or_else(|e| panic!("{e}")),
                 ],
                 status: ServiceStatus::Active,
+                options: Default::default(),
                 created_at: now,
                 updated_at: now,
             };

@@ -18,6 +18,104 @@ use crate::names::DomainName;
 /// and it bounds the memory one API call can make every node hold.
 pub const MAX_BACKENDS: usize = 64;
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancing {
+    #[default]
+    RoundRobin,
+    /// The backend with the fewest requests in flight from this node.
+    LeastRequests,
+}
+
+/// Active health checking of a service's backends; defaults like HAProxy's `check`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheck {
+    pub enabled: bool,
+    /// Requested with GET and the service's canonical Host; 2xx and 3xx are healthy.
+    /// `None`: `/`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    /// Consecutive successes that bring a backend back.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take a backend out.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            enabled: true,
+            path: None,
+            interval_ms: 5_000,
+            timeout_ms: 2_000,
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
+impl HealthCheck {
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
+}
+
+/// How the edge treats a service; every field has a default, so `{}` is valid.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceOptions {
+    pub load_balancing: LoadBalancing,
+    pub health_check: HealthCheck,
+    /// Serve plain HTTP on the HTTP listener instead of redirecting to HTTPS.
+    pub plain_http: bool,
+    /// Send `Strict-Transport-Security`. `None`: only with a publicly trusted certificate
+    /// (not the dev CA's), like Caddy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<bool>,
+}
+
+impl ServiceOptions {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let hc = &self.health_check;
+        let field = |name: &str| format!("options.health_check.{name}");
+        if let Some(path) = &hc.path
+            && (!path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ValidationError::new(
+                field("path"),
+                format!("`{path}` is not a request path; start it with / and use no spaces"),
+            ));
+        }
+        if !(100..=3_600_000).contains(&hc.interval_ms) {
+            return Err(ValidationError::new(
+                field("interval_ms"),
+                "give an interval from 100 ms to one hour",
+            ));
+        }
+        if hc.timeout_ms == 0 || hc.timeout_ms > hc.interval_ms {
+            return Err(ValidationError::new(
+                field("timeout_ms"),
+                "the timeout must be above 0 and at most the interval",
+            ));
+        }
+        for (name, v) in [
+            ("healthy_threshold", hc.healthy_threshold),
+            ("unhealthy_threshold", hc.unhealthy_threshold),
+        ] {
+            if !(1..=100).contains(&v) {
+                return Err(ValidationError::new(
+                    field(name),
+                    "give a count from 1 to 100",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A service's identity: a UUID v4 that also names its canonical domain `<id>.<zone>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -197,6 +295,8 @@ pub struct Service {
     pub id: ServiceId,
     pub backends: Vec<Backend>,
     pub status: ServiceStatus,
+    #[serde(default)]
+    pub options: ServiceOptions,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]

@@ -208,6 +208,7 @@ mod tests {
             id: ServiceId(uuid::Uuid::from_u128(id)),
             backends: vec![],
             status: ServiceStatus::Active,
+            options: Default::default(),
             created_at: time::OffsetDateTime::UNIX_EPOCH,
             updated_at: time::OffsetDateTime::UNIX_EPOCH,
         })

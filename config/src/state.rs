@@ -10,8 +10,8 @@ use time::OffsetDateTime;
 use crate::error::StateError;
 use crate::keys;
 use crate::model::{
-    Backend, Certificate, CertificateStatus, IssuerRef, Node, Service, ServiceId, ServiceStatus,
-    Tombstone,
+    Backend, Certificate, CertificateStatus, IssuerRef, Node, Service, ServiceId, ServiceOptions,
+    ServiceStatus, Tombstone,
 };
 use crate::names::DomainName;
 use crate::store::{Compare, KeyValue, LeaseId, Op, PageRequest, Revision, Store, Txn};
@@ -30,6 +30,8 @@ pub struct State {
 pub struct ServicePatch {
     pub backends: Option<Vec<Backend>>,
     pub status: Option<ServiceStatus>,
+    /// Replaces all options.
+    pub options: Option<ServiceOptions>,
 }
 
 /// A value read from the store with the revision it was written at.
@@ -72,6 +74,7 @@ impl State {
         &self,
         backends: Vec<Backend>,
         status: ServiceStatus,
+        options: ServiceOptions,
         issuer: IssuerRef,
     ) -> Result<(Service, Revision), StateError> {
         let now = OffsetDateTime::now_utc();
@@ -82,6 +85,7 @@ impl State {
                 id: ServiceId::new_v4(),
                 backends: backends.clone(),
                 status,
+                options: options.clone(),
                 created_at: now,
                 updated_at: now,
             };
@@ -173,6 +177,9 @@ impl State {
             }
             if let Some(status) = patch.status {
                 service.status = status;
+            }
+            if let Some(options) = &patch.options {
+                service.options = options.clone();
             }
             service.updated_at = OffsetDateTime::now_utc();
             let key = keys::service(id);

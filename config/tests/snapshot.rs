@@ -31,6 +31,7 @@ async fn snapshot_follows_every_change() {
         .create_service(
             backend("10.0.0.1:80"),
             ServiceStatus::Active,
+            Default::default(),
             IssuerRef::Dev,
         )
         .await
@@ -45,6 +46,7 @@ async fn snapshot_follows_every_change() {
         .create_service(
             backend("10.0.0.2:80"),
             ServiceStatus::Active,
+            Default::default(),
             IssuerRef::Dev,
         )
         .await
@@ -107,7 +109,7 @@ async fn snapshot_follows_every_change() {
                 &svc.id,
                 ServicePatch {
                     backends: Some(backend(&format!("10.0.0.2:{port}"))),
-                    status: None,
+                    ..ServicePatch::default()
                 },
             )
             .await

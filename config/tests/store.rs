@@ -375,7 +375,12 @@ async fn state_survives_reopen() {
         let store: Arc<dyn Store> = Arc::new(open(&dir).await);
         let state = State::new(store, zone.clone());
         state
-            .create_service(backends.clone(), ServiceStatus::Active, IssuerRef::Dev)
+            .create_service(
+                backends.clone(),
+                ServiceStatus::Active,
+                Default::default(),
+                IssuerRef::Dev,
+            )
             .await
             .unwrap()
             .0
@@ -407,7 +412,12 @@ async fn crash_child() {
     let mut out = std::io::stdout().lock();
     loop {
         let (service, _) = state
-            .create_service(backends.clone(), ServiceStatus::Active, IssuerRef::Dev)
+            .create_service(
+                backends.clone(),
+                ServiceStatus::Active,
+                Default::default(),
+                IssuerRef::Dev,
+            )
             .await
             .unwrap();
         writeln!(out, "committed {}", service.id).unwrap();

@@ -3,6 +3,7 @@
 //! upstream client. It reads certificates and routes only from the Snapshot, and knows nothing
 //! of DNS or ACME ordering.
 
+mod health;
 mod router;
 pub mod tls;
 
@@ -14,7 +15,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use portcullis_config::SnapshotHandle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -128,6 +129,12 @@ impl Proxy {
             self.https_public_port,
         ));
         let graceful = Arc::new(GracefulShutdown::new());
+        let checks = tokio::spawn(health::run_checks(
+            snapshot.clone(),
+            shared.health.clone(),
+            shared.client.clone(),
+            shutdown.clone(),
+        ));
         let sweeper = tokio::spawn(sweep_certificates(
             snapshot,
             acceptor.resolver().clone(),
@@ -152,7 +159,12 @@ impl Proxy {
         ));
         let _ = tokio::join!(http, https);
         sweeper.abort();
-        let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
+        checks.abort();
+        // The accept loops held the only other references; each connection holds a watcher.
+        let Ok(graceful) = Arc::try_unwrap(graceful) else {
+            tracing::warn!("connection drain unavailable; stopping without waiting");
+            return Ok(());
+        };
         if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown())
             .await
             .is_err()
@@ -205,15 +217,19 @@ async fn accept_loop(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let graceful = graceful.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let graceful = graceful.watcher();
         let builder = builder.clone();
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _open = OpenConnection::start(scheme);
             match tls {
                 Some(acceptor) => serve_tls(acceptor, tcp, peer, graceful, builder, shared).await,
                 None => {
-                    let service = service_fn(move |req| router::redirect(shared.clone(), req));
+                    let info = ConnInfo { peer, sni: None };
+                    let service =
+                        service_fn(move |req| router::plain(shared.clone(), info.clone(), req));
                     let conn = builder.serve_connection(TokioIo::new(tcp), service);
                     if let Err(e) = graceful.watch(conn.into_owned()).await {
                         tracing::debug!(error = %e, "HTTP connection ended with an error");
@@ -228,17 +244,26 @@ async fn serve_tls(
     acceptor: Arc<TlsAcceptor>,
     tcp: TcpStream,
     peer: SocketAddr,
-    graceful: Arc<GracefulShutdown>,
+    graceful: Watcher,
     builder: Arc<auto::Builder<TokioExecutor>>,
     shared: Arc<Shared>,
 ) {
     let accepted = match acceptor.accept(tcp).await {
         Ok(a) => a,
         Err(e) => {
+            metrics::counter!("portcullis_tls_handshakes_total", "version" => "", "outcome" => e.kind())
+                .increment(1);
             tracing::debug!(client = %peer, kind = e.kind(), error = %e, "TLS handshake failed");
             return;
         }
     };
+    let version = match accepted.stream.get_ref().1.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
+        _ => "other",
+    };
+    metrics::counter!("portcullis_tls_handshakes_total", "version" => version, "outcome" => "ok")
+        .increment(1);
     let info = ConnInfo {
         peer,
         sni: Some(accepted.server_name.into()),
@@ -247,6 +272,22 @@ async fn serve_tls(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(accepted.stream), service);
     if let Err(e) = graceful.watch(conn.into_owned()).await {
         tracing::debug!(client = %peer, error = %e, "HTTPS connection ended with an error");
+    }
+}
+
+/// Counts an open client connection for as long as it lives.
+struct OpenConnection(&'static str);
+
+impl OpenConnection {
+    fn start(scheme: &'static str) -> Self {
+        metrics::gauge!("portcullis_active_connections", "listener" => scheme).increment(1.0);
+        OpenConnection(scheme)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!("portcullis_active_connections", "listener" => self.0).decrement(1.0);
     }
 }
 

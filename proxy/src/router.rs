@@ -17,11 +17,12 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use portcullis_config::model::{Service, ServiceStatus};
+use portcullis_config::model::{IssuerRef, LoadBalancing, Service, ServiceStatus};
 use portcullis_config::names::{MAX_NAME_LEN, host_name, normalize_host};
 use portcullis_config::{ServiceId, SnapshotHandle};
 
 use crate::Limits;
+use crate::health::{BackendState, Health};
 use crate::tls::SnapshotResolver;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -30,7 +31,8 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 pub struct Shared {
     pub snapshot: SnapshotHandle,
     pub resolver: Arc<SnapshotResolver>,
-    client: Client<HttpConnector, ProxyBody>,
+    pub health: Arc<Health>,
+    pub client: Client<HttpConnector, ProxyBody>,
     /// Per-service round-robin position.
     cursors: DashMap<ServiceId, Arc<AtomicUsize>>,
     limits: Limits,
@@ -57,6 +59,7 @@ impl Shared {
         Shared {
             snapshot,
             resolver,
+            health: Arc::new(Health::default()),
             client,
             cursors: DashMap::new(),
             limits,
@@ -129,10 +132,11 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
     })
 }
 
-/// Answers a request on the HTTP listener: 308 to HTTPS, and (until the ACME issuer answers
-/// them) 404 for http-01 challenges.
-pub async fn redirect(
+/// Answers a request on the HTTP listener: 308 to HTTPS, the service itself where it asked
+/// for plain HTTP, and (until the ACME issuer answers them) 404 for http-01 challenges.
+pub async fn plain(
     shared: Arc<Shared>,
+    conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if req.uri().path().starts_with("/.well-known/acme-challenge/") {
@@ -147,6 +151,14 @@ pub async fn redirect(
             "The request has no Host header; send one naming the site you want.\n".into(),
         ));
     };
+    let plain_http = shared
+        .snapshot
+        .load()
+        .service_for_host(name)
+        .is_some_and(|s| s.options.plain_http);
+    if plain_http {
+        return route(shared, conn, req).await;
+    }
     let port = match shared.https_port {
         443 => String::new(),
         port => format!(":{port}"),
@@ -188,9 +200,21 @@ pub async fn route(
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
+    let class = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    let service_label = service.map(|s| s.to_string()).unwrap_or_default();
+    metrics::counter!("portcullis_http_requests_total", "service" => service_label.clone(), "class" => class)
+        .increment(1);
+    metrics::histogram!("portcullis_http_request_duration_seconds", "class" => class)
+        .record(started.elapsed().as_secs_f64());
     tracing::info!(
         target: "portcullis::access",
-        service = service.map(|s| s.to_string()).unwrap_or_default(),
+        service = service_label,
         host,
         method = %method,
         path,
@@ -242,8 +266,28 @@ async fn route_inner(
             None,
         );
     }
-    let (response, upstream) = forward(shared, conn, &service, req, name, request_id).await;
+    let (mut response, upstream) = forward(shared, conn, &service, req, name, request_id).await;
+    if let Some(sni) = &conn.sni
+        && wants_hsts(shared, &service, sni)
+    {
+        response.headers_mut().insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     (response, Some(service.id), upstream)
+}
+
+/// HSTS as the service asks; by default only once a publicly trusted certificate serves it
+/// (never the dev CA's, which would pin browsers to a certificate they do not trust).
+fn wants_hsts(shared: &Shared, service: &Service, sni: &str) -> bool {
+    match service.options.hsts {
+        Some(on) => on,
+        None => shared
+            .resolver
+            .certificate_for(sni)
+            .is_some_and(|c| c.issuer != IssuerRef::Dev),
+    }
 }
 
 /// A request for `host` on a connection for `sni` is fine when the certificate serving `sni`
@@ -356,6 +400,21 @@ async fn forward(
         .or_insert_with(|| Arc::new(AtomicUsize::new(0)))
         .clone();
     let start = cursor.fetch_add(1, Ordering::Relaxed);
+    let states: Vec<Arc<BackendState>> = backends
+        .iter()
+        .map(|b| shared.health.state(service.id, b))
+        .collect();
+    let candidates = pick(service.options.load_balancing, &states, start);
+    if candidates[0].is_none() {
+        let mut response = page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("No backend of the site at {host} is healthy right now; retry shortly.\n"),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return (response, None);
+    }
 
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
@@ -405,10 +464,12 @@ async fn forward(
         .to_string();
 
     let mut body = Some(body.boxed());
-    let attempts = if retryable { backends.len().min(2) } else { 1 };
+    let attempts = if retryable { 2 } else { 1 };
     let mut last_error = String::new();
-    for attempt in 0..attempts {
-        let backend = &backends[(start + attempt) % backends.len()];
+    for (attempt, index) in candidates.into_iter().take(attempts).enumerate() {
+        let Some(index) = index else { break };
+        let backend = &backends[index];
+        let state = &states[index];
         let backend_text = backend.to_string();
         let uri: Uri = match format!("http://{backend_text}{path}").parse() {
             Ok(uri) => uri,
@@ -428,9 +489,11 @@ async fn forward(
         *up.version_mut() = Version::HTTP_11;
         *up.headers_mut() = headers.clone();
 
+        let inflight = Inflight::start(state.clone());
         let sent = tokio::time::timeout(shared.limits.response_timeout, shared.client.request(up));
         match sent.await {
             Ok(Ok(mut response)) => {
+                state.record_success();
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS
                     && let Some(client_upgrade) = client_upgrade
                 {
@@ -448,6 +511,10 @@ async fn forward(
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers, false);
                 append(&mut parts.headers, "via", "1.1 portcullis");
+                let body = Tracked {
+                    inner: body.boxed(),
+                    _inflight: inflight,
+                };
                 return (
                     Response::from_parts(parts, body.boxed()),
                     Some(backend_text),
@@ -455,9 +522,19 @@ async fn forward(
             }
             Ok(Err(e)) => {
                 let connect = e.is_connect();
+                if connect {
+                    metrics::counter!("portcullis_upstream_connect_errors_total", "service" => service.id.to_string())
+                        .increment(1);
+                }
+                if connect
+                    && state
+                        .record_connect_failure(service.options.health_check.unhealthy_threshold)
+                {
+                    tracing::warn!(backend = %backend_text, host, "backend ejected after repeated connect failures");
+                }
                 tracing::warn!(backend = %backend_text, error = %e, connect, "upstream request failed");
                 last_error = format!("{backend_text}: {}", error_text(&e));
-                if connect && attempt + 1 < attempts {
+                if connect && attempt + 1 < attempts && candidates[1].is_some() {
                     continue;
                 }
                 let text = format!("The site's backend failed to answer ({last_error}).\n");
@@ -499,5 +576,102 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUp
     let mut backend = TokioIo::new(backend);
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
         tracing::debug!(error = %e, "upgraded connection ended");
+    }
+}
+
+/// Up to two backends to try, in order: by round robin from `start`, or the fewest requests in
+/// flight (ties broken by the round-robin order). Only available backends are picked.
+fn pick(policy: LoadBalancing, states: &[Arc<BackendState>], start: usize) -> [Option<usize>; 2] {
+    let n = states.len();
+    let order = (0..n)
+        .map(|i| (start + i) % n)
+        .filter(|&i| states[i].available());
+    match policy {
+        LoadBalancing::RoundRobin => {
+            let mut it = order;
+            [it.next(), it.next()]
+        }
+        LoadBalancing::LeastRequests => {
+            let mut best: Option<(usize, usize)> = None;
+            let mut second: Option<(usize, usize)> = None;
+            for i in order {
+                let load = states[i].inflight.load(Ordering::Relaxed);
+                if best.is_none_or(|(b, _)| load < b) {
+                    second = best;
+                    best = Some((load, i));
+                } else if second.is_none_or(|(b, _)| load < b) {
+                    second = Some((load, i));
+                }
+            }
+            [best.map(|(_, i)| i), second.map(|(_, i)| i)]
+        }
+    }
+}
+
+/// Counts a request as in flight to its backend until its response body ends or is dropped.
+struct Inflight(Arc<BackendState>);
+
+impl Inflight {
+    fn start(state: Arc<BackendState>) -> Self {
+        state.inflight.fetch_add(1, Ordering::Relaxed);
+        Inflight(state)
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Tracked {
+    inner: ProxyBody,
+    _inflight: Inflight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_only_available_backends_in_order() {
+        let states: Vec<Arc<BackendState>> = (0..3).map(|_| Arc::default()).collect();
+        assert_eq!(
+            pick(LoadBalancing::RoundRobin, &states, 1),
+            [Some(1), Some(2)]
+        );
+        assert!(states[2].record_connect_failure(1));
+        assert_eq!(
+            pick(LoadBalancing::RoundRobin, &states, 1),
+            [Some(1), Some(0)]
+        );
+        states[0].inflight.store(5, Ordering::Relaxed);
+        assert_eq!(
+            pick(LoadBalancing::LeastRequests, &states, 0),
+            [Some(1), Some(0)]
+        );
+        assert!(states[1].record_connect_failure(1));
+        assert!(states[0].record_connect_failure(1));
+        assert_eq!(pick(LoadBalancing::RoundRobin, &states, 0), [None, None]);
     }
 }

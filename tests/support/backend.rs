@@ -31,12 +31,15 @@ impl Backend {
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();
         let task = tokio::spawn(async move {
+            // Connections live in this set, so aborting this task (stop) ends them too.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
+                while connections.try_join_next().is_some() {}
                 let counter = counter.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
                         handle(name, req)
