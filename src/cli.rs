@@ -120,6 +120,21 @@ enum CaCommand {
     },
 }
 
+impl Cli {
+    /// `node.workers` of the configuration `serve` will use, read before the runtime exists.
+    /// Errors are left for `serve` to report.
+    pub fn workers(&self) -> Option<usize> {
+        let Command::Serve(ServeArgs {
+            config: Some(path), ..
+        }) = &self.command
+        else {
+            return None;
+        };
+        let workers = NodeConfig::load(path).ok()?.node.workers;
+        (workers > 0).then_some(workers)
+    }
+}
+
 fn load_config(path: &std::path::Path) -> Result<NodeConfig, CliError> {
     NodeConfig::load(path).map_err(|e| CliError::new(EX_USAGE, e.to_string()))
 }

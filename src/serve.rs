@@ -86,6 +86,9 @@ pub fn load_or_create_token(path: &Path) -> Result<String> {
 pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     let state_dir = config.store.path.clone();
     ensure_private_dir(&state_dir)?;
+    let shutdown = CancellationToken::new();
+    // First, so every part's metrics land in it.
+    let metrics = metrics_handle(shutdown.clone());
     let token: Arc<str> = load_or_create_token(&config.admin_token_file())?.into();
 
     let db = config.store.database_file();
@@ -99,7 +102,6 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         .await
         .context("loading state from the store")?;
     let snapshot = sync.handle.clone();
-    let shutdown = CancellationToken::new();
 
     let issuer = match config.issuer.kind {
         IssuerKind::Dev => {
@@ -136,6 +138,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         connect_timeout: p.connect_timeout.0,
         response_timeout: p.response_timeout.0,
         shutdown_grace: p.shutdown_grace.0,
+        access_log: config.log.access,
     };
     let proxy = Proxy::bind(config.listen.http, config.listen.https, 0, limits).await?;
     let http_addr = proxy.http_addr()?;
@@ -170,7 +173,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         https_port: https_addr.port(),
         issuer: issuer_ref,
         listeners: Arc::new(listeners),
-        metrics: metrics_handle(shutdown.clone()),
+        metrics,
     });
     let stop = shutdown.clone();
     tokio::spawn(async move {

@@ -106,6 +106,8 @@ impl Default for ProxySection {
 #[serde(deny_unknown_fields, try_from = "RawNodeSection")]
 pub struct NodeSection {
     pub id: NodeId,
+    /// Worker threads of the node's runtime; 0: one per CPU.
+    pub workers: usize,
     pub public_ipv4: Vec<Ipv4Addr>,
     pub public_ipv6: Vec<Ipv6Addr>,
 }
@@ -114,6 +116,8 @@ pub struct NodeSection {
 #[serde(deny_unknown_fields)]
 struct RawNodeSection {
     id: NodeId,
+    #[serde(default)]
+    workers: usize,
     #[serde(default)]
     public_ipv4: Vec<Ipv4Addr>,
     #[serde(default)]
@@ -131,6 +135,7 @@ impl TryFrom<RawNodeSection> for NodeSection {
         }
         Ok(NodeSection {
             id: raw.id,
+            workers: raw.workers,
             public_ipv4: raw.public_ipv4,
             public_ipv6: raw.public_ipv6,
         })
@@ -297,6 +302,13 @@ pub struct LogSection {
     /// A `tracing` filter, e.g. `info` or `portcullis=debug,info`.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// One event per proxied request (target `portcullis::access`).
+    #[serde(default = "default_true")]
+    pub access: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_log_level() -> String {
@@ -308,6 +320,7 @@ impl Default for LogSection {
         LogSection {
             format: LogFormat::Text,
             level: default_log_level(),
+            access: true,
         }
     }
 }
@@ -373,6 +386,7 @@ impl NodeConfig {
         NodeConfig {
             node: NodeSection {
                 id: NodeId("dev".into()),
+                workers: 0,
                 public_ipv4: vec![lo4],
                 public_ipv6: vec![Ipv6Addr::LOCALHOST],
             },

@@ -33,6 +33,9 @@ fn now_ms() -> u64 {
 /// What this node knows of one backend of one service.
 #[derive(Debug)]
 pub struct BackendState {
+    /// The backend as a URI authority and as text, made once rather than per request.
+    pub authority: Option<hyper::http::uri::Authority>,
+    pub label: Arc<str>,
     /// As the active checks last decided (a new backend starts healthy).
     healthy: AtomicBool,
     successes: AtomicU32,
@@ -44,9 +47,22 @@ pub struct BackendState {
     pub inflight: AtomicUsize,
 }
 
+impl BackendState {
+    fn new(backend: &Backend) -> Self {
+        let label: Arc<str> = backend.to_string().into();
+        BackendState {
+            authority: label.parse().ok(),
+            label,
+            ..BackendState::default()
+        }
+    }
+}
+
 impl Default for BackendState {
     fn default() -> Self {
         BackendState {
+            authority: None,
+            label: Arc::from(""),
             healthy: AtomicBool::new(true),
             successes: AtomicU32::new(0),
             failures: AtomicU32::new(0),
@@ -121,7 +137,7 @@ impl Health {
         }
         self.states
             .entry((service, backend.clone()))
-            .or_default()
+            .or_insert_with(|| Arc::new(BackendState::new(backend)))
             .clone()
     }
 

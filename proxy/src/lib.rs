@@ -41,6 +41,8 @@ pub struct Limits {
     pub response_timeout: Duration,
     /// How long in-flight requests may finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// Log one event per request.
+    pub access_log: bool,
 }
 
 impl Default for Limits {
@@ -53,6 +55,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            access_log: true,
         }
     }
 }

@@ -37,6 +37,9 @@ pub struct Shared {
     cursors: DashMap<ServiceId, Arc<AtomicUsize>>,
     limits: Limits,
     request_ids: RequestIds,
+    /// Metric handles, made once: the macros would build and hash their labels per request.
+    request_counters: DashMap<(ServiceId, usize), metrics::Counter>,
+    durations: [metrics::Histogram; 5],
     /// Port clients reach HTTPS on, for redirects.
     pub https_port: u16,
 }
@@ -64,8 +67,30 @@ impl Shared {
             cursors: DashMap::new(),
             limits,
             request_ids: RequestIds::new(),
+            request_counters: DashMap::new(),
+            durations: CLASSES.map(|class| {
+                metrics::histogram!("portcullis_http_request_duration_seconds", "class" => class)
+            }),
             https_port,
         }
+    }
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Shared {
+    fn count_request(&self, service: ServiceId, class: usize) {
+        if let Some(counter) = self.request_counters.get(&(service, class)) {
+            counter.increment(1);
+            return;
+        }
+        let counter = metrics::counter!(
+            "portcullis_http_requests_total",
+            "service" => service.to_string(),
+            "class" => CLASSES[class]
+        );
+        counter.increment(1);
+        self.request_counters.insert((service, class), counter);
     }
 }
 
@@ -94,12 +119,14 @@ impl RequestIds {
         }
     }
 
-    fn next(&self) -> String {
-        format!(
+    fn next(&self) -> HeaderValue {
+        let id = format!(
             "{:016x}{:08x}",
             self.prefix,
             self.next.fetch_add(1, Ordering::Relaxed) as u32
-        )
+        );
+        // Hex digits only: always a valid header value.
+        HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 }
 
@@ -185,36 +212,32 @@ pub async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let request_id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 200)
-        .map(str::to_string)
-        .unwrap_or_else(|| shared.request_ids.next());
+    // What only the access log needs, taken only when it is on.
+    let logged = shared
+        .limits
+        .access_log
+        .then(|| (req.method().clone(), req.uri().path().to_string()));
+    let request_id = match req.headers().get("x-request-id") {
+        Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
+        _ => shared.request_ids.next(),
+    };
     let host = request_host(&req).unwrap_or("").to_string();
     let (response, service, upstream) = route_inner(&shared, &conn, req, &host, &request_id).await;
     let mut response = response;
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-request-id", v);
+    response
+        .headers_mut()
+        .insert("x-request-id", request_id.clone());
+    let class = (response.status().as_u16() / 100).clamp(1, 5) as usize - 1;
+    shared.durations[class].record(started.elapsed().as_secs_f64());
+    if let Some(id) = service {
+        shared.count_request(id, class);
     }
-    let class = match response.status().as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+    let Some((method, path)) = logged else {
+        return Ok(response);
     };
-    let service_label = service.map(|s| s.to_string()).unwrap_or_default();
-    metrics::counter!("portcullis_http_requests_total", "service" => service_label.clone(), "class" => class)
-        .increment(1);
-    metrics::histogram!("portcullis_http_request_duration_seconds", "class" => class)
-        .record(started.elapsed().as_secs_f64());
     tracing::info!(
         target: "portcullis::access",
-        service = service_label,
+        service = service.map(|s| s.to_string()).unwrap_or_default(),
         host,
         method = %method,
         path,
@@ -222,7 +245,7 @@ pub async fn route(
         bytes = response.body().size_hint().exact().unwrap_or(0),
         duration_us = started.elapsed().as_micros() as u64,
         upstream = upstream.unwrap_or_default(),
-        request_id,
+        request_id = request_id.to_str().unwrap_or(""),
         client = %conn.peer.ip(),
     );
     Ok(response)
@@ -233,7 +256,7 @@ async fn route_inner(
     conn: &ConnInfo,
     req: Request<Incoming>,
     host: &str,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) -> (Response<ProxyBody>, Option<ServiceId>, Option<String>) {
     let mut buf = [0u8; MAX_NAME_LEN];
     let Some(name) = normalize_host(host, &mut buf) else {
@@ -378,7 +401,7 @@ async fn forward(
     service: &Service,
     mut req: Request<Incoming>,
     host: &str,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) -> (Response<ProxyBody>, Option<String>) {
     let backends = &service.backends;
     if backends.is_empty() {
@@ -394,12 +417,14 @@ async fn forward(
             *req.method(),
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
         );
-    let cursor = shared
-        .cursors
-        .entry(service.id)
-        .or_insert_with(|| Arc::new(AtomicUsize::new(0)))
-        .clone();
-    let start = cursor.fetch_add(1, Ordering::Relaxed);
+    let start = match shared.cursors.get(&service.id) {
+        Some(cursor) => cursor.fetch_add(1, Ordering::Relaxed),
+        None => shared
+            .cursors
+            .entry(service.id)
+            .or_insert_with(|| Arc::new(AtomicUsize::new(0)))
+            .fetch_add(1, Ordering::Relaxed),
+    };
     let states: Vec<Arc<BackendState>> = backends
         .iter()
         .map(|b| shared.health.state(service.id, b))
@@ -454,14 +479,8 @@ async fn forward(
         _ => "1.1 portcullis",
     };
     append(&mut headers, "via", via);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert("x-request-id", v);
-    }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+    headers.insert("x-request-id", request_id.clone());
+    let path_and_query = parts.uri.path_and_query().cloned();
 
     let mut body = Some(body.boxed());
     let attempts = if retryable { 2 } else { 1 };
@@ -470,15 +489,18 @@ async fn forward(
         let Some(index) = index else { break };
         let backend = &backends[index];
         let state = &states[index];
-        let backend_text = backend.to_string();
-        let uri: Uri = match format!("http://{backend_text}{path}").parse() {
-            Ok(uri) => uri,
-            Err(_) => {
-                return (
-                    page(StatusCode::BAD_REQUEST, "Invalid request target.\n".into()),
-                    None,
-                );
-            }
+        let backend_text = state.label.to_string();
+        let mut uri_parts = hyper::http::uri::Parts::default();
+        uri_parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
+        uri_parts.authority = state.authority.clone();
+        uri_parts.path_and_query = Some(
+            path_and_query
+                .clone()
+                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+        );
+        let Ok(uri) = Uri::from_parts(uri_parts) else {
+            let text = format!("The backend address {backend} cannot be used in a request.\n");
+            return (page(StatusCode::BAD_GATEWAY, text), None);
         };
         let mut up = Request::new(
             body.take()
@@ -487,7 +509,13 @@ async fn forward(
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_11;
-        *up.headers_mut() = headers.clone();
+        // The last attempt takes the headers; only one with a retry after it copies them.
+        let may_retry = attempt + 1 < attempts && candidates[1].is_some();
+        *up.headers_mut() = if may_retry {
+            headers.clone()
+        } else {
+            std::mem::take(&mut headers)
+        };
 
         let inflight = Inflight::start(state.clone());
         let sent = tokio::time::timeout(shared.limits.response_timeout, shared.client.request(up));
