@@ -708,3 +708,26 @@ async fn sigterm_lets_in_flight_requests_finish() {
         "the listener is closed after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_is_refused_with_a_reason() {
+    let node = Node::start();
+    let a = Backend::start("a").await;
+    let (_, host) = node.service(&[a.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+    let response = conn
+        .send(
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(format!("{host}:443"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_IMPLEMENTED);
+    assert!(body_text(response).await.contains("WebSocket"));
+    assert_eq!(a.hits(), 0, "nothing reached the backend");
+}

@@ -281,6 +281,14 @@ async fn route_inner(
         return (page(StatusCode::NOT_FOUND, text), None, None);
     };
     drop(snapshot);
+    if req.method() == Method::CONNECT {
+        let text = "CONNECT is not supported here; open WebSocket connections over HTTP/1.1.\n";
+        return (
+            page(StatusCode::NOT_IMPLEMENTED, text.into()),
+            Some(service.id),
+            None,
+        );
+    }
     if service.status == ServiceStatus::Suspended {
         let text = format!("The site at {name} is suspended by its platform.\n");
         return (
