@@ -731,3 +731,35 @@ async fn connect_is_refused_with_a_reason() {
     assert!(body_text(response).await.contains("WebSocket"));
     assert_eq!(a.hits(), 0, "nothing reached the backend");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn h2c_backends_get_http2_with_trailers_and_the_site_host() {
+    let node = Node::start();
+    let a = Backend::start("grpc").await;
+    let (id, host) = node.service(&[a.addr]).await;
+    let options = json!({"options": {"upstream_protocol": "h2c"}});
+    let patched = node
+        .api(Method::PATCH, &format!("/v1/services/{id}"), Some(options))
+        .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+
+    let seen = echo(&mut conn, &host).await;
+    assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+    assert_eq!(seen["headers"]["host"], host.as_str(), "{seen}");
+    assert_eq!(seen["headers"]["via"], "2 portcullis");
+
+    let response = conn
+        .send(
+            get(&host, "/trailers")
+                .header("te", "trailers")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let collected = response.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+}

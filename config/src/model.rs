@@ -27,6 +27,16 @@ pub enum LoadBalancing {
     LeastRequests,
 }
 
+/// How the edge talks to a service's backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS, by prior knowledge (gRPC backends).
+    H2c,
+}
+
 /// Active health checking of a service's backends; defaults like HAProxy's `check`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -68,6 +78,7 @@ impl HealthCheck {
 #[serde(default, deny_unknown_fields)]
 pub struct ServiceOptions {
     pub load_balancing: LoadBalancing,
+    pub upstream_protocol: UpstreamProtocol,
     pub health_check: HealthCheck,
     /// Serve plain HTTP on the HTTP listener instead of redirecting to HTTPS.
     pub plain_http: bool,

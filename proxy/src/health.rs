@@ -13,7 +13,7 @@ use hyper::body::Bytes;
 use hyper::{Request, header};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use portcullis_config::model::{Backend, HealthCheck, ServiceStatus};
+use portcullis_config::model::{Backend, HealthCheck, ServiceStatus, UpstreamProtocol};
 use portcullis_config::{ServiceId, SnapshotHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -153,14 +153,16 @@ pub async fn run_checks(
     snapshot: SnapshotHandle,
     health: Arc<Health>,
     client: Client<HttpConnector, ProxyBody>,
+    h2c_client: Client<HttpConnector, ProxyBody>,
     shutdown: CancellationToken,
 ) {
-    let mut tasks: HashMap<Key, (HealthCheck, CancellationToken)> = HashMap::new();
+    type Wanted = (HealthCheck, UpstreamProtocol);
+    let mut tasks: HashMap<Key, (Wanted, CancellationToken)> = HashMap::new();
     let mut changes = snapshot.subscribe();
     loop {
         let current = snapshot.load_full();
         let zone = current.zone().clone();
-        let mut wanted: HashMap<Key, (HealthCheck, String)> = HashMap::new();
+        let mut wanted: HashMap<Key, (Wanted, String)> = HashMap::new();
         for service in current.services() {
             let check = &service.options.health_check;
             if service.status != ServiceStatus::Active || !check.enabled {
@@ -169,7 +171,10 @@ pub async fn run_checks(
             for backend in &service.backends {
                 wanted.insert(
                     (service.id, backend.clone()),
-                    (check.clone(), service.id.canonical_domain(&zone)),
+                    (
+                        (check.clone(), service.options.upstream_protocol),
+                        service.id.canonical_domain(&zone),
+                    ),
                 );
             }
         }
@@ -184,21 +189,25 @@ pub async fn run_checks(
             }
             keep
         });
-        for (key, (check, host)) in wanted {
+        for (key, (wanted, host)) in wanted {
             if tasks.contains_key(&key) {
                 continue;
             }
             let stop = shutdown.child_token();
             let state = health.state(key.0, &key.1);
+            let client = match wanted.1 {
+                UpstreamProtocol::Http1 => client.clone(),
+                UpstreamProtocol::H2c => h2c_client.clone(),
+            };
             tokio::spawn(check_loop(
-                client.clone(),
+                client,
                 key.1.clone(),
                 host,
-                check.clone(),
+                wanted.0.clone(),
                 state,
                 stop.clone(),
             ));
-            tasks.insert(key, (check, stop));
+            tasks.insert(key, (wanted, stop));
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -136,6 +136,7 @@ impl Proxy {
             snapshot.clone(),
             shared.health.clone(),
             shared.client.clone(),
+            shared.h2c_client.clone(),
             shutdown.clone(),
         ));
         let sweeper = tokio::spawn(sweep_certificates(

@@ -17,7 +17,9 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use portcullis_config::model::{IssuerRef, LoadBalancing, Service, ServiceStatus};
+use portcullis_config::model::{
+    IssuerRef, LoadBalancing, Service, ServiceStatus, UpstreamProtocol,
+};
 use portcullis_config::names::{MAX_NAME_LEN, host_name, normalize_host};
 use portcullis_config::{ServiceId, SnapshotHandle};
 
@@ -33,6 +35,8 @@ pub struct Shared {
     pub resolver: Arc<SnapshotResolver>,
     pub health: Arc<Health>,
     pub client: Client<HttpConnector, ProxyBody>,
+    /// For backends that speak HTTP/2 in clear text (prior knowledge).
+    pub h2c_client: Client<HttpConnector, ProxyBody>,
     /// Per-service round-robin position.
     cursors: DashMap<ServiceId, Arc<AtomicUsize>>,
     limits: Limits,
@@ -58,12 +62,17 @@ impl Shared {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
+            .build(connector.clone());
+        let h2c_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_only(true)
             .build(connector);
         Shared {
             snapshot,
             resolver,
             health: Arc::new(Health::default()),
             client,
+            h2c_client,
             cursors: DashMap::new(),
             limits,
             request_ids: RequestIds::new(),
@@ -516,7 +525,12 @@ async fn forward(
         );
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
-        *up.version_mut() = Version::HTTP_11;
+        let h2c = service.options.upstream_protocol == UpstreamProtocol::H2c && !upgrade;
+        *up.version_mut() = if h2c {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         // The last attempt takes the headers; only one with a retry after it copies them.
         let may_retry = attempt + 1 < attempts && candidates[1].is_some();
         *up.headers_mut() = if may_retry {
@@ -526,7 +540,12 @@ async fn forward(
         };
 
         let inflight = Inflight::start(state.clone());
-        let sent = tokio::time::timeout(shared.limits.response_timeout, shared.client.request(up));
+        let client = if h2c {
+            &shared.h2c_client
+        } else {
+            &shared.client
+        };
+        let sent = tokio::time::timeout(shared.limits.response_timeout, client.request(up));
         match sent.await {
             Ok(Ok(mut response)) => {
                 state.record_success();
