@@ -139,6 +139,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         response_timeout: p.response_timeout.0,
         shutdown_grace: p.shutdown_grace.0,
         access_log: config.log.access,
+        proxy_protocol_from: p.proxy_protocol_from.clone(),
     };
     let proxy = Proxy::bind(config.listen.http, config.listen.https, 0, limits).await?;
     let http_addr = proxy.http_addr()?;

@@ -763,3 +763,93 @@ async fn h2c_backends_get_http2_with_trailers_and_the_site_host() {
     let collected = response.into_body().collect().await.unwrap();
     assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_protocol_from_a_trusted_balancer_names_the_client() {
+    let node = Node::start_edited(|text| {
+        text.replace(
+            "[proxy]\n",
+            "[proxy]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n",
+        )
+    });
+    let a = Backend::start("a").await;
+    // The admin API is not behind the balancer; only the edge's listeners are.
+    let (_, host) = node.service(&[a.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+
+    let mut tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    let client_addr: SocketAddr = "203.0.113.7:40000".parse().unwrap();
+    let header = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (client_addr, https),
+    )
+    .build()
+    .unwrap();
+    tcp.write_all(&header).await.unwrap();
+    let stream = client.connect_over(tcp, &host).await.unwrap();
+    let (mut conn, _) = HttpConn::open(stream).await;
+    let seen = echo(&mut conn, &host).await;
+    assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.7");
+
+    // From a trusted source, a connection without the header is not served.
+    assert!(
+        client.connect(https, &host).await.is_err(),
+        "a trusted source must send the header"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_protocol_to_backends_names_the_client() {
+    let node = Node::start();
+    // A backend that reads the PROXY header and answers with the client it names.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut fixed = [0u8; 16];
+                if tcp.read_exact(&mut fixed).await.is_err() {
+                    return;
+                }
+                let len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
+                let mut rest = vec![0u8; len];
+                tcp.read_exact(&mut rest).await.unwrap();
+                let whole = [&fixed[..], &rest[..]].concat();
+                let header = ppp::v2::Header::try_from(whole.as_slice()).unwrap();
+                let source = match header.addresses {
+                    ppp::v2::Addresses::IPv4(a) => a.source_address.to_string(),
+                    ppp::v2::Addresses::IPv6(a) => a.source_address.to_string(),
+                    _ => "none".into(),
+                };
+                // Then one HTTP request, answered with the source.
+                let mut buf = vec![0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{source}",
+                    source.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let (id, host) = node.service(&[backend]).await;
+    let options = json!({"options": {"proxy_protocol": true, "health_check": {"enabled": false}}});
+    node.api(Method::PATCH, &format!("/v1/services/{id}"), Some(options))
+        .await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+    for _ in 0..2 {
+        let response = conn
+            .send(get(&host, "/").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_text(response).await, "127.0.0.1");
+    }
+}

@@ -86,6 +86,9 @@ pub struct ProxySection {
     pub response_timeout: Duration,
     /// How long in-flight requests may finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Load balancers in front (CIDRs) whose connections start with a PROXY protocol v2 header
+    /// carrying the real client address. Only these may send one, and they must.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 impl Default for ProxySection {
@@ -98,6 +101,7 @@ impl Default for ProxySection {
             connect_timeout: secs(5),
             response_timeout: secs(60),
             shutdown_grace: secs(30),
+            proxy_protocol_from: Vec::new(),
         }
     }
 }

@@ -82,6 +82,9 @@ pub struct ServiceOptions {
     pub health_check: HealthCheck,
     /// Serve plain HTTP on the HTTP listener instead of redirecting to HTTPS.
     pub plain_http: bool,
+    /// Start each backend connection with a PROXY protocol v2 header naming the client. Such
+    /// connections carry one client each, so they are not pooled.
+    pub proxy_protocol: bool,
     /// Send `Strict-Transport-Security`. `None`: only with a publicly trusted certificate
     /// (not the dev CA's), like Caddy.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -4,6 +4,7 @@
 //! of DNS or ACME ordering.
 
 mod health;
+mod proxy_protocol;
 mod router;
 pub mod tls;
 
@@ -43,6 +44,8 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Log one event per request.
     pub access_log: bool,
+    /// Sources that send a PROXY protocol v2 header first (trusted load balancers).
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 impl Default for Limits {
@@ -56,6 +59,7 @@ impl Default for Limits {
             response_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             access_log: true,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -222,6 +226,12 @@ async fn accept_loop(
             },
         };
         let _ = tcp.set_nodelay(true);
+        let trusted = shared
+            .limits
+            .proxy_protocol_from
+            .iter()
+            .any(|net| net.contains(&peer.ip()));
+        let local = tcp.local_addr().unwrap_or(peer);
         let scheme = if tls.is_some() { "https" } else { "http" };
         let graceful = graceful.watcher();
         let builder = builder.clone();
@@ -229,10 +239,33 @@ async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _open = OpenConnection::start(scheme);
+            let mut tcp = tcp;
+            let mut peer = peer;
+            if trusted {
+                let read = proxy_protocol::read_header(&mut tcp);
+                match tokio::time::timeout(shared.limits.tls_hello_timeout, read).await {
+                    Ok(Ok(Some(client))) => peer = client,
+                    Ok(Ok(None)) => {} // LOCAL: the balancer's own connection (health checks)
+                    Ok(Err(e)) => {
+                        tracing::warn!(balancer = %peer, error = %e, "bad PROXY protocol header; closing");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(balancer = %peer, "no PROXY protocol header in time; closing");
+                        return;
+                    }
+                }
+            }
             match tls {
-                Some(acceptor) => serve_tls(acceptor, tcp, peer, graceful, builder, shared).await,
+                Some(acceptor) => {
+                    serve_tls(acceptor, tcp, peer, local, graceful, builder, shared).await
+                }
                 None => {
-                    let info = ConnInfo { peer, sni: None };
+                    let info = ConnInfo {
+                        peer,
+                        local,
+                        sni: None,
+                    };
                     let service =
                         service_fn(move |req| router::plain(shared.clone(), info.clone(), req));
                     let conn = builder.serve_connection(TokioIo::new(tcp), service);
@@ -245,10 +278,12 @@ async fn accept_loop(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn serve_tls(
     acceptor: Arc<TlsAcceptor>,
     tcp: TcpStream,
     peer: SocketAddr,
+    local: SocketAddr,
     graceful: Watcher,
     builder: Arc<auto::Builder<TokioExecutor>>,
     shared: Arc<Shared>,
@@ -271,6 +306,7 @@ async fn serve_tls(
         .increment(1);
     let info = ConnInfo {
         peer,
+        local,
         sni: Some(accepted.server_name.into()),
     };
     let service = service_fn(move |req| router::route(shared.clone(), info.clone(), req));

@@ -39,7 +39,7 @@ pub struct Shared {
     pub h2c_client: Client<HttpConnector, ProxyBody>,
     /// Per-service round-robin position.
     cursors: DashMap<ServiceId, Arc<AtomicUsize>>,
-    limits: Limits,
+    pub limits: Limits,
     request_ids: RequestIds,
     /// Metric handles, made once: the macros would build and hash their labels per request.
     request_counters: DashMap<(ServiceId, usize), metrics::Counter>,
@@ -106,7 +106,10 @@ impl Shared {
 /// What the router knows of the connection a request came on.
 #[derive(Clone)]
 pub struct ConnInfo {
+    /// The client: the TCP peer, or the address a trusted balancer's PROXY header named.
     pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
     /// The TLS server name, lowercased; `None` on plain HTTP.
     pub sni: Option<Arc<str>>,
 }
@@ -545,7 +548,19 @@ async fn forward(
         } else {
             &shared.client
         };
-        let sent = tokio::time::timeout(shared.limits.response_timeout, client.request(up));
+        let sent = if service.options.proxy_protocol {
+            let addr = (backend, state.label.as_ref());
+            let request =
+                crate::proxy_protocol::send(addr, conn, up, shared.limits.connect_timeout);
+            tokio::time::timeout(shared.limits.response_timeout, request)
+        } else {
+            let client = client.clone();
+            tokio::time::timeout(
+                shared.limits.response_timeout,
+                Box::pin(async move { Ok(client.request(up).await?) })
+                    as crate::proxy_protocol::ResponseFuture,
+            )
+        };
         match sent.await {
             Ok(Ok(mut response)) => {
                 state.record_success();

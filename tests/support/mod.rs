@@ -84,9 +84,15 @@ shutdown_grace = "5s"
 
 impl Node {
     pub fn start() -> Node {
+        Self::start_edited(|text| text)
+    }
+
+    /// A node whose test configuration `edit` changes first.
+    pub fn start_edited(edit: impl FnOnce(String) -> String) -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("portcullis.toml");
-        std::fs::write(&config, config_text(&dir.path().join("state"))).expect("write config");
+        let text = edit(config_text(&dir.path().join("state")));
+        std::fs::write(&config, text).expect("write config");
         Self::start_with(dir, &config)
     }
 

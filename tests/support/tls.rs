@@ -42,7 +42,16 @@ impl TlsClient {
         addr: SocketAddr,
         sni: &str,
     ) -> std::io::Result<TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(addr).await?;
+        self.connect_over(TcpStream::connect(addr).await?, sni)
+            .await
+    }
+
+    /// TLS over a connection the caller opened (and may have written to first).
+    pub async fn connect_over(
+        &self,
+        tcp: TcpStream,
+        sni: &str,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
         let name = ServerName::try_from(sni.to_string()).unwrap();
         self.connector.connect(name, tcp).await
     }
