@@ -138,6 +138,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         connect_timeout: p.connect_timeout.0,
         response_timeout: p.response_timeout.0,
         shutdown_grace: p.shutdown_grace.0,
+        idle_timeout: p.idle_timeout.0,
         access_log: config.log.access,
         proxy_protocol_from: p.proxy_protocol_from.clone(),
     };

@@ -338,7 +338,7 @@ async fn renewed_certificate_serves_new_handshakes_and_open_connections_live_on(
             start.elapsed() < DEADLINE,
             "new handshakes still get the old certificate"
         );
-        tokio::task::yield_now().await;
+        tokio::time::sleep(support::POLL).await;
     }
     node.wait_certificate(&id, |c| c["status"] == "active")
         .await;
@@ -550,7 +550,7 @@ async fn health_checks_move_traffic_and_all_down_is_503() {
             break;
         }
         assert!(start.elapsed() < DEADLINE, "no health gauges:\n{text}");
-        tokio::task::yield_now().await;
+        tokio::time::sleep(support::POLL).await;
     }
 
     // b goes away: the checks take it out, and then even requests that cannot be retried
@@ -563,7 +563,7 @@ async fn health_checks_move_traffic_and_all_down_is_503() {
             break;
         }
         assert!(start.elapsed() < DEADLINE, "b never marked unhealthy");
-        tokio::task::yield_now().await;
+        tokio::time::sleep(support::POLL).await;
     }
     for _ in 0..6 {
         let response = conn
@@ -690,7 +690,7 @@ async fn sigterm_lets_in_flight_requests_finish() {
     let start = Instant::now();
     while a.hits() == 0 {
         assert!(start.elapsed() < DEADLINE);
-        tokio::task::yield_now().await;
+        tokio::time::sleep(support::POLL).await;
     }
     let status = tokio::task::spawn_blocking(move || {
         let status = node.stop();
@@ -852,4 +852,34 @@ async fn proxy_protocol_to_backends_names_the_client() {
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(body_text(response).await, "127.0.0.1");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let node = Node::start();
+    let a = Backend::start("a").await;
+    let (_, host) = node.service(&[a.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+    echo(&mut conn, &host).await;
+    let last_use = Instant::now();
+    let HttpConn::H2(sender) = conn else {
+        panic!("h2 expected")
+    };
+    // The node's idle_timeout is 3s: the connection closes then, not before.
+    while !sender.is_closed() {
+        assert!(
+            last_use.elapsed() < DEADLINE,
+            "idle connection never closed"
+        );
+        // A short pause between polls, so the test does not spin a core the node needs.
+        tokio::time::sleep(support::POLL).await;
+    }
+    let idle = last_use.elapsed();
+    assert!(
+        idle >= Duration::from_millis(2900),
+        "closed early: {idle:?}"
+    );
+    assert!(idle < Duration::from_secs(10), "closed late: {idle:?}");
 }

@@ -86,6 +86,8 @@ pub struct ProxySection {
     pub response_timeout: Duration,
     /// How long in-flight requests may finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// A client connection with no traffic this long is closed; nginx: 75s.
+    pub idle_timeout: Duration,
     /// Load balancers in front (CIDRs) whose connections start with a PROXY protocol v2 header
     /// carrying the real client address. Only these may send one, and they must.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
@@ -101,6 +103,7 @@ impl Default for ProxySection {
             connect_timeout: secs(5),
             response_timeout: secs(60),
             shutdown_grace: secs(30),
+            idle_timeout: secs(75),
             proxy_protocol_from: Vec::new(),
         }
     }

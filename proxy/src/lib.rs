@@ -3,6 +3,7 @@
 //! upstream client. It reads certificates and routes only from the Snapshot, and knows nothing
 //! of DNS or ACME ordering.
 
+mod conn;
 mod health;
 mod proxy_protocol;
 mod router;
@@ -16,11 +17,12 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use portcullis_config::SnapshotHandle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use conn::{Activity, ActivityIo};
 pub use router::ProxyBody;
 use router::{ConnInfo, Shared};
 use tls::TlsAcceptor;
@@ -42,6 +44,8 @@ pub struct Limits {
     pub response_timeout: Duration,
     /// How long in-flight requests may finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// A connection with no traffic this long is closed; nginx's keepalive_timeout: 75 s.
+    pub idle_timeout: Duration,
     /// Log one event per request.
     pub access_log: bool,
     /// Sources that send a PROXY protocol v2 header first (trusted load balancers).
@@ -58,6 +62,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
             access_log: true,
             proxy_protocol_from: Vec::new(),
         }
@@ -135,7 +140,7 @@ impl Proxy {
             self.limits.clone(),
             self.https_public_port,
         ));
-        let graceful = Arc::new(GracefulShutdown::new());
+        let connections = TaskTracker::new();
         let checks = tokio::spawn(health::run_checks(
             snapshot.clone(),
             shared.health.clone(),
@@ -152,7 +157,7 @@ impl Proxy {
         let http = tokio::spawn(accept_loop(
             self.http,
             shutdown.clone(),
-            graceful.clone(),
+            connections.clone(),
             builder.clone(),
             shared.clone(),
             None,
@@ -160,7 +165,7 @@ impl Proxy {
         let https = tokio::spawn(accept_loop(
             self.https,
             shutdown.clone(),
-            graceful.clone(),
+            connections.clone(),
             builder,
             shared,
             Some(acceptor),
@@ -168,12 +173,9 @@ impl Proxy {
         let _ = tokio::join!(http, https);
         sweeper.abort();
         checks.abort();
-        // The accept loops held the only other references; each connection holds a watcher.
-        let Ok(graceful) = Arc::try_unwrap(graceful) else {
-            tracing::warn!("connection drain unavailable; stopping without waiting");
-            return Ok(());
-        };
-        if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown())
+        // Every connection saw `shutdown` and is finishing its in-flight requests.
+        connections.close();
+        if tokio::time::timeout(self.limits.shutdown_grace, connections.wait())
             .await
             .is_err()
         {
@@ -207,7 +209,7 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 async fn accept_loop(
     listener: TcpListener,
     shutdown: CancellationToken,
-    graceful: Arc<GracefulShutdown>,
+    connections: TaskTracker,
     builder: Arc<auto::Builder<TokioExecutor>>,
     shared: Arc<Shared>,
     tls: Option<Arc<TlsAcceptor>>,
@@ -233,11 +235,11 @@ async fn accept_loop(
             .any(|net| net.contains(&peer.ip()));
         let local = tcp.local_addr().unwrap_or(peer);
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let graceful = graceful.watcher();
+        let shutdown = shutdown.clone();
         let builder = builder.clone();
         let shared = shared.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _open = OpenConnection::start(scheme);
             let mut tcp = tcp;
             let mut peer = peer;
@@ -258,7 +260,7 @@ async fn accept_loop(
             }
             match tls {
                 Some(acceptor) => {
-                    serve_tls(acceptor, tcp, peer, local, graceful, builder, shared).await
+                    serve_tls(acceptor, tcp, peer, local, shutdown, builder, shared).await
                 }
                 None => {
                     let info = ConnInfo {
@@ -266,10 +268,13 @@ async fn accept_loop(
                         local,
                         sni: None,
                     };
+                    let idle = shared.limits.idle_timeout;
                     let service =
                         service_fn(move |req| router::plain(shared.clone(), info.clone(), req));
-                    let conn = builder.serve_connection(TokioIo::new(tcp), service);
-                    if let Err(e) = graceful.watch(conn.into_owned()).await {
+                    let activity = Activity::default();
+                    let io = TokioIo::new(ActivityIo::new(tcp, activity.clone()));
+                    let conn = builder.serve_connection(io, service).into_owned();
+                    if let Err(e) = conn::drive(conn, activity, idle, shutdown).await {
                         tracing::debug!(error = %e, "HTTP connection ended with an error");
                     }
                 }
@@ -284,7 +289,7 @@ async fn serve_tls(
     tcp: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    graceful: Watcher,
+    shutdown: CancellationToken,
     builder: Arc<auto::Builder<TokioExecutor>>,
     shared: Arc<Shared>,
 ) {
@@ -309,9 +314,15 @@ async fn serve_tls(
         local,
         sni: Some(accepted.server_name.into()),
     };
+    let shared_idle = shared.limits.idle_timeout;
     let service = service_fn(move |req| router::route(shared.clone(), info.clone(), req));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(accepted.stream), service);
-    if let Err(e) = graceful.watch(conn.into_owned()).await {
+    let activity = Activity::default();
+    let io = TokioIo::new(ActivityIo::new(accepted.stream, activity.clone()));
+    let idle = shared_idle;
+    let conn = builder
+        .serve_connection_with_upgrades(io, service)
+        .into_owned();
+    if let Err(e) = conn::drive(conn, activity, idle, shutdown).await {
         tracing::debug!(client = %peer, error = %e, "HTTPS connection ended with an error");
     }
 }

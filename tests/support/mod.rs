@@ -19,7 +19,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(10);
+/// Pause between two looks in a poll loop (polling, not waiting: every loop has a deadline).
+pub const POLL: Duration = Duration::from_millis(10);
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_portcullis")
@@ -77,6 +78,7 @@ header_read_timeout = "2s"
 connect_timeout = "1s"
 response_timeout = "2s"
 shutdown_grace = "5s"
+idle_timeout = "3s"
 "#,
         dir = state_dir.display()
     )
