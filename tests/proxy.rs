@@ -883,3 +883,50 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     );
     assert!(idle < Duration::from_secs(10), "closed late: {idle:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_over_http2_extended_connect() {
+    let node = Node::start();
+    let backend = Backend::start("ws").await;
+    let (_, host) = node.service(&[backend.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+    // One request first, so the server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) are in.
+    echo(&mut conn, &host).await;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("https://{host}/ws"))
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .body(empty())
+        .unwrap();
+    let response = conn.send(request).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "RFC 8441: 2xx opens the tunnel"
+    );
+    let upgraded = hyper::upgrade::on(response)
+        .await
+        .expect("h2 stream becomes the tunnel");
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    for text in ["over", "http/2"] {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .unwrap();
+        let back = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), text);
+    }
+    // The connection carries other streams meanwhile.
+    echo(&mut conn, &host).await;
+}

@@ -200,9 +200,9 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_bytes as u32);
-    // Extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not advertised until the router
-    // tunnels it: browsers that see it would try it and fail, instead of using HTTP/1.1.
+        .max_header_list_size(limits.max_header_bytes as u32)
+        // Extended CONNECT (RFC 8441): WebSocket over HTTP/2, tunnelled by the router.
+        .enable_connect_protocol();
     builder
 }
 

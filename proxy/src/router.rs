@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use dashmap::DashMap;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -293,8 +294,8 @@ async fn route_inner(
         return (page(StatusCode::NOT_FOUND, text), None, None);
     };
     drop(snapshot);
-    if req.method() == Method::CONNECT {
-        let text = "CONNECT is not supported here; open WebSocket connections over HTTP/1.1.\n";
+    if req.method() == Method::CONNECT && !is_h2_websocket(&req) {
+        let text = "CONNECT is only served for WebSocket over HTTP/2 (RFC 8441) here.\n";
         return (
             page(StatusCode::NOT_IMPLEMENTED, text.into()),
             Some(service.id),
@@ -397,6 +398,14 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             })
 }
 
+fn is_h2_websocket(req: &Request<Incoming>) -> bool {
+    req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
 fn forwarded_for(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(ip) => ip.to_string(),
@@ -428,7 +437,10 @@ async fn forward(
         let text = format!("The site at {host} has no backend to serve it.\n");
         return (page(StatusCode::SERVICE_UNAVAILABLE, text), None);
     }
-    let upgrade = is_upgrade(&req);
+    // WebSocket over HTTP/2 (RFC 8441) goes to the backend as an HTTP/1.1 Upgrade: the frames
+    // are the same on both, so once both sides switched the bytes are tunnelled as they are.
+    let h2_websocket = is_h2_websocket(&req);
+    let upgrade = is_upgrade(&req) || h2_websocket;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     // Only a request whose body is known to be empty can be sent again after a failure, and
     // only when the method is idempotent (RFC 9110 §9.2.2).
@@ -480,6 +492,22 @@ async fn forward(
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+    if h2_websocket {
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        // RFC 8441 has no key; the backend's RFC 6455 handshake wants one, any will do.
+        let mut key = [0u8; 16];
+        let _ = getrandom::fill(&mut key);
+        if let Ok(v) = HeaderValue::from_str(&base64::engine::general_purpose::STANDARD.encode(key))
+        {
+            headers.insert(header::SEC_WEBSOCKET_KEY, v);
+        }
+        if !headers.contains_key(header::SEC_WEBSOCKET_VERSION) {
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+    }
     let ip = conn.peer.ip();
     append(&mut headers, "x-forwarded-for", &ip.to_string());
     let proto = if conn.sni.is_some() { "https" } else { "http" };
@@ -526,7 +554,11 @@ async fn forward(
             body.take()
                 .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed()),
         );
-        *up.method_mut() = parts.method.clone();
+        *up.method_mut() = if h2_websocket {
+            Method::GET
+        } else {
+            parts.method.clone()
+        };
         *up.uri_mut() = uri;
         let h2c = service.options.upstream_protocol == UpstreamProtocol::H2c && !upgrade;
         *up.version_mut() = if h2c {
@@ -570,6 +602,12 @@ async fn forward(
                     let backend_upgrade = hyper::upgrade::on(&mut response);
                     tokio::spawn(tunnel(client_upgrade, backend_upgrade));
                     let (mut parts, _) = response.into_parts();
+                    if h2_websocket {
+                        // RFC 8441 §5: success is a 2xx, without the RFC 6455 handshake fields.
+                        parts.status = StatusCode::OK;
+                        strip_hop_by_hop(&mut parts.headers, false);
+                        parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+                    }
                     parts
                         .headers
                         .insert("via", HeaderValue::from_static("1.1 portcullis"));
