@@ -89,7 +89,7 @@ impl AdminClient {
                 format!(
                     "cannot reach the admin API at {}: {}; is `portcullis serve` running there?",
                     self.base,
-                    error_chain(&e)
+                    portcullis_config::error::chain(&e)
                 ),
             )
         })?;
@@ -127,16 +127,4 @@ impl AdminClient {
             ))
         }
     }
-}
-
-/// "client error (Connect): tcp connect error: Connection refused", not just the outermost part.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -17,7 +17,7 @@ use portcullis_config::{EmbeddedStore, NodeConfig, SnapshotSync, State, Store};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use portcullis_proxy::{Limits, Proxy};
+use portcullis_proxy::Proxy;
 
 use crate::admin::{self, Admin};
 
@@ -129,20 +129,14 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         shutdown.clone(),
     ));
 
-    let p = &config.proxy;
-    let limits = Limits {
-        tls_hello_timeout: p.tls_hello_timeout.0,
-        header_read_timeout: p.header_read_timeout.0,
-        max_header_bytes: p.max_header_bytes,
-        max_concurrent_streams: p.max_concurrent_streams,
-        connect_timeout: p.connect_timeout.0,
-        response_timeout: p.response_timeout.0,
-        shutdown_grace: p.shutdown_grace.0,
-        idle_timeout: p.idle_timeout.0,
-        access_log: config.log.access,
-        proxy_protocol_from: p.proxy_protocol_from.clone(),
-    };
-    let proxy = Proxy::bind(config.listen.http, config.listen.https, 0, limits).await?;
+    let proxy = Proxy::bind(
+        config.listen.http,
+        config.listen.https,
+        0,
+        config.proxy.clone(),
+        config.log.access,
+    )
+    .await?;
     let http_addr = proxy.http_addr()?;
     let https_addr = proxy.https_addr()?;
 

@@ -62,3 +62,16 @@ pub enum StateError {
     #[error("cannot encode or decode `{key}`: {reason}")]
     Codec { key: String, reason: String },
 }
+
+/// An error with its sources, `outer: inner: innermost`: what went wrong down to the cause
+/// (e.g. "client error (Connect): tcp connect error: Connection refused").
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

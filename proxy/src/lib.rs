@@ -27,47 +27,8 @@ pub use router::ProxyBody;
 use router::{ConnInfo, Shared};
 use tls::TlsAcceptor;
 
-/// Timeouts and sizes, with defaults like nginx's where nginx has one.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Time for a client to send its ClientHello.
-    pub tls_hello_timeout: Duration,
-    /// Time for a client to send a request's headers (slowloris); nginx: 60 s.
-    pub header_read_timeout: Duration,
-    /// Largest request head; nginx: 4 buffers of 8 KiB.
-    pub max_header_bytes: usize,
-    /// HTTP/2 streams per connection; nginx: 128.
-    pub max_concurrent_streams: u32,
-    /// Connecting to a backend; nginx: 60 s, shorter here so a dead backend fails fast.
-    pub connect_timeout: Duration,
-    /// Waiting for a backend's response head; nginx's proxy_read_timeout: 60 s.
-    pub response_timeout: Duration,
-    /// How long in-flight requests may finish after shutdown starts.
-    pub shutdown_grace: Duration,
-    /// A connection with no traffic this long is closed; nginx's keepalive_timeout: 75 s.
-    pub idle_timeout: Duration,
-    /// Log one event per request.
-    pub access_log: bool,
-    /// Sources that send a PROXY protocol v2 header first (trusted load balancers).
-    pub proxy_protocol_from: Vec<ipnet::IpNet>,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            tls_hello_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(60),
-            max_header_bytes: 32 * 1024,
-            max_concurrent_streams: 128,
-            connect_timeout: Duration::from_secs(5),
-            response_timeout: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(75),
-            access_log: true,
-            proxy_protocol_from: Vec::new(),
-        }
-    }
-}
+/// The edge's timeouts and sizes: the `[proxy]` section of the configuration, as it is.
+pub use portcullis_config::file::ProxySection as Limits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -86,6 +47,7 @@ pub struct Proxy {
     http: TcpListener,
     https: TcpListener,
     limits: Limits,
+    access_log: bool,
     https_public_port: u16,
 }
 
@@ -96,6 +58,7 @@ impl Proxy {
         https: SocketAddr,
         https_public_port: u16,
         limits: Limits,
+        access_log: bool,
     ) -> Result<Self, ProxyError> {
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
@@ -112,6 +75,7 @@ impl Proxy {
             http,
             https,
             limits,
+            access_log,
             https_public_port,
         })
     }
@@ -132,12 +96,13 @@ impl Proxy {
     ) -> Result<(), ProxyError> {
         let acceptor = Arc::new(TlsAcceptor::new(
             snapshot.clone(),
-            self.limits.tls_hello_timeout,
+            self.limits.tls_hello_timeout.0,
         )?);
         let shared = Arc::new(Shared::new(
             snapshot.clone(),
             acceptor.resolver().clone(),
             self.limits.clone(),
+            self.access_log,
             self.https_public_port,
         ));
         let connections = TaskTracker::new();
@@ -175,13 +140,13 @@ impl Proxy {
         checks.abort();
         // Every connection saw `shutdown` and is finishing its in-flight requests.
         connections.close();
-        if tokio::time::timeout(self.limits.shutdown_grace, connections.wait())
+        if tokio::time::timeout(self.limits.shutdown_grace.0, connections.wait())
             .await
             .is_err()
         {
             tracing::warn!(
                 "in-flight requests still running after {:?}; closing them",
-                self.limits.shutdown_grace
+                self.limits.shutdown_grace.0
             );
         }
         Ok(())
@@ -193,7 +158,7 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(limits.header_read_timeout.0)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     builder
@@ -245,7 +210,7 @@ async fn accept_loop(
             let mut peer = peer;
             if trusted {
                 let read = proxy_protocol::read_header(&mut tcp);
-                match tokio::time::timeout(shared.limits.tls_hello_timeout, read).await {
+                match tokio::time::timeout(shared.limits.tls_hello_timeout.0, read).await {
                     Ok(Ok(Some(client))) => peer = client,
                     Ok(Ok(None)) => {} // LOCAL: the balancer's own connection (health checks)
                     Ok(Err(e)) => {
@@ -268,7 +233,7 @@ async fn accept_loop(
                         local,
                         sni: None,
                     };
-                    let idle = shared.limits.idle_timeout;
+                    let idle = shared.limits.idle_timeout.0;
                     let service =
                         service_fn(move |req| router::plain(shared.clone(), info.clone(), req));
                     let activity = Activity::default();
@@ -314,7 +279,7 @@ async fn serve_tls(
         local,
         sni: Some(accepted.server_name.into()),
     };
-    let shared_idle = shared.limits.idle_timeout;
+    let shared_idle = shared.limits.idle_timeout.0;
     let service = service_fn(move |req| router::route(shared.clone(), info.clone(), req));
     let activity = Activity::default();
     let io = TokioIo::new(ActivityIo::new(accepted.stream, activity.clone()));

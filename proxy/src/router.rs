@@ -41,6 +41,8 @@ pub struct Shared {
     /// Per-service round-robin position.
     cursors: DashMap<ServiceId, Arc<AtomicUsize>>,
     pub limits: Limits,
+    /// Log one event per request.
+    access_log: bool,
     request_ids: RequestIds,
     /// Metric handles, made once: the macros would build and hash their labels per request.
     request_counters: DashMap<(ServiceId, usize), metrics::Counter>,
@@ -54,11 +56,12 @@ impl Shared {
         snapshot: SnapshotHandle,
         resolver: Arc<SnapshotResolver>,
         limits: Limits,
+        access_log: bool,
         https_port: u16,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(limits.connect_timeout));
+        connector.set_connect_timeout(Some(limits.connect_timeout.0));
         connector.set_keepalive(Some(Duration::from_secs(60)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -76,6 +79,7 @@ impl Shared {
             h2c_client,
             cursors: DashMap::new(),
             limits,
+            access_log,
             request_ids: RequestIds::new(),
             request_counters: DashMap::new(),
             durations: CLASSES.map(|class| {
@@ -227,7 +231,6 @@ pub async fn route(
     let started = Instant::now();
     // What only the access log needs, taken only when it is on.
     let logged = shared
-        .limits
         .access_log
         .then(|| (req.method().clone(), req.uri().path().to_string()));
     let request_id = match req.headers().get("x-request-id") {
@@ -387,15 +390,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+        && lists_token(req.headers(), header::CONNECTION, "upgrade")
+}
+
+/// True when the comma-separated header `name` lists `token` (case-insensitively).
+fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 fn is_h2_websocket(req: &Request<Incoming>) -> bool {
@@ -477,14 +481,7 @@ async fn forward(
     let mut headers = parts.headers;
     // `TE: trailers` is the one TE value that must reach the backend: without it an HTTP/1.1
     // backend sends no trailers, and gRPC's status lives there.
-    let wants_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
+    let wants_trailers = lists_token(&headers, header::TE, "trailers");
     strip_hop_by_hop(&mut headers, upgrade);
     if wants_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -583,12 +580,12 @@ async fn forward(
         let sent = if service.options.proxy_protocol {
             let addr = (backend, state.label.as_ref());
             let request =
-                crate::proxy_protocol::send(addr, conn, up, shared.limits.connect_timeout);
-            tokio::time::timeout(shared.limits.response_timeout, request)
+                crate::proxy_protocol::send(addr, conn, up, shared.limits.connect_timeout.0);
+            tokio::time::timeout(shared.limits.response_timeout.0, request)
         } else {
             let client = client.clone();
             tokio::time::timeout(
-                shared.limits.response_timeout,
+                shared.limits.response_timeout.0,
                 Box::pin(async move { Ok(client.request(up).await?) })
                     as crate::proxy_protocol::ResponseFuture,
             )
@@ -641,7 +638,7 @@ async fn forward(
                     tracing::warn!(backend = %backend_text, host, "backend ejected after repeated connect failures");
                 }
                 tracing::warn!(backend = %backend_text, error = %e, connect, "upstream request failed");
-                last_error = format!("{backend_text}: {}", error_text(&e));
+                last_error = format!("{backend_text}: {}", portcullis_config::error::chain(&e));
                 if connect && attempt + 1 < attempts && candidates[1].is_some() {
                     continue;
                 }
@@ -651,7 +648,7 @@ async fn forward(
             Err(_) => {
                 let text = format!(
                     "The site's backend {backend_text} did not answer within {}s.\n",
-                    shared.limits.response_timeout.as_secs()
+                    shared.limits.response_timeout.0.as_secs()
                 );
                 return (page(StatusCode::GATEWAY_TIMEOUT, text), Some(backend_text));
             }
@@ -659,17 +656,6 @@ async fn forward(
     }
     let text = format!("The site's backend failed to answer ({last_error}).\n");
     (page(StatusCode::BAD_GATEWAY, text), None)
-}
-
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
