@@ -19,6 +19,35 @@ use support::tls::{HttpConn, TlsClient, body_text};
 use support::{DEADLINE, Node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A node, one test backend, one service in front of it, and a TLS client that trusts the
+/// node's dev CA and offers `alpn`.
+struct Edge {
+    node: Node,
+    backend: Backend,
+    id: String,
+    host: String,
+    https: SocketAddr,
+    client: TlsClient,
+}
+
+impl Edge {
+    async fn start(backend: &'static str, alpn: &[u8]) -> Edge {
+        let node = Node::start();
+        let backend = Backend::start(backend).await;
+        let (id, host) = node.service(&[backend.addr]).await;
+        let https = node.listener("https").await;
+        let client = TlsClient::new(&node.root_pem(), &[alpn]);
+        Edge {
+            node,
+            backend,
+            id,
+            host,
+            https,
+            client,
+        }
+    }
+}
+
 fn get(host: &str, path: &str) -> hyper::http::request::Builder {
     // HTTP/2 takes the authority from the URI, HTTP/1.1 from Host: give both.
     Request::builder()
@@ -193,11 +222,14 @@ async fn curl_speaks_http2_and_sees_the_right_statuses() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn large_bodies_stream_both_ways() {
-    let node = Node::start();
-    let backend = Backend::start("a").await;
-    let (_, host) = node.service(&[backend.addr]).await;
-    let https = node.listener("https").await;
-    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let Edge {
+        node,
+        backend: _backend,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"h2").await;
     let (mut conn, _) = open(&client, https, &host).await;
     let peak = |pid: u32| -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -253,11 +285,14 @@ async fn large_bodies_stream_both_ways() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_echo_through_the_edge() {
-    let node = Node::start();
-    let backend = Backend::start("ws").await;
-    let (_, host) = node.service(&[backend.addr]).await;
-    let https = node.listener("https").await;
-    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+    let Edge {
+        node: _node,
+        backend: _backend,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("ws", b"http/1.1").await;
     let stream = client.connect(https, &host).await.unwrap();
     let (mut ws, response) = tokio_tungstenite::client_async(format!("wss://{host}/ws"), stream)
         .await
@@ -279,11 +314,14 @@ async fn websocket_echo_through_the_edge() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_style_trailers_pass_over_h2() {
-    let node = Node::start();
-    let backend = Backend::start("a").await;
-    let (_, host) = node.service(&[backend.addr]).await;
-    let https = node.listener("https").await;
-    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let Edge {
+        node: _node,
+        backend: _backend,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"h2").await;
     let (mut conn, _) = open(&client, https, &host).await;
     let response = conn
         .send(
@@ -304,11 +342,14 @@ async fn grpc_style_trailers_pass_over_h2() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn renewed_certificate_serves_new_handshakes_and_open_connections_live_on() {
-    let node = Node::start();
-    let backend = Backend::start("a").await;
-    let (id, host) = node.service(&[backend.addr]).await;
-    let https = node.listener("https").await;
-    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+    let Edge {
+        node,
+        backend: _backend,
+        id,
+        host,
+        https,
+        client,
+    } = Edge::start("a", b"http/1.1").await;
 
     let stream = client.connect(https, &host).await.unwrap();
     let old_leaf = TlsClient::peer_leaf(&stream);
@@ -413,11 +454,14 @@ async fn routing_follows_changes_without_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backend_failures_become_502_and_504() {
-    let node = Node::start();
-    let a = Backend::start("a").await;
-    let (_, host) = node.service(&[a.addr]).await;
-    let https = node.listener("https").await;
-    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let Edge {
+        node: _node,
+        backend: a,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"h2").await;
     let (mut conn, _) = open(&client, https, &host).await;
 
     // The node's response_timeout is 2s.
@@ -469,11 +513,14 @@ async fn idempotent_request_is_retried_on_another_backend() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slowloris_is_cut_at_the_header_timeout() {
-    let node = Node::start();
-    let a = Backend::start("a").await;
-    let (_, host) = node.service(&[a.addr]).await;
-    let https = node.listener("https").await;
-    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+    let Edge {
+        node: _node,
+        backend: _a,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"http/1.1").await;
     let mut stream = client.connect(https, &host).await.unwrap();
     let start = Instant::now();
     let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-Slow: ");
@@ -673,11 +720,14 @@ async fn service_options_plain_http_and_hsts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_in_flight_requests_finish() {
-    let mut node = Node::start();
-    let a = Backend::start("a").await;
-    let (_, host) = node.service(&[a.addr]).await;
-    let https = node.listener("https").await;
-    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let Edge {
+        mut node,
+        backend: a,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"h2").await;
     let (mut conn, _) = open(&client, https, &host).await;
     let slow = tokio::spawn(async move {
         let response = conn
@@ -711,11 +761,14 @@ async fn sigterm_lets_in_flight_requests_finish() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_is_refused_with_a_reason() {
-    let node = Node::start();
-    let a = Backend::start("a").await;
-    let (_, host) = node.service(&[a.addr]).await;
-    let https = node.listener("https").await;
-    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+    let Edge {
+        node: _node,
+        backend: a,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"http/1.1").await;
     let (mut conn, _) = open(&client, https, &host).await;
     let response = conn
         .send(
@@ -856,11 +909,14 @@ async fn proxy_protocol_to_backends_names_the_client() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
-    let node = Node::start();
-    let a = Backend::start("a").await;
-    let (_, host) = node.service(&[a.addr]).await;
-    let https = node.listener("https").await;
-    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let Edge {
+        node: _node,
+        backend: _a,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"h2").await;
     let (mut conn, _) = open(&client, https, &host).await;
     echo(&mut conn, &host).await;
     let last_use = Instant::now();
@@ -886,11 +942,14 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_over_http2_extended_connect() {
-    let node = Node::start();
-    let backend = Backend::start("ws").await;
-    let (_, host) = node.service(&[backend.addr]).await;
-    let https = node.listener("https").await;
-    let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let Edge {
+        node: _node,
+        backend: _backend,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("ws", b"h2").await;
     let (mut conn, _) = open(&client, https, &host).await;
     // One request first, so the server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) are in.
     echo(&mut conn, &host).await;
