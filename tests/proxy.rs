@@ -989,3 +989,36 @@ async fn websocket_over_http2_extended_connect() {
     // The connection carries other streams meanwhile.
     echo(&mut conn, &host).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_log_counts_the_bytes_of_streamed_responses() {
+    let Edge {
+        node,
+        backend: _backend,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"h2").await;
+    let (mut conn, _) = open(&client, https, &host).await;
+    let response = conn
+        .send(get(&host, "/download?bytes=123457").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        response.headers().get("content-length").is_none(),
+        "streamed"
+    );
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 123457);
+    // The event is written when the body ends: poll the node's log for it.
+    let line = support::poll("the access-log event", || {
+        node.log()
+            .lines()
+            .find(|l| l.contains("portcullis::access") && l.contains("/download"))
+            .map(str::to_string)
+    });
+    assert!(line.contains("bytes=123457"), "{line}");
+    assert!(line.contains("status=200"), "{line}");
+    assert!(line.contains(&host), "{line}");
+}

@@ -251,20 +251,94 @@ pub async fn route(
     let Some((method, path)) = logged else {
         return Ok(response);
     };
-    tracing::info!(
-        target: "portcullis::access",
-        service = service.map(|s| s.to_string()).unwrap_or_default(),
+    // Logged when the body ends, so bytes and duration cover the whole response, as nginx's
+    // $body_bytes_sent and $request_time do.
+    let record = AccessRecord {
+        service: service.map(|s| s.to_string()).unwrap_or_default(),
         host,
-        method = %method,
+        method,
         path,
-        status = response.status().as_u16(),
-        bytes = response.body().size_hint().exact().unwrap_or(0),
-        duration_us = started.elapsed().as_micros() as u64,
-        upstream = upstream.unwrap_or_default(),
-        request_id = request_id.to_str().unwrap_or(""),
-        client = %conn.peer.ip(),
-    );
-    Ok(response)
+        status: response.status().as_u16(),
+        upstream: upstream.unwrap_or_default(),
+        request_id,
+        client: conn.peer.ip(),
+        started,
+    };
+    let (parts, body) = response.into_parts();
+    let body = Logged {
+        inner: body,
+        bytes: 0,
+        record: Some(record),
+    };
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// What the access log says of one request, written when its response body is done.
+struct AccessRecord {
+    service: String,
+    host: String,
+    method: Method,
+    path: String,
+    status: u16,
+    upstream: String,
+    request_id: HeaderValue,
+    client: IpAddr,
+    started: Instant,
+}
+
+/// A response body that counts what it sends and writes the access-log event at its end (or
+/// when the client goes away first).
+struct Logged {
+    inner: ProxyBody,
+    bytes: u64,
+    record: Option<AccessRecord>,
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &poll
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes += data.len() as u64;
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let Some(r) = self.record.take() else {
+            return;
+        };
+        tracing::info!(
+            target: "portcullis::access",
+            service = r.service,
+            host = r.host,
+            method = %r.method,
+            path = r.path,
+            status = r.status,
+            bytes = self.bytes,
+            duration_us = r.started.elapsed().as_micros() as u64,
+            upstream = r.upstream,
+            request_id = r.request_id.to_str().unwrap_or(""),
+            client = %r.client,
+        );
+    }
 }
 
 async fn route_inner(
