@@ -265,12 +265,10 @@ pub async fn route(
         started,
     };
     let (parts, body) = response.into_parts();
-    let body = Logged {
-        inner: body,
-        bytes: 0,
-        record: Some(record),
-    };
-    Ok(Response::from_parts(parts, body.boxed()))
+    Ok(Response::from_parts(
+        parts,
+        Watched::new(body, record).boxed(),
+    ))
 }
 
 /// What the access log says of one request, written when its response body is done.
@@ -286,57 +284,20 @@ struct AccessRecord {
     started: Instant,
 }
 
-/// A response body that counts what it sends and writes the access-log event at its end (or
-/// when the client goes away first).
-struct Logged {
-    inner: ProxyBody,
-    bytes: u64,
-    record: Option<AccessRecord>,
-}
-
-impl Body for Logged {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &poll
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes += data.len() as u64;
-        }
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        let Some(r) = self.record.take() else {
-            return;
-        };
+impl BodyEnd for AccessRecord {
+    fn finished(&mut self, bytes: u64) {
         tracing::info!(
             target: "portcullis::access",
-            service = r.service,
-            host = r.host,
-            method = %r.method,
-            path = r.path,
-            status = r.status,
-            bytes = self.bytes,
-            duration_us = r.started.elapsed().as_micros() as u64,
-            upstream = r.upstream,
-            request_id = r.request_id.to_str().unwrap_or(""),
-            client = %r.client,
+            service = self.service,
+            host = self.host,
+            method = %self.method,
+            path = self.path,
+            status = self.status,
+            bytes,
+            duration_us = self.started.elapsed().as_micros() as u64,
+            upstream = self.upstream,
+            request_id = self.request_id.to_str().unwrap_or(""),
+            client = %self.client,
         );
     }
 }
@@ -690,10 +651,7 @@ async fn forward(
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers, false);
                 append(&mut parts.headers, "via", "1.1 portcullis");
-                let body = Tracked {
-                    inner: body.boxed(),
-                    _inflight: inflight,
-                };
+                let body = Watched::new(body.boxed(), inflight);
                 return (
                     Response::from_parts(parts, body.boxed()),
                     Some(backend_text),
@@ -792,12 +750,34 @@ impl Drop for Inflight {
     }
 }
 
-struct Tracked {
-    inner: ProxyBody,
-    _inflight: Inflight,
+impl BodyEnd for Inflight {
+    // Dropping the guard with the body is the whole job.
+    fn finished(&mut self, _bytes: u64) {}
 }
 
-impl Body for Tracked {
+/// Something to do once a response body has ended, or was dropped unfinished.
+trait BodyEnd: Send + 'static {
+    fn finished(&mut self, bytes: u64);
+}
+
+/// A response body that counts the bytes it passes on and tells `end` when it is done.
+struct Watched<E: BodyEnd> {
+    inner: ProxyBody,
+    bytes: u64,
+    end: E,
+}
+
+impl<E: BodyEnd> Watched<E> {
+    fn new(inner: ProxyBody, end: E) -> Self {
+        Watched {
+            inner,
+            bytes: 0,
+            end,
+        }
+    }
+}
+
+impl<E: BodyEnd + Unpin> Body for Watched<E> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -805,7 +785,13 @@ impl Body for Tracked {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &poll
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes += data.len() as u64;
+        }
+        poll
     }
 
     fn is_end_stream(&self) -> bool {
@@ -814,6 +800,12 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl<E: BodyEnd> Drop for Watched<E> {
+    fn drop(&mut self) {
+        self.end.finished(self.bytes);
     }
 }
 
