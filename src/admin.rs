@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use portcullis_config::model::{
-    Certificate, IssuerRef, Service, ServiceOptions, ServiceStatus, validate_backends,
+    Certificate, IssuerRef, Record, RecordType, Service, ServiceOptions, ServiceStatus,
+    validate_backends,
 };
 use portcullis_config::state::ServicePatch;
 use portcullis_config::{ServiceId, SnapshotHandle, State, StateError, StoreError};
@@ -36,6 +37,8 @@ pub struct Admin {
     pub issuer: IssuerRef,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub listeners: Arc<crate::serve::Listeners>,
+    /// What record checks need to know of the zones served.
+    pub dns: Arc<portcullis_dns::ZoneSettings>,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -46,6 +49,11 @@ pub fn router(admin: Admin) -> Router {
             get(show_service)
                 .patch(patch_service)
                 .delete(delete_service),
+        )
+        .route("/records", get(list_records).post(create_record))
+        .route(
+            "/records/{name}/{rtype}",
+            get(show_record).put(put_record).delete(delete_record),
         )
         .route("/certificates", get(list_certificates))
         .route("/certificates/{name}/renew", post(renew_certificate))
@@ -530,4 +538,129 @@ async fn renew_certificate(
     let (cert, revision) = admin.state.request_renewal(name.as_str()).await?;
     admin.live(revision).await;
     Ok((StatusCode::ACCEPTED, Json(CertificateView::from(&cert))))
+}
+
+// --- records ----------------------------------------------------------------------------------
+
+/// Default TTL of a custom record when the request gives none.
+const DEFAULT_RECORD_TTL: u32 = 300;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordBody {
+    name: String,
+    #[serde(rename = "type")]
+    rtype: String,
+    #[serde(default)]
+    ttl: Option<u32>,
+    data: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordUpdate {
+    #[serde(default)]
+    ttl: Option<u32>,
+    data: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct RecordList {
+    records: Vec<Record>,
+}
+
+/// A record owner as stored: lowercase, no trailing dot, `*.` allowed in front.
+fn record_name(input: &str) -> Result<String, ApiError> {
+    let lower = input.trim_end_matches('.').to_ascii_lowercase();
+    let (wild, rest) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let name = portcullis_config::DomainName::validate("name", rest)?;
+    Ok(if wild {
+        format!("*.{name}")
+    } else {
+        name.to_string()
+    })
+}
+
+fn record_type(input: &str) -> Result<RecordType, ApiError> {
+    Ok(input.parse::<RecordType>()?)
+}
+
+impl Admin {
+    fn check_record(&self, record: &Record) -> Result<(), ApiError> {
+        let snapshot = self.snapshot.load();
+        portcullis_dns::check_record(record, &self.dns, &snapshot).map_err(|e| match e {
+            portcullis_dns::RecordError::Invalid(v) => v.into(),
+            portcullis_dns::RecordError::Conflict(m) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", m)
+            }
+        })
+    }
+}
+
+async fn list_records(AxumState(admin): AxumState<Admin>) -> Result<Json<RecordList>, ApiError> {
+    let records = admin.state.list_records().await?;
+    Ok(Json(RecordList { records }))
+}
+
+async fn create_record(
+    AxumState(admin): AxumState<Admin>,
+    ApiJson(body): ApiJson<RecordBody>,
+) -> Result<(StatusCode, Json<Record>), ApiError> {
+    let record = Record {
+        name: record_name(&body.name)?,
+        rtype: record_type(&body.rtype)?,
+        ttl: body.ttl.unwrap_or(DEFAULT_RECORD_TTL),
+        data: body.data,
+    };
+    admin.check_record(&record)?;
+    let revision = admin.state.put_record(&record, true).await?;
+    admin.live(revision).await;
+    Ok((StatusCode::CREATED, Json(record)))
+}
+
+async fn show_record(
+    AxumState(admin): AxumState<Admin>,
+    Path((name, rtype)): Path<(String, String)>,
+) -> Result<Json<Record>, ApiError> {
+    let name = record_name(&name)?;
+    let rtype = record_type(&rtype)?;
+    match admin.state.get_record(&name, rtype).await? {
+        Some(record) => Ok(Json(record)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("there is no {rtype} record at `{name}`; list them with GET /v1/records"),
+        )),
+    }
+}
+
+async fn put_record(
+    AxumState(admin): AxumState<Admin>,
+    Path((name, rtype)): Path<(String, String)>,
+    ApiJson(body): ApiJson<RecordUpdate>,
+) -> Result<Json<Record>, ApiError> {
+    let record = Record {
+        name: record_name(&name)?,
+        rtype: record_type(&rtype)?,
+        ttl: body.ttl.unwrap_or(DEFAULT_RECORD_TTL),
+        data: body.data,
+    };
+    admin.check_record(&record)?;
+    let revision = admin.state.put_record(&record, false).await?;
+    admin.live(revision).await;
+    Ok(Json(record))
+}
+
+async fn delete_record(
+    AxumState(admin): AxumState<Admin>,
+    Path((name, rtype)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let name = record_name(&name)?;
+    let rtype = record_type(&rtype)?;
+    let revision = admin.state.delete_record(&name, rtype).await?;
+    admin.live(revision).await;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -17,6 +17,7 @@ use portcullis_config::{EmbeddedStore, NodeConfig, SnapshotSync, State, Store};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use portcullis_dns::Dns;
 use portcullis_proxy::Proxy;
 
 use crate::admin::{self, Admin};
@@ -139,6 +140,9 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     .await?;
     let http_addr = proxy.http_addr()?;
     let https_addr = proxy.https_addr()?;
+    let dns = Dns::start(&config, snapshot.clone())
+        .await
+        .context("starting the DNS responder (listen.dns, [dns])")?;
 
     let listener = tokio::net::TcpListener::bind(config.listen.admin)
         .await
@@ -158,6 +162,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         admin: admin_url.clone(),
         http: http_addr.to_string(),
         https: https_addr.to_string(),
+        dns: dns.local_addrs.iter().map(|a| a.to_string()).collect(),
     };
     print_banner(&config, dev, &listeners);
     let proxy_task = tokio::spawn(proxy.serve(snapshot.clone(), shutdown.clone()));
@@ -170,6 +175,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         issuer: issuer_ref,
         listeners: Arc::new(listeners),
         metrics,
+        dns: dns.settings.clone(),
     });
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -189,6 +195,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         Ok(Ok(())) => {}
     }
     let _ = manager_task.await;
+    dns.shutdown().await;
     let lease = announce_task.await.unwrap_or(lease);
     // Leave the fleet at once rather than when the lease runs out.
     if let Err(e) = store.revoke_lease(lease).await {
@@ -231,6 +238,8 @@ pub struct Listeners {
     pub admin: String,
     pub http: String,
     pub https: String,
+    /// UDP and TCP on each.
+    pub dns: Vec<String>,
 }
 
 fn print_banner(config: &NodeConfig, dev: bool, listeners: &Listeners) {
@@ -257,8 +266,12 @@ fn print_banner(config: &NodeConfig, dev: bool, listeners: &Listeners) {
     }
     let _ = writeln!(
         out,
-        "  not served yet by this build: DNS {:?}",
-        config.listen.dns
+        "  DNS         {}  (UDP and TCP, authoritative for {})",
+        listeners.dns.join(", "),
+        std::iter::once(config.zone.name.as_str())
+            .chain(config.dns.zones.iter().map(|z| z.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let _ = out.flush();
 }

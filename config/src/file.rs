@@ -28,6 +28,8 @@ pub struct NodeConfig {
     pub proxy: ProxySection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub dns: DnsSection,
 }
 
 /// A duration written as a number and a unit: `500ms`, `60s`, `5m`, `1h`.
@@ -233,6 +235,84 @@ pub struct ZoneSection {
     pub nameservers: Vec<DomainName>,
 }
 
+/// Which ingress nodes a service's A/AAAA answers and HTTPS hints name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerPolicy {
+    /// This node's public addresses: the one-node default.
+    #[default]
+    #[serde(rename = "self")]
+    This,
+    /// Every live node of the fleet (this one included).
+    Fleet,
+}
+
+/// The authoritative DNS responder: the platform zone, its SOA and TTLs, other zones it serves.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSection {
+    pub policy: AnswerPolicy,
+    /// TTL of A/AAAA answers for services and nameservers.
+    pub address_ttl: u32,
+    /// TTL of the HTTPS record of every service.
+    pub https_ttl: u32,
+    pub soa: SoaSection,
+    /// CAA records at the zone apex, in presentation format: `0 issue "letsencrypt.org"`.
+    pub caa: Vec<String>,
+    /// Largest UDP answer when the client offers more (EDNS0); 1232 avoids fragmentation.
+    pub udp_payload: u16,
+    /// More zones answered from custom records only, e.g. `internal` for VMs' names.
+    pub zones: Vec<DomainName>,
+    /// Finished answers kept for reuse, by name and type, per UDP worker; 0 turns it off.
+    pub answer_cache: usize,
+    /// Threads answering UDP; 0: one per CPU.
+    pub udp_workers: usize,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        DnsSection {
+            policy: AnswerPolicy::This,
+            address_ttl: 300,
+            https_ttl: 3600,
+            soa: SoaSection::default(),
+            caa: Vec::new(),
+            udp_payload: 1232,
+            zones: Vec::new(),
+            answer_cache: 100_000,
+            udp_workers: 0,
+        }
+    }
+}
+
+/// The SOA of every zone served. The serial is the store revision, so it rises with every change.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SoaSection {
+    /// TTL of the SOA and NS records.
+    pub ttl: u32,
+    /// Mailbox in name form; default `hostmaster.<zone>`.
+    pub hostmaster: Option<DomainName>,
+    pub refresh: u32,
+    pub retry: u32,
+    pub expire: u32,
+    /// Caps the TTL of negative answers (RFC 2308).
+    pub minimum: u32,
+}
+
+impl Default for SoaSection {
+    fn default() -> Self {
+        SoaSection {
+            ttl: 3600,
+            hostmaster: None,
+            refresh: 14400,
+            retry: 3600,
+            expire: 1_209_600,
+            minimum: 300,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreKind {
@@ -418,6 +498,7 @@ impl NodeConfig {
             },
             proxy: ProxySection::default(),
             log: LogSection::default(),
+            dns: DnsSection::default(),
         }
     }
 

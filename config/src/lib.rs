@@ -18,6 +18,6 @@ pub use error::{StateError, StoreError, ValidationError};
 pub use file::{ConfigError, NodeConfig};
 pub use model::{Backend, Certificate, Service, ServiceId, ServiceStatus};
 pub use names::DomainName;
-pub use snapshot::{Snapshot, SnapshotHandle, SnapshotSync};
+pub use snapshot::{Changes, Snapshot, SnapshotHandle, SnapshotSync};
 pub use state::State;
 pub use store::{EmbeddedStore, Store};

@@ -50,6 +50,16 @@ pub struct Snapshot {
     nodes: BTreeMap<String, Arc<Node>>,
     account: Option<AccountKey>,
     ech_keys: Arc<EchKeys>,
+    /// What changed since the Snapshot before this one, for caches derived from it.
+    changes: Option<Arc<Changes>>,
+}
+
+/// The store keys changed between two consecutive Snapshots. A cache built from the Snapshot at
+/// `since` drops just what these keys touch; a cache at any other revision must drop everything.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub since: Revision,
+    pub keys: Vec<Box<str>>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -79,6 +89,7 @@ impl Snapshot {
             nodes: BTreeMap::new(),
             account: None,
             ech_keys: Arc::new(EchKeys::default()),
+            changes: None,
         }
     }
 
@@ -138,6 +149,11 @@ impl Snapshot {
         self.services.get(domain.service.0.as_u128())
     }
 
+    /// An alias domain by its normalized name (lowercase, no trailing dot).
+    pub fn domain(&self, name: &str) -> Option<&Arc<Domain>> {
+        self.domains.get(name)
+    }
+
     pub fn domains(&self) -> impl Iterator<Item = &Arc<Domain>> {
         self.domains.values()
     }
@@ -168,6 +184,11 @@ impl Snapshot {
 
     pub fn ech_keys(&self) -> &Arc<EchKeys> {
         &self.ech_keys
+    }
+
+    /// The keys changed since the previous Snapshot; `None` after a full (re)load.
+    pub fn changes(&self) -> Option<&Changes> {
+        self.changes.as_deref()
     }
 
     /// Applies one change. A value that does not decode is logged and skipped: one bad entry
@@ -335,6 +356,10 @@ async fn follow(
                 };
                 // Apply this batch and every one already waiting, then publish once.
                 let mut next: Option<Snapshot> = None;
+                let mut changes = Changes {
+                    since: revision,
+                    keys: Vec::new(),
+                };
                 let mut pending = Some(first);
                 let mut failed = None;
                 while let Some(batch) = pending.take() {
@@ -343,6 +368,7 @@ async fn follow(
                             let snapshot = next.get_or_insert_with(|| (**current.load()).clone());
                             for event in &batch.events {
                                 snapshot.apply(batch.revision, &event.kind);
+                                changes.keys.push(event.key().into());
                             }
                             revision = batch.revision;
                             pending = watch.try_next();
@@ -352,6 +378,7 @@ async fn follow(
                 }
                 if let Some(mut snapshot) = next {
                     snapshot.revision = revision;
+                    snapshot.changes = Some(Arc::new(changes));
                     current.store(Arc::new(snapshot));
                     published.send_replace(revision);
                 }

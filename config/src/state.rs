@@ -10,8 +10,8 @@ use time::OffsetDateTime;
 use crate::error::StateError;
 use crate::keys;
 use crate::model::{
-    Backend, Certificate, CertificateStatus, IssuerRef, Node, Service, ServiceId, ServiceOptions,
-    ServiceStatus, Tombstone,
+    Backend, Certificate, CertificateStatus, IssuerRef, Node, Record, RecordType, Service,
+    ServiceId, ServiceOptions, ServiceStatus, Tombstone,
 };
 use crate::names::DomainName;
 use crate::store::{Compare, KeyValue, LeaseId, Op, PageRequest, Revision, Store, Txn};
@@ -298,6 +298,78 @@ impl State {
         Err(StateError::Conflict(format!(
             "certificate `{name}` is being changed by others; try again"
         )))
+    }
+
+    /// Stores a custom record set. `create_only`: fail with a conflict when one exists already
+    /// (POST); otherwise replace it (PUT).
+    pub async fn put_record(
+        &self,
+        record: &Record,
+        create_only: bool,
+    ) -> Result<Revision, StateError> {
+        let key = keys::record(&record.name, record.rtype);
+        let value = encode(&key, record)?;
+        if !create_only {
+            return Ok(self.store.put(&key, value).await?);
+        }
+        let out = self
+            .store
+            .txn(Txn {
+                compare: vec![Compare::Absent(key.clone())],
+                success: vec![Op::put(key, value)],
+                failure: vec![],
+            })
+            .await?;
+        if out.succeeded {
+            Ok(out.revision)
+        } else {
+            Err(StateError::Conflict(format!(
+                "{} {} exists already; replace it with PUT /v1/records/{}/{}",
+                record.name, record.rtype, record.name, record.rtype
+            )))
+        }
+    }
+
+    pub async fn get_record(
+        &self,
+        name: &str,
+        rtype: RecordType,
+    ) -> Result<Option<Record>, StateError> {
+        let key = keys::record(name, rtype);
+        self.store
+            .get(&key)
+            .await?
+            .map(|kv| decode(&kv))
+            .transpose()
+    }
+
+    pub async fn list_records(&self) -> Result<Vec<Record>, StateError> {
+        let (items, _) = self.store.list_all(keys::RECORDS).await?;
+        items.iter().map(decode).collect()
+    }
+
+    pub async fn delete_record(
+        &self,
+        name: &str,
+        rtype: RecordType,
+    ) -> Result<Revision, StateError> {
+        let key = keys::record(name, rtype);
+        let out = self
+            .store
+            .txn(Txn {
+                compare: vec![Compare::Present(key.clone())],
+                success: vec![Op::delete(key)],
+                failure: vec![],
+            })
+            .await?;
+        if out.succeeded {
+            Ok(out.revision)
+        } else {
+            Err(StateError::NotFound {
+                kind: "record",
+                id: format!("{name} {rtype}"),
+            })
+        }
     }
 
     /// Announces this node; the entry lives as long as `lease` is kept alive.

@@ -1,5 +1,108 @@
 //! portcullis-dns: the authoritative DNS responder for the platform zone, answering from the
 //! Snapshot only. It knows nothing of ACME or the proxy; it meets them through the Snapshot.
 //!
-//! The responder itself comes with its own issue; this crate holds its place in the workspace so
-//! the dependency direction (config below, the parts beside each other) is fixed from the start.
+//! - [`zone`]: the lookup (RFC 1034 §4.3.2, RFC 4592 wildcards, CNAME chasing) over one view.
+//! - [`answer`]: request to response, EDNS and truncation; bytes to bytes, no I/O.
+//! - [`view`]: a view per Snapshot, swapped atomically, with what caches must forget.
+//! - [`wire`]: the UDP fast path's cache keys.
+//! - [`server`]: the UDP loop with its answer cache, and TCP on hickory-server.
+//! - [`records`]: custom records from their stored form, and the API's checks.
+
+pub mod answer;
+pub mod records;
+pub mod server;
+pub mod view;
+pub mod wire;
+pub mod zone;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis_config::{NodeConfig, SnapshotHandle};
+use tokio::task::JoinHandle;
+
+pub use records::{RecordError, check_record};
+pub use view::ViewHandle;
+pub use zone::ZoneSettings;
+
+/// Idle TCP connections are closed after this (Knot's default is 10 s as well).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("the DNS settings cannot be used: {0}")]
+    Settings(String),
+    #[error("cannot listen for DNS on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The running responder on every configured address.
+pub struct Dns {
+    pub views: ViewHandle,
+    pub settings: Arc<ZoneSettings>,
+    udp: Vec<server::UdpServer>,
+    tcp: server::DnsTcpServer,
+    follower: JoinHandle<()>,
+    /// The addresses bound (port 0 resolved).
+    pub local_addrs: Vec<SocketAddr>,
+}
+
+impl Dns {
+    /// Binds UDP and TCP on each `listen.dns` address and starts answering.
+    pub async fn start(config: &NodeConfig, snapshots: SnapshotHandle) -> Result<Dns, DnsError> {
+        let settings = Arc::new(ZoneSettings::from_config(config).map_err(DnsError::Settings)?);
+        let (views, follower) = view::follow(snapshots, settings.clone());
+        let udp_payload = config.dns.udp_payload;
+        let workers = match config.dns.udp_workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let mut udp = Vec::new();
+        let mut tcp = server::tcp_server(views.clone(), udp_payload);
+        let mut local_addrs = Vec::new();
+        for addr in &config.listen.dns {
+            let bind = |source| DnsError::Bind {
+                addr: *addr,
+                source,
+            };
+            let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+            let local = socket.local_addr().map_err(bind)?;
+            // TCP on the same port as UDP, also when the config asked for port 0.
+            let listener = tokio::net::TcpListener::bind(local).await.map_err(bind)?;
+            udp.push(
+                server::UdpServer::start(
+                    socket,
+                    workers,
+                    views.clone(),
+                    config.dns.answer_cache,
+                    udp_payload,
+                )
+                .map_err(bind)?,
+            );
+            tcp.register_listener(listener, TCP_IDLE, 64);
+            local_addrs.push(local);
+        }
+        Ok(Dns {
+            views,
+            settings,
+            udp,
+            tcp,
+            follower,
+            local_addrs,
+        })
+    }
+
+    pub async fn shutdown(mut self) {
+        for u in &mut self.udp {
+            u.stop();
+        }
+        if let Err(e) = self.tcp.shutdown_gracefully().await {
+            tracing::debug!(error = %e, "DNS TCP shutdown");
+        }
+        self.follower.abort();
+    }
+}

@@ -1,0 +1,135 @@
+//! A request message in, a response message out: header rules, EDNS, and truncation. No I/O.
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::DNSClass;
+
+use crate::zone::{Rcode, ZoneView};
+
+/// Without EDNS a UDP answer is at most 512 bytes (RFC 1035 §4.2.1).
+pub const CLASSIC_UDP_SIZE: u16 = 512;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// The response to `request`, or `None` when nothing must be sent (the request was a response).
+pub fn respond(view: &ZoneView, request: &Message, udp_payload: u16) -> Option<Message> {
+    if request.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+    response.metadata.recursion_desired = request.metadata.recursion_desired;
+    response.metadata.checking_disabled = request.metadata.checking_disabled;
+    response.add_queries(request.queries.iter().cloned());
+    if let Some(edns) = &request.edns {
+        let mut ours = Edns::new();
+        ours.set_max_payload(udp_payload.max(CLASSIC_UDP_SIZE));
+        ours.set_dnssec_ok(edns.flags().dnssec_ok);
+        response.set_edns(ours);
+        if edns.version() > 0 {
+            // RFC 6891 §6.1.3: we speak version 0 only.
+            response.metadata.response_code = ResponseCode::BADVERS;
+            return Some(response);
+        }
+    }
+    if request.metadata.op_code != OpCode::Query {
+        response.metadata.response_code = ResponseCode::NotImp;
+        return Some(response);
+    }
+    let [query] = request.queries.as_slice() else {
+        response.metadata.response_code = ResponseCode::FormErr;
+        return Some(response);
+    };
+    if query.query_class() != DNSClass::IN {
+        response.metadata.response_code = ResponseCode::Refused;
+        return Some(response);
+    }
+    let lookup = view.lookup(query.name(), query.query_type());
+    response.metadata.response_code = match lookup.rcode {
+        Rcode::NoError => ResponseCode::NoError,
+        Rcode::NxDomain => ResponseCode::NXDomain,
+        Rcode::Refused => ResponseCode::Refused,
+    };
+    response.metadata.authoritative = lookup.authoritative;
+    response.answers = lookup.answers;
+    response.authorities = lookup.authorities;
+    response.additionals = lookup.additionals;
+    Some(response)
+}
+
+/// The largest UDP answer for this request: what the client offers, capped by our own payload
+/// size, never under 512.
+pub fn udp_limit(request: &Message, udp_payload: u16) -> usize {
+    let offered = request
+        .edns
+        .as_ref()
+        .map_or(CLASSIC_UDP_SIZE, |e| e.max_payload());
+    usize::from(offered.min(udp_payload).max(CLASSIC_UDP_SIZE))
+}
+
+/// Encodes a response; over UDP one that does not fit `limit` goes out as Knot and NSD send it:
+/// TC set, the question and OPT kept, no records, so the client retries over TCP.
+pub fn encode(response: &Message, limit: Option<usize>) -> Option<Vec<u8>> {
+    let bytes = match response.to_vec() {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::warn!(error = %e, "an answer failed to encode; sending SERVFAIL");
+            return servfail(response);
+        }
+    };
+    match limit {
+        Some(limit) if bytes.len() > limit => {
+            let mut truncated = Message::response(response.metadata.id, response.metadata.op_code);
+            truncated.metadata = response.metadata;
+            truncated.metadata.truncation = true;
+            truncated.add_queries(response.queries.iter().cloned());
+            truncated.edns = response.edns.clone();
+            truncated.to_vec().ok()
+        }
+        _ => Some(bytes),
+    }
+}
+
+fn servfail(response: &Message) -> Option<Vec<u8>> {
+    let mut failed = Message::response(response.metadata.id, response.metadata.op_code);
+    failed.metadata.recursion_desired = response.metadata.recursion_desired;
+    failed.metadata.response_code = ResponseCode::ServFail;
+    failed.add_queries(response.queries.iter().cloned());
+    failed.edns = response.edns.clone();
+    failed.to_vec().ok()
+}
+
+/// Whole path for one datagram or TCP message, bytes to bytes: what the fuzz target drives.
+/// `None`: send nothing (not a query, or too mangled to answer even with FORMERR).
+pub fn answer_bytes(
+    view: &ZoneView,
+    request: &[u8],
+    transport: Transport,
+    udp_payload: u16,
+) -> Option<Vec<u8>> {
+    let message = match Message::from_vec(request) {
+        Ok(m) => m,
+        Err(_) => return formerr(request),
+    };
+    let response = respond(view, &message, udp_payload)?;
+    let limit = match transport {
+        Transport::Udp => Some(udp_limit(&message, udp_payload)),
+        Transport::Tcp => None,
+    };
+    encode(&response, limit)
+}
+
+/// FORMERR for a request whose header at least parses and is a query (RFC 1035 §4.1.1).
+fn formerr(request: &[u8]) -> Option<Vec<u8>> {
+    if request.len() < 12 || request[2] & 0x80 != 0 {
+        return None;
+    }
+    let mut out = request[..12].to_vec();
+    // QR=1, keep opcode and RD; AA/TC cleared; RA=0, RCODE=1; no sections.
+    out[2] = 0x80 | (request[2] & 0x79);
+    out[3] = 1;
+    out[4..12].fill(0);
+    Some(out)
+}

@@ -1,0 +1,239 @@
+//! Custom records: from their stored, presentation form to wire records, and the checks the
+//! records API makes before it stores one.
+
+use std::collections::HashSet;
+
+use hickory_proto::rr::rdata::CNAME;
+use hickory_proto::rr::rdata::svcb::SVCB;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use portcullis_config::Snapshot;
+use portcullis_config::ValidationError;
+use portcullis_config::model::{Record as StoredRecord, RecordType as StoredType};
+use portcullis_config::names::uuid_bits;
+
+use crate::zone::ZoneSettings;
+
+/// Longest TTL accepted for a custom record: a week, as most providers cap it.
+pub const MAX_TTL: u32 = 604_800;
+/// Values in one record set; more than this is a mistake, and would not fit a UDP answer.
+pub const MAX_VALUES: usize = 64;
+
+/// Why the records API refuses a record.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// It collides with something the node manages or with another record.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A name from text, absolute whether or not it ends in a dot, lowercase.
+pub fn to_name(text: &str) -> Result<Name, String> {
+    let mut name =
+        Name::from_ascii(text).map_err(|e| format!("`{text}` is not a domain name: {e}"))?;
+    name.set_fqdn(true);
+    Ok(name.to_lowercase())
+}
+
+fn hickory_type(t: StoredType) -> RecordType {
+    match t {
+        StoredType::A => RecordType::A,
+        StoredType::Aaaa => RecordType::AAAA,
+        StoredType::Cname => RecordType::CNAME,
+        StoredType::Txt => RecordType::TXT,
+        StoredType::Mx => RecordType::MX,
+        StoredType::Srv => RecordType::SRV,
+        StoredType::Caa => RecordType::CAA,
+        StoredType::Https => RecordType::HTTPS,
+        StoredType::Svcb => RecordType::SVCB,
+        StoredType::Ns => RecordType::NS,
+    }
+}
+
+/// Parses a stored record set into wire records. Names in RDATA are taken as absolute, and
+/// SvcParams are put in key order, without which the whole answer would fail to encode.
+pub fn parse_record(stored: &StoredRecord) -> Result<Vec<Record>, String> {
+    let owner = to_name(&stored.name)?;
+    let rtype = hickory_type(stored.rtype);
+    stored
+        .data
+        .iter()
+        .map(|text| {
+            let rdata = RData::try_from_str(rtype, text)
+                .map_err(|e| format!("`{text}` is not valid {} data: {e}", stored.rtype))?;
+            Ok(Record::from_rdata(
+                owner.clone(),
+                stored.ttl,
+                absolute(rdata),
+            ))
+        })
+        .collect()
+}
+
+fn fqdn(mut name: Name) -> Name {
+    name.set_fqdn(true);
+    name
+}
+
+fn absolute(rdata: RData) -> RData {
+    match rdata {
+        RData::CNAME(c) => RData::CNAME(CNAME(fqdn(c.0))),
+        RData::NS(n) => RData::NS(hickory_proto::rr::rdata::NS(fqdn(n.0))),
+        RData::MX(mx) => RData::MX(hickory_proto::rr::rdata::MX::new(
+            mx.preference,
+            fqdn(mx.exchange),
+        )),
+        RData::SRV(srv) => RData::SRV(hickory_proto::rr::rdata::SRV::new(
+            srv.priority,
+            srv.weight,
+            srv.port,
+            fqdn(srv.target),
+        )),
+        RData::SVCB(svcb) => RData::SVCB(sorted(svcb)),
+        RData::HTTPS(https) => RData::HTTPS(hickory_proto::rr::rdata::HTTPS(sorted(https.0))),
+        other => other,
+    }
+}
+
+fn sorted(svcb: SVCB) -> SVCB {
+    let mut params = svcb.svc_params;
+    params.sort_by_key(|(k, _)| u16::from(*k));
+    SVCB::new(svcb.svc_priority, fqdn(svcb.target_name), params)
+}
+
+/// Checks a record before it is stored: its name inside a zone we serve, its TTL and values,
+/// and that it takes nothing from the node (service names, the apex) or from a CNAME.
+pub fn check_record(
+    record: &StoredRecord,
+    settings: &ZoneSettings,
+    snapshot: &Snapshot,
+) -> Result<(), RecordError> {
+    let owner = to_name(&record.name).map_err(|m| ValidationError::new("name", m))?;
+    let is_wildcard = owner.is_wildcard();
+    if owner.iter().skip(1).any(|l| l == b"*") {
+        return Err(
+            ValidationError::new("name", "`*` may only be the first label (RFC 4592)").into(),
+        );
+    }
+    let apexes = crate::zone::ZoneView::apex_names(settings);
+    let Some(apex) = apexes
+        .iter()
+        .filter(|a| a.zone_of(&owner))
+        .max_by_key(|a| a.num_labels())
+    else {
+        let zones: Vec<String> = apexes.iter().map(|a| a.to_string()).collect();
+        return Err(ValidationError::new(
+            "name",
+            format!(
+                "`{}` is not inside a zone this node serves ({})",
+                record.name,
+                zones.join(", ")
+            ),
+        )
+        .into());
+    };
+    if !(1..=MAX_TTL).contains(&record.ttl) {
+        return Err(ValidationError::new(
+            "ttl",
+            format!("ttl must be between 1 and {MAX_TTL} seconds"),
+        )
+        .into());
+    }
+    if record.data.is_empty() || record.data.len() > MAX_VALUES {
+        return Err(ValidationError::new(
+            "data",
+            format!("give between 1 and {MAX_VALUES} values"),
+        )
+        .into());
+    }
+    let mut seen = HashSet::new();
+    for (i, value) in record.data.iter().enumerate() {
+        if !seen.insert(value) {
+            return Err(ValidationError::new(
+                format!("data[{i}]"),
+                format!("`{value}` is given twice"),
+            )
+            .into());
+        }
+    }
+    let parsed = parse_record(record).map_err(|m| {
+        let index = record
+            .data
+            .iter()
+            .position(|v| m.contains(v.as_str()))
+            .unwrap_or(0);
+        ValidationError::new(format!("data[{index}]"), m)
+    })?;
+    if record.rtype == StoredType::Cname && parsed.len() > 1 {
+        return Err(ValidationError::new("data", "a CNAME has exactly one target").into());
+    }
+    if owner == *apex {
+        if matches!(record.rtype, StoredType::Cname | StoredType::Ns) {
+            return Err(RecordError::Conflict(format!(
+                "the {} at the zone apex `{apex}` is managed by the node (from its config)",
+                record.rtype
+            )));
+        }
+        if record.rtype == StoredType::Caa && !settings.caa.is_empty() && *apex == settings.platform
+        {
+            return Err(RecordError::Conflict(format!(
+                "CAA at `{apex}` comes from the node's config (dns.caa)"
+            )));
+        }
+    }
+    if is_wildcard && record.rtype == StoredType::Ns {
+        return Err(ValidationError::new("name", "a wildcard cannot be a delegation").into());
+    }
+    let managed_types = matches!(
+        record.rtype,
+        StoredType::A | StoredType::Aaaa | StoredType::Https | StoredType::Cname
+    );
+    if managed_types {
+        let service = *apex == settings.platform
+            && owner.num_labels() == apex.num_labels() + 1
+            && owner.iter().next().and_then(uuid_bits).is_some_and(|bits| {
+                snapshot
+                    .service(&portcullis_config::ServiceId(uuid::Uuid::from_u128(bits)))
+                    .is_some()
+            });
+        let text = owner.to_ascii();
+        let alias = snapshot.domain(text.trim_end_matches('.')).is_some();
+        if service || alias {
+            return Err(RecordError::Conflict(format!(
+                "the {} records of `{}` are managed by the node for its service",
+                record.rtype, record.name
+            )));
+        }
+        if settings.nameservers.contains(&owner) && record.rtype != StoredType::Https {
+            return Err(RecordError::Conflict(format!(
+                "`{}` is a nameserver of the zone; its addresses are the nodes'",
+                record.name
+            )));
+        }
+    }
+    // CNAME is alone at its name (RFC 1034 §3.6.2).
+    let others: Vec<StoredType> = snapshot
+        .records()
+        .filter(|r| to_name(&r.name).is_ok_and(|n| n == owner) && r.rtype != record.rtype)
+        .map(|r| r.rtype)
+        .collect();
+    if record.rtype == StoredType::Cname && !others.is_empty() {
+        return Err(RecordError::Conflict(format!(
+            "`{}` already has {} records; a CNAME must be alone at its name",
+            record.name,
+            others
+                .iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if others.contains(&StoredType::Cname) {
+        return Err(RecordError::Conflict(format!(
+            "`{}` has a CNAME, which must be alone at its name; remove it first",
+            record.name
+        )));
+    }
+    Ok(())
+}

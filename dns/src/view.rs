@@ -1,0 +1,173 @@
+//! The responder's view, rebuilt from each new Snapshot and swapped atomically, with what the
+//! answer caches must drop to stay true to it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
+use portcullis_config::file::AnswerPolicy;
+use portcullis_config::store::Revision;
+use portcullis_config::{Snapshot, SnapshotHandle, keys};
+use tokio::task::JoinHandle;
+
+use crate::wire;
+use crate::zone::{Addresses, CustomRecords, ZoneSettings, ZoneView};
+
+/// What changed since the view one generation earlier.
+#[derive(Debug)]
+pub enum Invalidation {
+    /// Answers for these names (lowercase wire form) are stale; every other one still holds.
+    Names(HashSet<Vec<u8>>),
+    All,
+}
+
+#[derive(Debug)]
+pub struct PublishedView {
+    pub zone: ZoneView,
+    pub generation: u64,
+    pub invalidation: Invalidation,
+}
+
+#[derive(Clone)]
+pub struct ViewHandle(Arc<ArcSwap<PublishedView>>);
+
+impl ViewHandle {
+    pub fn load(&self) -> Guard<Arc<PublishedView>> {
+        self.0.load()
+    }
+
+    pub fn load_full(&self) -> Arc<PublishedView> {
+        self.0.load_full()
+    }
+}
+
+/// Builds views from Snapshots, reusing what a change did not touch.
+struct Builder {
+    settings: Arc<ZoneSettings>,
+    apexes: Vec<hickory_proto::rr::Name>,
+    custom: Arc<CustomRecords>,
+    addresses: Arc<Addresses>,
+    /// Revision of the last change to zone data: the SOA serial.
+    serial: u32,
+    revision: Revision,
+    generation: u64,
+}
+
+impl Builder {
+    fn new(settings: Arc<ZoneSettings>, snapshot: &Snapshot) -> Self {
+        let apexes = ZoneView::apex_names(&settings);
+        Builder {
+            custom: Arc::new(CustomRecords::build(snapshot, &apexes)),
+            addresses: Arc::new(Addresses::for_policy(&settings, snapshot)),
+            apexes,
+            settings,
+            serial: serial_of(snapshot.revision()),
+            revision: snapshot.revision(),
+            generation: 0,
+        }
+    }
+
+    fn view(&self, snapshot: Arc<Snapshot>, invalidation: Invalidation) -> PublishedView {
+        PublishedView {
+            zone: ZoneView::new(
+                snapshot,
+                self.settings.clone(),
+                self.custom.clone(),
+                self.addresses.clone(),
+                self.serial,
+            ),
+            generation: self.generation,
+            invalidation,
+        }
+    }
+
+    fn next(&mut self, snapshot: Arc<Snapshot>) -> PublishedView {
+        self.generation += 1;
+        let continuous = snapshot.changes().is_some_and(|c| c.since == self.revision);
+        self.revision = snapshot.revision();
+        let Some(changes) = snapshot.changes().filter(|_| continuous) else {
+            self.custom = Arc::new(CustomRecords::build(&snapshot, &self.apexes));
+            self.addresses = Arc::new(Addresses::for_policy(&self.settings, &snapshot));
+            self.serial = serial_of(snapshot.revision());
+            return self.view(snapshot, Invalidation::All);
+        };
+        let mut names = HashSet::new();
+        let mut all = false;
+        let mut zone_changed = false;
+        let platform = self.settings.platform.to_ascii();
+        for key in &changes.keys {
+            if let Some(id) = key.strip_prefix(keys::SERVICES) {
+                names.insert(wire::name_key(&format!("{id}.{platform}")));
+                zone_changed = true;
+            } else if let Some(name) = key.strip_prefix(keys::DOMAINS) {
+                names.insert(wire::name_key(name));
+                zone_changed = true;
+            } else if key.starts_with(keys::RECORDS) {
+                all = true;
+                zone_changed = true;
+            } else if key.starts_with(keys::NODES) {
+                if self.settings.dns.policy == AnswerPolicy::Fleet {
+                    all = true;
+                    zone_changed = true;
+                }
+            } else if key.as_ref() == keys::ECH_KEYS {
+                all = true;
+                zone_changed = true;
+            }
+        }
+        if all {
+            self.custom = Arc::new(CustomRecords::build(&snapshot, &self.apexes));
+            self.addresses = Arc::new(Addresses::for_policy(&self.settings, &snapshot));
+        }
+        if zone_changed {
+            self.serial = serial_of(snapshot.revision());
+            for apex in &self.apexes {
+                names.insert(wire::name_key(&apex.to_ascii()));
+            }
+        }
+        // A CNAME's answer carries its target's records, whatever name the target has.
+        let invalidation = if all || (self.custom.has_cnames && !names.is_empty()) {
+            Invalidation::All
+        } else {
+            Invalidation::Names(names)
+        };
+        self.view(snapshot, invalidation)
+    }
+}
+
+fn serial_of(revision: Revision) -> u32 {
+    // RFC 1982 serial arithmetic wraps; the low 32 bits of a rising revision rise with it.
+    (revision as u64 & u64::from(u32::MAX)) as u32
+}
+
+/// Publishes a view for the current Snapshot and follows every new one.
+pub fn follow(
+    snapshots: SnapshotHandle,
+    settings: Arc<ZoneSettings>,
+) -> (ViewHandle, JoinHandle<()>) {
+    let first = snapshots.load_full();
+    let mut builder = Builder::new(settings, &first);
+    let handle = ViewHandle(Arc::new(ArcSwap::from_pointee(
+        builder.view(first, Invalidation::All),
+    )));
+    let published = handle.clone();
+    let mut rx = snapshots.subscribe();
+    let task = tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let snapshot = snapshots.load_full();
+            if snapshot.revision() == builder.revision {
+                continue;
+            }
+            published.0.store(Arc::new(builder.next(snapshot)));
+        }
+    });
+    (handle, task)
+}
+
+/// A view of one Snapshot, for tests, benchmarks and the fuzz target.
+pub fn fixed(snapshot: Arc<Snapshot>, settings: Arc<ZoneSettings>) -> ViewHandle {
+    let builder = Builder::new(settings, &snapshot);
+    ViewHandle(Arc::new(ArcSwap::from_pointee(
+        builder.view(snapshot, Invalidation::All),
+    )))
+}

@@ -1,0 +1,194 @@
+//! The UDP fast path: read a plain query's cache key straight from the datagram, and turn a
+//! cached answer into the answer to this query (its ID, RD/CD and the question's case).
+//!
+//! Only the commonest shape takes this path: one question, no records, at most an OPT without
+//! options and version 0. Anything else (ECS, cookies, odd headers) goes the full way.
+
+/// Where the question name ends in the request (and in every answer to it).
+#[derive(Debug, Clone, Copy)]
+pub struct FastQuery {
+    qname_end: usize,
+}
+
+const HEADER: usize = 12;
+/// Key bytes after the name: qtype, qclass, EDNS flags, answer size limit.
+const KEY_TAIL: usize = 7;
+
+/// Fills `key` and returns the query's shape when the datagram is a plain query.
+pub fn parse_query(request: &[u8], udp_payload: u16, key: &mut Vec<u8>) -> Option<FastQuery> {
+    key.clear();
+    if request.len() < HEADER + 5 {
+        return None;
+    }
+    // QR=0 and OPCODE=0 (QUERY); the other flag bits are echoed or ignored.
+    if request[2] & 0xf8 != 0 {
+        return None;
+    }
+    let count = |i: usize| u16::from_be_bytes([request[i], request[i + 1]]);
+    let (qd, an, ns, ar) = (count(4), count(6), count(8), count(10));
+    if qd != 1 || an != 0 || ns != 0 || ar > 1 {
+        return None;
+    }
+    let mut i = HEADER;
+    loop {
+        let len = usize::from(*request.get(i)?);
+        if len == 0 {
+            key.push(0);
+            i += 1;
+            break;
+        }
+        // A compression pointer or a reserved label type in a question: not for the fast path.
+        if len > 63 || key.len() + len + 1 > 255 {
+            return None;
+        }
+        let label = request.get(i + 1..i + 1 + len)?;
+        key.push(len as u8);
+        key.extend(label.iter().map(u8::to_ascii_lowercase));
+        i += 1 + len;
+    }
+    let qname_end = i;
+    let question = request.get(i..i + 4)?;
+    key.extend_from_slice(question);
+    i += 4;
+    let (flags, limit) = if ar == 1 {
+        // The OPT: root name, type 41, class = payload, TTL = ext-rcode|version|DO..., no RDATA.
+        let opt = request.get(i..i + 11)?;
+        if opt[0] != 0 || opt[1..3] != [0, 41] || opt[6] != 0 || opt[9..11] != [0, 0] {
+            return None;
+        }
+        if request.len() != i + 11 {
+            return None;
+        }
+        let payload = u16::from_be_bytes([opt[3], opt[4]]);
+        let dnssec_ok = opt[7] & 0x80 != 0;
+        let limit = payload.min(udp_payload).max(512);
+        (1 | (u8::from(dnssec_ok) << 1), limit)
+    } else {
+        if request.len() != i {
+            return None;
+        }
+        (0, 512)
+    };
+    key.push(flags);
+    key.extend_from_slice(&limit.to_be_bytes());
+    Some(FastQuery { qname_end })
+}
+
+/// The question name inside a cache key.
+pub fn key_name(key: &[u8]) -> &[u8] {
+    &key[..key.len().saturating_sub(KEY_TAIL)]
+}
+
+/// Lowercase wire form of a name in text, as cache keys hold it.
+pub fn name_key(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + 2);
+    for label in text
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
+        out.push(label.len().min(63) as u8);
+        out.extend(label.bytes().take(63).map(|b| b.to_ascii_lowercase()));
+    }
+    out.push(0);
+    out
+}
+
+/// A cached answer made the answer to `request`.
+pub fn patch(cached: &[u8], request: &[u8], query: &FastQuery) -> Vec<u8> {
+    let mut out = cached.to_vec();
+    out[0] = request[0];
+    out[1] = request[1];
+    // RD and CD are the client's.
+    out[2] = (out[2] & !0x01) | (request[2] & 0x01);
+    out[3] = (out[3] & !0x10) | (request[3] & 0x10);
+    // Names compare without case, but the question goes back as it came (0x20 randomization).
+    out[HEADER..query.qname_end].copy_from_slice(&request[HEADER..query.qname_end]);
+    out
+}
+
+/// Whether an answer may serve later queries with the same key: a normal outcome, and the
+/// question where the patch expects it.
+pub fn cacheable(reply: &[u8], query: &FastQuery) -> bool {
+    let rcode = reply.get(3).map(|b| b & 0x0f);
+    matches!(rcode, Some(0 | 3)) && reply.len() >= query.qname_end + 4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &[u8], edns: Option<[u8; 11]>) -> Vec<u8> {
+        let mut q = vec![
+            0x12,
+            0x34,
+            0x01,
+            0x00,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            u8::from(edns.is_some()),
+        ];
+        q.extend_from_slice(name);
+        q.extend_from_slice(&[0, 1, 0, 1]);
+        if let Some(opt) = edns {
+            q.extend_from_slice(&opt);
+        }
+        q
+    }
+
+    #[test]
+    fn keys_ignore_case_and_carry_edns_and_limit() {
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        parse_query(&query(b"\x03WwW\x02eX\x00", None), 1232, &mut a).unwrap();
+        parse_query(&query(b"\x03www\x02ex\x00", None), 1232, &mut b).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(key_name(&a), name_key("www.ex."));
+        let opt = [0, 0, 41, 0x10, 0x00, 0, 0, 0x80, 0, 0, 0];
+        parse_query(&query(b"\x03www\x02ex\x00", Some(opt)), 1232, &mut b).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(&b[b.len() - 3..], &[3, 0x04, 0xd0]); // EDNS + DO, limit 1232
+    }
+
+    #[test]
+    fn odd_shapes_take_the_full_path() {
+        let mut k = Vec::new();
+        // Compression pointer in the question.
+        assert!(parse_query(&query(b"\xc0\x0c", None), 1232, &mut k).is_none());
+        // A response.
+        let mut r = query(b"\x01a\x00", None);
+        r[2] |= 0x80;
+        assert!(parse_query(&r, 1232, &mut k).is_none());
+        // An OPT with an option (e.g. ECS or a cookie).
+        let mut o = query(b"\x01a\x00", Some([0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 4]));
+        o.extend_from_slice(&[0, 10, 0, 0]);
+        assert!(parse_query(&o, 1232, &mut k).is_none());
+        // EDNS version 1.
+        let v1 = query(b"\x01a\x00", Some([0, 0, 41, 4, 0xd0, 0, 1, 0, 0, 0, 0]));
+        assert!(parse_query(&v1, 1232, &mut k).is_none());
+        // Trailing garbage and truncation.
+        let mut t = query(b"\x01a\x00", None);
+        t.push(0);
+        assert!(parse_query(&t, 1232, &mut k).is_none());
+        assert!(parse_query(&query(b"\x05ab", None)[..15], 1232, &mut k).is_none());
+    }
+
+    #[test]
+    fn patch_takes_id_flags_and_case_from_the_request() {
+        let mut cached = query(b"\x03www\x02ex\x00", None);
+        cached[0] = 0;
+        cached[1] = 0;
+        cached[2] = 0x84; // QR AA, RD clear
+        let request = query(b"\x03WwW\x02eX\x00", None);
+        let mut k = Vec::new();
+        let fast = parse_query(&request, 1232, &mut k).unwrap();
+        let out = patch(&cached, &request, &fast);
+        assert_eq!(&out[..3], &[0x12, 0x34, 0x85]);
+        assert_eq!(&out[12..20], b"\x03WwW\x02eX\x00");
+    }
+}

@@ -1,0 +1,590 @@
+//! The zones as the responder sees them at one Snapshot, and the RFC 1034 §4.3.2 lookup over them.
+//!
+//! Services and alias domains are not copied out of the Snapshot: their records are made on the
+//! spot from the service index, so a million services cost no memory here. Custom records are
+//! few; they are parsed once per change into an index by owner name, together with the empty
+//! non-terminals above them, so every existence question is one hash lookup.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use hickory_proto::rr::rdata::svcb::{Alpn, IpHint, SVCB, SvcParamKey, SvcParamValue};
+use hickory_proto::rr::rdata::{A, AAAA, HTTPS, NS, SOA};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use portcullis_config::Snapshot;
+use portcullis_config::file::{DnsSection, NodeConfig};
+use portcullis_config::model::{RecordType as StoredType, VerificationStatus};
+use portcullis_config::names::uuid_bits;
+
+use crate::records::{parse_record, to_name};
+
+/// CNAME links followed inside our zones before giving up (a chain this long is a mistake).
+pub const MAX_CNAME_CHAIN: usize = 8;
+
+/// Everything in the config that shapes answers; fixed for the life of the node.
+#[derive(Clone, Debug)]
+pub struct ZoneSettings {
+    pub platform: Name,
+    /// Other zones answered from custom records only.
+    pub extra: Vec<Name>,
+    pub nameservers: Vec<Name>,
+    pub hostmaster: Option<Name>,
+    pub dns: DnsSection,
+    pub caa: Vec<RData>,
+    pub self_v4: Vec<Ipv4Addr>,
+    pub self_v6: Vec<Ipv6Addr>,
+}
+
+impl ZoneSettings {
+    /// Reads the node config; fails on a zone or CAA entry hickory cannot represent.
+    pub fn from_config(config: &NodeConfig) -> Result<Self, String> {
+        let platform = to_name(config.zone.name.as_str())?;
+        let extra = config
+            .dns
+            .zones
+            .iter()
+            .map(|z| to_name(z.as_str()))
+            .collect::<Result<_, _>>()?;
+        let nameservers = config
+            .zone
+            .nameservers
+            .iter()
+            .map(|n| to_name(n.as_str()))
+            .collect::<Result<_, _>>()?;
+        let hostmaster = config
+            .dns
+            .soa
+            .hostmaster
+            .as_ref()
+            .map(|h| to_name(h.as_str()))
+            .transpose()?;
+        let caa = config
+            .dns
+            .caa
+            .iter()
+            .map(|c| {
+                RData::try_from_str(RecordType::CAA, c).map_err(|e| format!("dns.caa `{c}`: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ZoneSettings {
+            platform,
+            extra,
+            nameservers,
+            hostmaster,
+            dns: config.dns.clone(),
+            caa,
+            self_v4: config.node.public_ipv4.clone(),
+            self_v6: config.node.public_ipv6.clone(),
+        })
+    }
+}
+
+/// One zone's apex data.
+#[derive(Debug)]
+struct Apex {
+    name: Name,
+    labels: u8,
+    soa: Record,
+    /// TTL of negative answers: min(SOA TTL, MINIMUM), RFC 2308 §3.
+    negative_soa: Record,
+    ns: Vec<Record>,
+    caa: Vec<Record>,
+    platform: bool,
+}
+
+/// The RRsets at one owner name among the custom records; empty for an empty non-terminal.
+#[derive(Debug, Default)]
+struct Owner {
+    sets: Vec<(RecordType, Vec<Record>)>,
+}
+
+impl Owner {
+    fn get(&self, rtype: RecordType) -> Option<&[Record]> {
+        self.sets
+            .iter()
+            .find(|(t, _)| *t == rtype)
+            .map(|(_, r)| r.as_slice())
+    }
+}
+
+/// Custom records by owner name (lowercase), with the empty non-terminals above them.
+#[derive(Debug, Default)]
+pub struct CustomRecords {
+    owners: HashMap<Name, Owner>,
+    /// Owners with an NS set below a zone apex: a delegation to check on the way down.
+    has_delegations: bool,
+    /// A CNAME exists: answers for one name may then carry another name's records.
+    pub has_cnames: bool,
+}
+
+impl CustomRecords {
+    pub fn build(snapshot: &Snapshot, apexes: &[Name]) -> Self {
+        let mut owners: HashMap<Name, Owner> = HashMap::new();
+        let mut has_delegations = false;
+        let mut has_cnames = false;
+        for stored in snapshot.records() {
+            let records = match parse_record(stored) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(name = %stored.name, rtype = %stored.rtype, error = %e, "skipping a custom record that does not parse");
+                    continue;
+                }
+            };
+            let Some(first) = records.first() else {
+                continue;
+            };
+            let owner = first.name.to_lowercase();
+            let Some(apex) = apexes
+                .iter()
+                .filter(|a| a.zone_of(&owner))
+                .max_by_key(|a| a.num_labels())
+            else {
+                continue;
+            };
+            has_cnames |= stored.rtype == StoredType::Cname;
+            if stored.rtype == StoredType::Ns && owner != *apex {
+                has_delegations = true;
+            }
+            // Empty non-terminals: every name between the owner and its apex exists.
+            let mut parent = owner.base_name();
+            while parent.num_labels() > apex.num_labels() {
+                owners.entry(parent.clone()).or_default();
+                parent = parent.base_name();
+            }
+            let rtype = first.record_type();
+            let entry = owners.entry(owner).or_default();
+            match entry.sets.iter_mut().find(|(t, _)| *t == rtype) {
+                Some((_, set)) => set.extend(records),
+                None => entry.sets.push((rtype, records)),
+            }
+        }
+        CustomRecords {
+            owners,
+            has_delegations,
+            has_cnames,
+        }
+    }
+}
+
+/// The addresses service names resolve to, by the answer policy.
+#[derive(Debug, Default, Clone)]
+pub struct Addresses {
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
+}
+
+impl Addresses {
+    pub fn for_policy(settings: &ZoneSettings, snapshot: &Snapshot) -> Self {
+        let mut v4 = settings.self_v4.clone();
+        let mut v6 = settings.self_v6.clone();
+        if settings.dns.policy == portcullis_config::file::AnswerPolicy::Fleet {
+            for node in snapshot.nodes() {
+                v4.extend(&node.ipv4);
+                v6.extend(&node.ipv6);
+            }
+            v4.sort();
+            v4.dedup();
+            v6.sort();
+            v6.dedup();
+        }
+        Addresses { v4, v6 }
+    }
+}
+
+/// The responder's whole picture at one Snapshot.
+#[derive(Debug)]
+pub struct ZoneView {
+    pub snapshot: Arc<Snapshot>,
+    apexes: Vec<Apex>,
+    custom: Arc<CustomRecords>,
+    addresses: Arc<Addresses>,
+    settings: Arc<ZoneSettings>,
+}
+
+/// Where a lookup ended, before it becomes a message.
+#[derive(Debug, Default, PartialEq)]
+pub struct Lookup {
+    pub rcode: Rcode,
+    pub authoritative: bool,
+    pub answers: Vec<Record>,
+    pub authorities: Vec<Record>,
+    pub additionals: Vec<Record>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Rcode {
+    #[default]
+    NoError,
+    NxDomain,
+    Refused,
+}
+
+/// What exists at a name.
+enum Found<'a> {
+    /// Records made from the Snapshot (service, alias, nameserver, apex), plus custom ones.
+    Sets(Vec<(RecordType, Vec<Record>)>, Option<&'a Owner>),
+    Missing,
+}
+
+impl ZoneView {
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        settings: Arc<ZoneSettings>,
+        custom: Arc<CustomRecords>,
+        addresses: Arc<Addresses>,
+        serial: u32,
+    ) -> Self {
+        let soa_cfg = &settings.dns.soa;
+        let mut apexes = Vec::new();
+        let zones = std::iter::once((&settings.platform, true))
+            .chain(settings.extra.iter().map(|z| (z, false)));
+        for (zone, platform) in zones {
+            let mname = settings
+                .nameservers
+                .first()
+                .cloned()
+                .unwrap_or_else(|| prepend(zone, "ns"));
+            let rname = settings
+                .hostmaster
+                .clone()
+                .unwrap_or_else(|| prepend(zone, "hostmaster"));
+            let soa = SOA::new(
+                mname,
+                rname,
+                serial,
+                clamp_i32(soa_cfg.refresh),
+                clamp_i32(soa_cfg.retry),
+                clamp_i32(soa_cfg.expire),
+                soa_cfg.minimum,
+            );
+            let soa_record = Record::from_rdata(zone.clone(), soa_cfg.ttl, RData::SOA(soa));
+            let mut negative_soa = soa_record.clone();
+            negative_soa.ttl = soa_cfg.ttl.min(soa_cfg.minimum);
+            let ns = settings
+                .nameservers
+                .iter()
+                .map(|n| Record::from_rdata(zone.clone(), soa_cfg.ttl, RData::NS(NS(n.clone()))))
+                .collect();
+            let caa = if platform {
+                settings
+                    .caa
+                    .iter()
+                    .map(|c| Record::from_rdata(zone.clone(), soa_cfg.ttl, c.clone()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            apexes.push(Apex {
+                name: zone.clone(),
+                labels: zone.num_labels(),
+                soa: soa_record,
+                negative_soa,
+                ns,
+                caa,
+                platform,
+            });
+        }
+        ZoneView {
+            snapshot,
+            apexes,
+            custom,
+            addresses,
+            settings,
+        }
+    }
+
+    pub fn apex_names(settings: &ZoneSettings) -> Vec<Name> {
+        std::iter::once(settings.platform.clone())
+            .chain(settings.extra.iter().cloned())
+            .collect()
+    }
+
+    /// Answers one question (class IN). `qname` may be in any case; answers carry it as asked.
+    pub fn lookup(&self, qname: &Name, qtype: RecordType) -> Lookup {
+        let mut out = Lookup::default();
+        let Some(apex) = self.apex_for(qname) else {
+            out.rcode = Rcode::Refused;
+            return out;
+        };
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            out.rcode = Rcode::Refused;
+            return out;
+        }
+        out.authoritative = true;
+        let mut name = qname.clone();
+        let mut apex = apex;
+        let mut seen: Vec<Name> = Vec::new();
+        loop {
+            if let Some(referral) = self.delegation(apex, &name) {
+                // Below a zone cut we are not authoritative: a referral, unless the CNAME chain
+                // already gave an authoritative answer.
+                if out.answers.is_empty() {
+                    out.authoritative = false;
+                }
+                out.additionals.extend(self.glue(&referral));
+                out.authorities.extend(referral);
+                return out;
+            }
+            let (sets, owner_name) = match self.find(apex, &name) {
+                Found::Sets(sets, custom) => (merge(sets, custom), name.clone()),
+                Found::Missing => match self.wildcard(apex, &name) {
+                    Some(sets) => (sets, name.clone()),
+                    None => {
+                        out.rcode = Rcode::NxDomain;
+                        out.authorities.push(apex.negative_soa.clone());
+                        return out;
+                    }
+                },
+            };
+            let wanted = if qtype == RecordType::ANY {
+                // RFC 8482: one RRset is a full answer to ANY.
+                sets.first().map(|(t, _)| *t)
+            } else {
+                Some(qtype)
+            };
+            if let Some(set) = wanted.and_then(|t| sets.iter().find(|(st, _)| *st == t)) {
+                out.answers
+                    .extend(set.1.iter().map(|r| with_owner(r, &owner_name)));
+                if matches!(qtype, RecordType::NS) && self.delegation_free_apex(apex, &name) {
+                    out.additionals.extend(self.glue(&set.1));
+                }
+                return out;
+            }
+            let cname = sets.iter().find(|(t, _)| *t == RecordType::CNAME);
+            let Some((_, cname)) = cname else {
+                out.authorities.push(apex.negative_soa.clone());
+                return out;
+            };
+            let Some(first) = cname.first() else {
+                out.authorities.push(apex.negative_soa.clone());
+                return out;
+            };
+            out.answers.push(with_owner(first, &owner_name));
+            let RData::CNAME(target) = &first.data else {
+                return out;
+            };
+            let target = target.0.clone();
+            seen.push(name.to_lowercase());
+            if seen.len() >= MAX_CNAME_CHAIN || seen.contains(&target.to_lowercase()) {
+                // A loop or an absurd chain: what we have is the answer; the client gives up.
+                return out;
+            }
+            match self.apex_for(&target) {
+                Some(next) => {
+                    apex = next;
+                    name = target;
+                }
+                // Out of our zones: the resolver takes it from here.
+                None => return out,
+            }
+        }
+    }
+
+    fn apex_for(&self, name: &Name) -> Option<&Apex> {
+        self.apexes
+            .iter()
+            .filter(|a| a.name.zone_of(name))
+            .max_by_key(|a| a.labels)
+    }
+
+    fn delegation_free_apex(&self, apex: &Apex, name: &Name) -> bool {
+        apex.name == *name
+    }
+
+    /// NS records of a zone cut between the apex (excluded) and `name` (included).
+    fn delegation(&self, apex: &Apex, name: &Name) -> Option<Vec<Record>> {
+        if !self.custom.has_delegations {
+            return None;
+        }
+        for labels in apex.labels + 1..=name.num_labels() {
+            let cut = name.trim_to(labels as usize);
+            if let Some(ns) = self
+                .custom
+                .owners
+                .get(&cut)
+                .and_then(|o| o.get(RecordType::NS))
+            {
+                return Some(ns.to_vec());
+            }
+        }
+        None
+    }
+
+    /// A/AAAA for the in-zone targets of NS records.
+    fn glue(&self, ns: &[Record]) -> Vec<Record> {
+        let mut glue = Vec::new();
+        for record in ns {
+            let RData::NS(target) = &record.data else {
+                continue;
+            };
+            let Some(apex) = self.apex_for(&target.0) else {
+                continue;
+            };
+            if let Found::Sets(sets, custom) = self.find(apex, &target.0) {
+                for (t, set) in merge(sets, custom) {
+                    if matches!(t, RecordType::A | RecordType::AAAA) {
+                        glue.extend(set);
+                    }
+                }
+            }
+        }
+        glue
+    }
+
+    /// The RRsets that exist at exactly `name`.
+    fn find<'a>(&'a self, apex: &Apex, name: &Name) -> Found<'a> {
+        let custom = self.custom.owners.get(name);
+        let mut made = Vec::new();
+        if name.num_labels() == apex.labels {
+            made.push((RecordType::SOA, vec![apex.soa.clone()]));
+            if !apex.ns.is_empty() {
+                made.push((RecordType::NS, apex.ns.clone()));
+            }
+            if !apex.caa.is_empty() {
+                made.push((RecordType::CAA, apex.caa.clone()));
+            }
+            if self.is_nameserver(name) {
+                self.push_addresses(&mut made, name);
+            }
+            return Found::Sets(made, custom);
+        }
+        if apex.platform && self.is_service(apex, name) {
+            self.push_addresses(&mut made, name);
+            made.push((RecordType::HTTPS, vec![self.https_record(name)]));
+            return Found::Sets(made, custom);
+        }
+        if self.is_alias(name) {
+            self.push_addresses(&mut made, name);
+            made.push((RecordType::HTTPS, vec![self.https_record(name)]));
+            return Found::Sets(made, custom);
+        }
+        if self.is_nameserver(name) {
+            self.push_addresses(&mut made, name);
+            return Found::Sets(made, custom);
+        }
+        match custom {
+            Some(_) => Found::Sets(made, custom),
+            None => Found::Missing,
+        }
+    }
+
+    /// RFC 4592: the source of synthesis is `*.<closest encloser>` and nothing else.
+    fn wildcard(&self, apex: &Apex, name: &Name) -> Option<Vec<(RecordType, Vec<Record>)>> {
+        let mut encloser = name.base_name();
+        while encloser.num_labels() > apex.labels {
+            if !matches!(self.find(apex, &encloser), Found::Missing) {
+                break;
+            }
+            encloser = encloser.base_name();
+        }
+        let source = encloser.prepend_label("*").ok()?;
+        let owner = self.custom.owners.get(&source)?;
+        Some(owner.sets.clone())
+    }
+
+    fn is_service(&self, apex: &Apex, name: &Name) -> bool {
+        if name.num_labels() != apex.labels + 1 {
+            return false;
+        }
+        let Some(label) = name.iter().next() else {
+            return false;
+        };
+        uuid_bits(label).is_some_and(|bits| {
+            self.snapshot
+                .service(&portcullis_config::ServiceId(uuid::Uuid::from_u128(bits)))
+                .is_some()
+        })
+    }
+
+    fn is_alias(&self, name: &Name) -> bool {
+        let text = name.to_lowercase().to_ascii();
+        let text = text.trim_end_matches('.');
+        self.snapshot
+            .domain(text)
+            .is_some_and(|d| d.verification == VerificationStatus::Verified)
+    }
+
+    fn is_nameserver(&self, name: &Name) -> bool {
+        self.settings.nameservers.iter().any(|n| n == name)
+    }
+
+    fn push_addresses(&self, made: &mut Vec<(RecordType, Vec<Record>)>, name: &Name) {
+        let ttl = self.settings.dns.address_ttl;
+        if !self.addresses.v4.is_empty() {
+            let a = self
+                .addresses
+                .v4
+                .iter()
+                .map(|ip| Record::from_rdata(name.clone(), ttl, RData::A(A(*ip))))
+                .collect();
+            made.push((RecordType::A, a));
+        }
+        if !self.addresses.v6.is_empty() {
+            let aaaa = self
+                .addresses
+                .v6
+                .iter()
+                .map(|ip| Record::from_rdata(name.clone(), ttl, RData::AAAA(AAAA(*ip))))
+                .collect();
+            made.push((RecordType::AAAA, aaaa));
+        }
+    }
+
+    /// `1 . alpn="h2,http/1.1" ipv4hint=… ipv6hint=…`, SvcParams in key order (RFC 9460 §2.2).
+    fn https_record(&self, name: &Name) -> Record {
+        let mut params = vec![(
+            SvcParamKey::Alpn,
+            SvcParamValue::Alpn(Alpn(vec!["h2".into(), "http/1.1".into()])),
+        )];
+        if !self.addresses.v4.is_empty() {
+            let hints = self.addresses.v4.iter().map(|ip| A(*ip)).collect();
+            params.push((
+                SvcParamKey::Ipv4Hint,
+                SvcParamValue::Ipv4Hint(IpHint(hints)),
+            ));
+        }
+        if !self.addresses.v6.is_empty() {
+            let hints = self.addresses.v6.iter().map(|ip| AAAA(*ip)).collect();
+            params.push((
+                SvcParamKey::Ipv6Hint,
+                SvcParamValue::Ipv6Hint(IpHint(hints)),
+            ));
+        }
+        let svcb = SVCB::new(1, Name::root(), params);
+        Record::from_rdata(
+            name.clone(),
+            self.settings.dns.https_ttl,
+            RData::HTTPS(HTTPS(svcb)),
+        )
+    }
+}
+
+/// Made records first, then custom sets of other types (a custom TXT beside a service's A).
+fn merge(
+    mut made: Vec<(RecordType, Vec<Record>)>,
+    custom: Option<&Owner>,
+) -> Vec<(RecordType, Vec<Record>)> {
+    if let Some(owner) = custom {
+        for (t, set) in &owner.sets {
+            if !made.iter().any(|(mt, _)| mt == t) {
+                made.push((*t, set.clone()));
+            }
+        }
+    }
+    made
+}
+
+fn with_owner(record: &Record, owner: &Name) -> Record {
+    let mut r = record.clone();
+    r.name = owner.clone();
+    r
+}
+
+fn prepend(zone: &Name, label: &str) -> Name {
+    zone.prepend_label(label).unwrap_or_else(|_| zone.clone())
+}
+
+fn clamp_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
