@@ -39,6 +39,7 @@ pub struct Admin {
     pub listeners: Arc<crate::serve::Listeners>,
     /// What record checks need to know of the zones served.
     pub dns: Arc<portcullis_dns::ZoneSettings>,
+    pub dns_views: portcullis_dns::ViewHandle,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -340,7 +341,10 @@ impl Admin {
 
     /// Waits until this node serves what the write at `revision` changed.
     async fn live(&self, revision: i64) {
-        if !self.snapshot.wait_for(revision, LIVE_WAIT).await {
+        // Live means routed and answered in DNS: the responder's view follows the Snapshot.
+        let live = self.snapshot.wait_for(revision, LIVE_WAIT).await
+            && self.dns_views.wait_for(revision, LIVE_WAIT).await;
+        if !live {
             tracing::warn!(
                 revision,
                 "change not live within {LIVE_WAIT:?}; answering anyway"
@@ -576,11 +580,26 @@ fn record_name(input: &str) -> Result<String, ApiError> {
         Some(rest) => (true, rest),
         None => (false, lower.as_str()),
     };
-    let name = portcullis_config::DomainName::validate("name", rest)?;
+    // Owner names are DNS names, not host names: `_sip._tcp` and `_acme-challenge` are fine.
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if rest.is_empty() || rest.len() > 253 || !rest.split('.').all(label_ok) {
+        return Err(portcullis_config::ValidationError::new(
+            "name",
+            format!(
+                "`{input}` is not a record name; use labels of 1 to 63 letters, digits, `-` or `_`, optionally after `*.`"
+            ),
+        )
+        .into());
+    }
     Ok(if wild {
-        format!("*.{name}")
+        format!("*.{rest}")
     } else {
-        name.to_string()
+        rest.to_string()
     })
 }
 

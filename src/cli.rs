@@ -57,6 +57,9 @@ enum Command {
     /// Show certificates
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Manage custom DNS records in the zones the node serves
+    #[command(subcommand)]
+    Records(RecordsCommand),
     /// The dev issuer's certificate authority
     #[command(subcommand)]
     Ca(CaCommand),
@@ -99,6 +102,32 @@ enum ServiceCommand {
         id: String,
         #[arg(long = "backend", required = true)]
         backends: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RecordsCommand {
+    /// Add a record set, e.g. `records add web-server.internal A 10.0.0.10`
+    Add {
+        name: String,
+        #[arg(value_name = "TYPE")]
+        rtype: String,
+        /// One value per argument, in zone-file form: `10 mail.example.com.`, `"v=spf1 -all"`
+        #[arg(required = true)]
+        data: Vec<String>,
+        #[arg(long)]
+        ttl: Option<u32>,
+        /// Replace the record set if it exists
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List custom records
+    List,
+    /// Remove a record set
+    Remove {
+        name: String,
+        #[arg(value_name = "TYPE")]
+        rtype: String,
     },
 }
 
@@ -192,6 +221,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let client = connect(&global)?;
             service(cmd, &client, global.json).await
         }
+        Command::Records(cmd) => {
+            let client = connect(&global)?;
+            records(cmd, &client, global.json).await
+        }
         Command::Cert(CertCommand::Renew { name }) => {
             let client = connect(&global)?;
             if name.is_empty()
@@ -252,6 +285,108 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// A record name or type as one path segment: what DNS allows, nothing that could alter the path.
+fn path_segment(what: &str, value: &str) -> Result<String, CliError> {
+    let ok = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'*' | b'_'));
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(CliError::new(
+            EX_USAGE,
+            format!("`{value}` is not a record {what}"),
+        ))
+    }
+}
+
+async fn records(cmd: RecordsCommand, client: &AdminClient, json: bool) -> Result<(), CliError> {
+    match cmd {
+        RecordsCommand::Add {
+            name,
+            rtype,
+            data,
+            ttl,
+            replace,
+        } => {
+            let value = if replace {
+                let path = format!(
+                    "/v1/records/{}/{}",
+                    path_segment("name", &name)?,
+                    path_segment("type", &rtype)?
+                );
+                let mut body = json!({ "data": data });
+                if let Some(ttl) = ttl {
+                    body["ttl"] = json!(ttl);
+                }
+                client.call(Method::PUT, &path, Some(body)).await?
+            } else {
+                let mut body = json!({ "name": name, "type": rtype, "data": data });
+                if let Some(ttl) = ttl {
+                    body["ttl"] = json!(ttl);
+                }
+                client.call(Method::POST, "/v1/records", Some(body)).await?
+            }
+            .unwrap_or(Value::Null);
+            if json {
+                return print_json(&value);
+            }
+            print_records(std::slice::from_ref(&value));
+            Ok(())
+        }
+        RecordsCommand::List => {
+            let value = client
+                .call(Method::GET, "/v1/records", None)
+                .await?
+                .unwrap_or(Value::Null);
+            if json {
+                return print_json(&value);
+            }
+            let list = value["records"].as_array().cloned().unwrap_or_default();
+            print_records(&list);
+            Ok(())
+        }
+        RecordsCommand::Remove { name, rtype } => {
+            let path = format!(
+                "/v1/records/{}/{}",
+                path_segment("name", &name)?,
+                path_segment("type", &rtype)?
+            );
+            client.call(Method::DELETE, &path, None).await?;
+            if json {
+                return print_json(&json!({ "removed": { "name": name, "type": rtype } }));
+            }
+            println!("removed {name} {}", rtype.to_ascii_uppercase());
+            Ok(())
+        }
+    }
+}
+
+fn print_records(records: &[Value]) {
+    let rows = records
+        .iter()
+        .map(|r| {
+            let data = r["data"]
+                .as_array()
+                .map(|d| {
+                    d.iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                })
+                .unwrap_or_default();
+            vec![
+                r["name"].as_str().unwrap_or_default().to_string(),
+                r["type"].as_str().unwrap_or_default().to_string(),
+                r["ttl"].to_string(),
+                data,
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "TYPE", "TTL", "DATA"], rows);
 }
 
 fn connect(global: &Global) -> Result<AdminClient, CliError> {

@@ -176,6 +176,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         listeners: Arc::new(listeners),
         metrics,
         dns: dns.settings.clone(),
+        dns_views: dns.views.clone(),
     });
     let stop = shutdown.clone();
     tokio::spawn(async move {

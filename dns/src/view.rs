@@ -8,6 +8,7 @@ use arc_swap::{ArcSwap, Guard};
 use portcullis_config::file::AnswerPolicy;
 use portcullis_config::store::Revision;
 use portcullis_config::{Snapshot, SnapshotHandle, keys};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::wire;
@@ -29,9 +30,18 @@ pub struct PublishedView {
 }
 
 #[derive(Clone)]
-pub struct ViewHandle(Arc<ArcSwap<PublishedView>>);
+pub struct ViewHandle(Arc<ArcSwap<PublishedView>>, watch::Receiver<Revision>);
 
 impl ViewHandle {
+    /// Waits until answers reflect the store at `revision` or later, at most `timeout`.
+    /// False on timeout.
+    pub async fn wait_for(&self, revision: Revision, timeout: std::time::Duration) -> bool {
+        let mut rx = self.1.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     pub fn load(&self) -> Guard<Arc<PublishedView>> {
         self.0.load()
     }
@@ -147,9 +157,13 @@ pub fn follow(
 ) -> (ViewHandle, JoinHandle<()>) {
     let first = snapshots.load_full();
     let mut builder = Builder::new(settings, &first);
-    let handle = ViewHandle(Arc::new(ArcSwap::from_pointee(
-        builder.view(first, Invalidation::All),
-    )));
+    let (tx, revisions) = watch::channel(first.revision());
+    let handle = ViewHandle(
+        Arc::new(ArcSwap::from_pointee(
+            builder.view(first, Invalidation::All),
+        )),
+        revisions,
+    );
     let published = handle.clone();
     let mut rx = snapshots.subscribe();
     let task = tokio::spawn(async move {
@@ -158,7 +172,9 @@ pub fn follow(
             if snapshot.revision() == builder.revision {
                 continue;
             }
+            let revision = snapshot.revision();
             published.0.store(Arc::new(builder.next(snapshot)));
+            tx.send_replace(revision);
         }
     });
     (handle, task)
@@ -167,7 +183,11 @@ pub fn follow(
 /// A view of one Snapshot, for tests, benchmarks and the fuzz target.
 pub fn fixed(snapshot: Arc<Snapshot>, settings: Arc<ZoneSettings>) -> ViewHandle {
     let builder = Builder::new(settings, &snapshot);
-    ViewHandle(Arc::new(ArcSwap::from_pointee(
-        builder.view(snapshot, Invalidation::All),
-    )))
+    let (_, revisions) = watch::channel(snapshot.revision());
+    ViewHandle(
+        Arc::new(ArcSwap::from_pointee(
+            builder.view(snapshot, Invalidation::All),
+        )),
+        revisions,
+    )
 }

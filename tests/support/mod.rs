@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
 pub mod backend;
+pub mod dns;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -160,6 +161,16 @@ impl Node {
             .unwrap_or_else(|| panic!("no {which} listener in /readyz"))
             .parse()
             .expect("listener address")
+    }
+
+    /// The first DNS address (UDP and TCP), as `/readyz` reports it.
+    pub async fn dns_addr(&self) -> SocketAddr {
+        let ready = http(Method::GET, &format!("{}/readyz", self.admin), None, None).await;
+        ready.json()["listeners"]["dns"][0]
+            .as_str()
+            .expect("a DNS listener in /readyz")
+            .parse()
+            .expect("DNS address")
     }
 
     /// Creates a service through the API and waits until its certificate is served.

@@ -1,0 +1,86 @@
+//! DNS clients for tests: hickory-proto messages over plain sockets, and `dig`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A query as most resolvers send it: RD clear (we ask an authority), EDNS with 1232 bytes.
+pub fn query_message(name: &str, rtype: RecordType) -> Message {
+    let mut m = Message::query();
+    m.add_query(Query::query(Name::from_ascii(name).expect("name"), rtype));
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    m.set_edns(edns);
+    m
+}
+
+pub fn udp_raw(server: SocketAddr, request: &[u8]) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    socket.send_to(request, server).expect("send");
+    let mut buf = vec![0u8; 65535];
+    match socket.recv(&mut buf) {
+        Ok(n) => Some(buf[..n].to_vec()),
+        Err(_) => None,
+    }
+}
+
+pub fn udp(server: SocketAddr, message: &Message) -> Message {
+    let bytes = udp_raw(server, &message.to_vec().expect("encode")).expect("a UDP answer");
+    Message::from_vec(&bytes).expect("a parseable answer")
+}
+
+pub fn tcp(server: SocketAddr, message: &Message) -> Message {
+    let mut stream = TcpStream::connect(server).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let bytes = message.to_vec().expect("encode");
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    stream.write_all(&framed).expect("write");
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).expect("length");
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut body).expect("body");
+    Message::from_vec(&body).expect("a parseable answer")
+}
+
+/// `q(server, "name", A)` over UDP.
+pub fn q(server: SocketAddr, name: &str, rtype: RecordType) -> Message {
+    udp(server, &query_message(name, rtype))
+}
+
+/// Runs dig against `server` with `args` and returns its stdout.
+pub fn dig(server: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .arg("-p")
+        .arg(server.port().to_string())
+        .args(["+norec", "+time=3", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig (package dnsutils) is installed by make test");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `dig +short`: the answer's RDATA lines, sorted.
+pub fn dig_short(server: SocketAddr, name: &str, rtype: &str) -> Vec<String> {
+    let mut lines: Vec<String> = dig(server, &["+short", name, rtype])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Answer RDATA in presentation form, sorted.
+pub fn rdata(message: &Message) -> Vec<String> {
+    let mut v: Vec<String> = message.answers.iter().map(|r| r.data.to_string()).collect();
+    v.sort();
+    v
+}
