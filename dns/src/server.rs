@@ -53,10 +53,10 @@ impl UdpWorker {
                 }
             };
             let request = &buf[..len];
-            if let Some(reply) = self.answer(request, &mut key) {
-                if let Err(e) = self.socket.send_to(&reply, peer) {
-                    tracing::debug!(error = %e, %peer, "UDP send failed");
-                }
+            if let Some(reply) = self.answer(request, &mut key)
+                && let Err(e) = self.socket.send_to(&reply, peer)
+            {
+                tracing::debug!(error = %e, %peer, "UDP send failed");
             }
         }
     }
