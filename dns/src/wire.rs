@@ -107,11 +107,12 @@ pub fn patch(cached: &[u8], request: &[u8], query: &FastQuery) -> Vec<u8> {
     out
 }
 
-/// Whether an answer may serve later queries with the same key: a normal outcome, and the
-/// question where the patch expects it.
+/// Whether an answer may serve later queries with the same key: NOERROR only, and the
+/// question where the patch expects it. NXDOMAIN is left out on purpose: a flood of random
+/// names would otherwise fill the cache and push out the answers that real traffic repeats.
 pub fn cacheable(reply: &[u8], query: &FastQuery) -> bool {
     let rcode = reply.get(3).map(|b| b & 0x0f);
-    matches!(rcode, Some(0 | 3)) && reply.len() >= query.qname_end + 4
+    rcode == Some(0) && reply.len() >= query.qname_end + 4
 }
 
 #[cfg(test)]
