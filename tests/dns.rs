@@ -12,51 +12,11 @@ use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::RecordType;
 use hyper::{Method, StatusCode};
 use serde_json::json;
-use support::Node;
-use support::dns::{dig, dig_short, q, query_message, rdata, tcp, udp, udp_raw};
+use support::dns::{
+    add, create_service, dig, dig_short, dns_node, q, query_message, rdata, tcp, udp, udp_raw,
+};
 
 const ZONE: &str = "app.example.test";
-
-fn dns_node() -> Node {
-    Node::start_edited(|text| {
-        text.replace(
-            r#"public_ipv4 = ["127.0.0.1"]"#,
-            "public_ipv4 = [\"192.0.2.10\"]\npublic_ipv6 = [\"2001:db8::10\"]",
-        )
-        .replace(
-            r#"nameservers = ["ns1.example.test"]"#,
-            r#"nameservers = ["ns1.app.example.test", "ns2.example.net"]"#,
-        ) + "\n[dns]\nzones = [\"internal\"]\ncaa = ['0 issue \"letsencrypt.org\"']\nudp_workers = 1\n"
-    })
-}
-
-async fn add(node: &Node, name: &str, rtype: &str, data: &[&str]) {
-    let r = node
-        .api(
-            Method::POST,
-            "/v1/records",
-            Some(json!({ "name": name, "type": rtype, "ttl": 600, "data": data })),
-        )
-        .await;
-    assert_eq!(
-        r.status,
-        StatusCode::CREATED,
-        "{name} {rtype}: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-}
-
-async fn create_service(node: &Node) -> String {
-    let r = node
-        .api(
-            Method::POST,
-            "/v1/services",
-            Some(json!({ "backends": ["127.0.0.1:9"] })),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED);
-    r.json()["id"].as_str().unwrap().to_string()
-}
 
 #[tokio::test]
 async fn service_names_answer_addresses_and_https() {

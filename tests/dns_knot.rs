@@ -13,10 +13,7 @@ use std::time::Duration;
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::{RData, Record, RecordType};
-use hyper::{Method, StatusCode};
-use serde_json::json;
-use support::Node;
-use support::dns::{q, query_message};
+use support::dns::{add, create_service, dns_node, q, query_message};
 
 const ZONE: &str = "app.example.test";
 
@@ -191,43 +188,14 @@ fn summary(m: &Message) -> String {
 
 #[tokio::test]
 async fn answers_match_knot_on_the_same_zone() {
-    let node = Node::start_edited(|text| {
-        text.replace(
-            r#"public_ipv4 = ["127.0.0.1"]"#,
-            "public_ipv4 = [\"192.0.2.10\"]\npublic_ipv6 = [\"2001:db8::10\"]",
-        )
-        .replace(
-            r#"nameservers = ["ns1.example.test"]"#,
-            r#"nameservers = ["ns1.app.example.test", "ns2.example.net"]"#,
-        ) + "\n[dns]\ncaa = ['0 issue \"letsencrypt.org\"']\nudp_workers = 1\n"
-    });
+    let node = dns_node();
     let ours = node.dns_addr().await;
     let mut services = Vec::new();
     for _ in 0..3 {
-        let r = node
-            .api(
-                Method::POST,
-                "/v1/services",
-                Some(json!({ "backends": ["127.0.0.1:9"] })),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::CREATED);
-        services.push(r.json()["id"].as_str().unwrap().to_string());
+        services.push(create_service(&node).await);
     }
     for (name, rtype, values) in RECORDS {
-        let r = node
-            .api(
-                Method::POST,
-                "/v1/records",
-                Some(json!({ "name": name, "type": rtype, "ttl": 600, "data": values })),
-            )
-            .await;
-        assert_eq!(
-            r.status,
-            StatusCode::CREATED,
-            "{name} {rtype}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
+        add(&node, name, rtype, values).await;
     }
     let serial = match &q(ours, ZONE, RecordType::SOA).answers[0].data {
         RData::SOA(soa) => soa.serial,

@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::{Name, RecordType};
+use hyper::{Method, StatusCode};
+use serde_json::json;
+
+use super::Node;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -83,4 +87,50 @@ pub fn rdata(message: &Message) -> Vec<String> {
     let mut v: Vec<String> = message.answers.iter().map(|r| r.data.to_string()).collect();
     v.sort();
     v
+}
+
+/// A node for DNS tests: public addresses 192.0.2.10 and 2001:db8::10, nameservers
+/// `ns1.app.example.test` (in the zone, so with glue) and `ns2.example.net`, a CAA, the extra
+/// zone `internal`, one UDP worker.
+pub fn dns_node() -> Node {
+    Node::start_edited(|text| {
+        text.replace(
+            r#"public_ipv4 = ["127.0.0.1"]"#,
+            "public_ipv4 = [\"192.0.2.10\"]\npublic_ipv6 = [\"2001:db8::10\"]",
+        )
+        .replace(
+            r#"nameservers = ["ns1.example.test"]"#,
+            r#"nameservers = ["ns1.app.example.test", "ns2.example.net"]"#,
+        ) + "\n[dns]\nzones = [\"internal\"]\ncaa = ['0 issue \"letsencrypt.org\"']\nudp_workers = 1\n"
+    })
+}
+
+/// Adds a record set (TTL 600) through the API.
+pub async fn add(node: &Node, name: &str, rtype: &str, data: &[&str]) {
+    let r = node
+        .api(
+            Method::POST,
+            "/v1/records",
+            Some(json!({ "name": name, "type": rtype, "ttl": 600, "data": data })),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{name} {rtype}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
+/// Creates a service (its backend unused) and returns its id.
+pub async fn create_service(node: &Node) -> String {
+    let r = node
+        .api(
+            Method::POST,
+            "/v1/services",
+            Some(json!({ "backends": ["127.0.0.1:9"] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    r.json()["id"].as_str().unwrap().to_string()
 }
