@@ -9,7 +9,6 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use portcullis_config::Snapshot;
 use portcullis_config::ValidationError;
 use portcullis_config::model::{Record as StoredRecord, RecordType as StoredType};
-use portcullis_config::names::uuid_bits;
 
 use crate::zone::ZoneSettings;
 
@@ -190,15 +189,11 @@ pub fn check_record(
         StoredType::A | StoredType::Aaaa | StoredType::Https | StoredType::Cname
     );
     if managed_types {
-        let service = *apex == settings.platform
-            && owner.num_labels() == apex.num_labels() + 1
-            && owner.iter().next().and_then(uuid_bits).is_some_and(|bits| {
-                snapshot
-                    .service(&portcullis_config::ServiceId(uuid::Uuid::from_u128(bits)))
-                    .is_some()
-            });
+        // The Snapshot's own Host lookup knows canonical names and alias domains alike.
         let text = owner.to_ascii();
-        let alias = snapshot.domain(text.trim_end_matches('.')).is_some();
+        let text = text.trim_end_matches('.');
+        let service = snapshot.service_for_host(text).is_some();
+        let alias = snapshot.domain(text).is_some();
         if service || alias {
             return Err(RecordError::Conflict(format!(
                 "the {} records of `{}` are managed by the node for its service",

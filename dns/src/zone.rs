@@ -346,7 +346,7 @@ impl ZoneView {
             if let Some(set) = wanted.and_then(|t| sets.iter().find(|(st, _)| *st == t)) {
                 out.answers
                     .extend(set.1.iter().map(|r| with_owner(r, &owner_name)));
-                if matches!(qtype, RecordType::NS) && self.delegation_free_apex(apex, &name) {
+                if qtype == RecordType::NS && name.num_labels() == apex.labels {
                     out.additionals.extend(self.glue(&set.1));
                 }
                 return out;
@@ -386,10 +386,6 @@ impl ZoneView {
             .iter()
             .filter(|a| a.name.zone_of(name))
             .max_by_key(|a| a.labels)
-    }
-
-    fn delegation_free_apex(&self, apex: &Apex, name: &Name) -> bool {
-        apex.name == *name
     }
 
     /// NS records of a zone cut between the apex (excluded) and `name` (included).
