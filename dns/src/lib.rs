@@ -51,6 +51,30 @@ pub struct Dns {
     pub local_addrs: Vec<SocketAddr>,
 }
 
+/// Times to try for a port free on both UDP and TCP when the config asks for port 0.
+const PORT_ATTEMPTS: usize = 32;
+
+/// UDP and TCP on one port. For port 0 the kernel picks the UDP port, which TCP may already
+/// use elsewhere: then try another.
+async fn bind_pair(
+    addr: SocketAddr,
+) -> std::io::Result<(std::net::UdpSocket, tokio::net::TcpListener, SocketAddr)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let local = socket.local_addr()?;
+        match tokio::net::TcpListener::bind(local).await {
+            Ok(listener) => return Ok((socket, listener, local)),
+            Err(e)
+                if addr.port() == 0
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && attempt < PORT_ATTEMPTS => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl Dns {
     /// Binds UDP and TCP on each `listen.dns` address and starts answering.
     pub async fn start(config: &NodeConfig, snapshots: SnapshotHandle) -> Result<Dns, DnsError> {
@@ -69,10 +93,7 @@ impl Dns {
                 addr: *addr,
                 source,
             };
-            let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
-            let local = socket.local_addr().map_err(bind)?;
-            // TCP on the same port as UDP, also when the config asked for port 0.
-            let listener = tokio::net::TcpListener::bind(local).await.map_err(bind)?;
+            let (socket, listener, local) = bind_pair(*addr).await.map_err(bind)?;
             udp.push(
                 server::UdpServer::start(
                     socket,
