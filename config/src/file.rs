@@ -3,7 +3,9 @@
 //! Every error names the file, the line and the key, so an operator can go straight to it.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -245,6 +247,79 @@ pub enum AnswerPolicy {
     This,
     /// Every live node of the fleet (this one included).
     Fleet,
+    /// By the client's network (EDNS Client Subnet when present, else the source address), from
+    /// `[[dns.clients]]`; clients in no listed network get the fleet.
+    #[serde(rename = "by-client")]
+    ByClient,
+}
+
+/// With `policy = "by-client"`: clients in `networks` are sent to `addresses` and to the
+/// addresses of the live nodes named in `nodes`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientGroup {
+    pub networks: Vec<IpNet>,
+    #[serde(default)]
+    pub nodes: Vec<NodeId>,
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Forwarding of names outside our zones, for the networks that use this node as their
+/// resolver (VMs asking for `web-server.internal` and for everything else).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardSection {
+    /// Client networks allowed to resolve other names through this node. Empty: nobody.
+    pub allow_from: Vec<IpNet>,
+    /// Resolvers asked, in order (`10.0.0.2:53`).
+    pub upstreams: Vec<SocketAddr>,
+    /// Answers from upstream kept, apart from our own data.
+    pub cache_size: u64,
+    /// Milliseconds to wait for one upstream before trying the next.
+    pub timeout_ms: u64,
+}
+
+impl Default for ForwardSection {
+    fn default() -> Self {
+        ForwardSection {
+            allow_from: Vec::new(),
+            upstreams: Vec::new(),
+            cache_size: 10_000,
+            timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Response rate limiting over UDP per client prefix, so the node is no use for reflection
+/// attacks: over the rate, answers are dropped, and every `slip`-th one goes out as an empty
+/// truncated answer so a real client retries over TCP.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSection {
+    /// Answers per second per client prefix; 0 turns limiting off.
+    pub responses_per_second: u32,
+    /// Every n-th limited answer is sent truncated; 0: none are.
+    pub slip: u32,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// Networks never limited. Loopback by default: a spoofed source cannot be loopback.
+    pub exempt: Vec<IpNet>,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        RateLimitSection {
+            responses_per_second: 1000,
+            slip: 2,
+            ipv4_prefix: 24,
+            ipv6_prefix: 56,
+            exempt: vec![
+                IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
+                IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
+            ],
+        }
+    }
 }
 
 /// The authoritative DNS responder: the platform zone, its SOA and TTLs, other zones it serves.
@@ -267,6 +342,12 @@ pub struct DnsSection {
     pub answer_cache: usize,
     /// Threads answering UDP; 0: one per CPU.
     pub udp_workers: usize,
+    /// Client networks and where they are sent, for `policy = "by-client"`.
+    pub clients: Vec<ClientGroup>,
+    pub forward: ForwardSection,
+    pub rate_limit: RateLimitSection,
+    /// Networks allowed to transfer our zones (AXFR over TCP). Empty: nobody.
+    pub transfer_from: Vec<IpNet>,
 }
 
 impl Default for DnsSection {
@@ -281,6 +362,10 @@ impl Default for DnsSection {
             zones: Vec::new(),
             answer_cache: 100_000,
             udp_workers: 0,
+            clients: Vec::new(),
+            forward: ForwardSection::default(),
+            rate_limit: RateLimitSection::default(),
+            transfer_from: Vec::new(),
         }
     }
 }

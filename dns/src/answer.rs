@@ -1,7 +1,10 @@
 //! A request message in, a response message out: header rules, EDNS, and truncation. No I/O.
 
+use std::net::IpAddr;
+
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::DNSClass;
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
+use hickory_proto::rr::{DNSClass, RecordType};
 
 use crate::zone::{Rcode, ZoneView};
 
@@ -14,8 +17,14 @@ pub enum Transport {
     Tcp,
 }
 
-/// The response to `request`, or `None` when nothing must be sent (the request was a response).
-pub fn respond(view: &ZoneView, request: &Message, udp_payload: u16) -> Option<Message> {
+/// The response to `request` from `client`, or `None` when nothing must be sent (the request
+/// was a response).
+pub fn respond(
+    view: &ZoneView,
+    request: &Message,
+    udp_payload: u16,
+    client: IpAddr,
+) -> Option<Message> {
     if request.metadata.message_type != MessageType::Query {
         return None;
     }
@@ -46,7 +55,26 @@ pub fn respond(view: &ZoneView, request: &Message, udp_payload: u16) -> Option<M
         response.metadata.response_code = ResponseCode::Refused;
         return Some(response);
     }
-    let lookup = view.lookup(query.name(), query.query_type());
+    let subnet = client_subnet(request);
+    let (group, scope) = match subnet {
+        Some(Ok(subnet)) => view.clients().classify(subnet.addr(), subnet.source_prefix()),
+        Some(Err(())) => {
+            response.metadata.response_code = ResponseCode::FormErr;
+            return Some(response);
+        }
+        None => (view.clients().group_of(client), 0),
+    };
+    let lookup = view.lookup(query.name(), query.query_type(), group);
+    if let (Some(Ok(subnet)), Some(edns)) = (subnet, response.edns.as_mut()) {
+        // RFC 7871 §7.2.1: echo family, source and address; the scope says for how wide a
+        // network the answer holds, 0 when it holds for everyone.
+        let scope = if lookup.tailored { scope } else { 0 };
+        edns.options_mut().insert(EdnsOption::Subnet(ClientSubnet::new(
+            subnet.addr(),
+            subnet.source_prefix(),
+            scope,
+        )));
+    }
     response.metadata.response_code = match lookup.rcode {
         Rcode::NoError => ResponseCode::NoError,
         Rcode::NxDomain => ResponseCode::NXDomain,
@@ -57,6 +85,48 @@ pub fn respond(view: &ZoneView, request: &Message, udp_payload: u16) -> Option<M
     response.authorities = lookup.authorities;
     response.additionals = lookup.additionals;
     Some(response)
+}
+
+/// The request's EDNS Client Subnet; `Err` when it is malformed (address bits set past the
+/// source prefix, RFC 7871 §7.1.2), which is a FORMERR.
+fn client_subnet(request: &Message) -> Option<Result<ClientSubnet, ()>> {
+    let Some(EdnsOption::Subnet(subnet)) = request.edns.as_ref()?.option(EdnsCode::Subnet) else {
+        return None;
+    };
+    let (bits, width) = match subnet.addr() {
+        IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32u32),
+        IpAddr::V6(v6) => (u128::from(v6), 128),
+    };
+    let source = u32::from(subnet.source_prefix());
+    if source > width {
+        return Some(Err(()));
+    }
+    let host_bits = width - source;
+    let mask = if host_bits == 0 {
+        0
+    } else {
+        u128::MAX >> (128 - host_bits)
+    };
+    if bits & mask != 0 {
+        return Some(Err(()));
+    }
+    Some(Ok(*subnet))
+}
+
+/// The question to forward, when `request` asks a standard question about a name outside our
+/// zones (for clients allowed to resolve through us).
+pub fn forwardable(view: &ZoneView, request: &Message) -> Option<hickory_proto::op::Query> {
+    if request.metadata.message_type != MessageType::Query
+        || request.metadata.op_code != OpCode::Query
+    {
+        return None;
+    }
+    let [query] = request.queries.as_slice() else {
+        return None;
+    };
+    let zone_transfer = matches!(query.query_type(), RecordType::AXFR | RecordType::IXFR);
+    (query.query_class() == DNSClass::IN && !zone_transfer && view.outside(query.name()))
+        .then(|| query.clone())
 }
 
 /// The largest UDP answer for this request: what the client offers, capped by our own payload
@@ -108,21 +178,33 @@ pub fn answer_bytes(
     request: &[u8],
     transport: Transport,
     udp_payload: u16,
+    client: IpAddr,
 ) -> Option<Vec<u8>> {
     let message = match Message::from_vec(request) {
         Ok(m) => m,
         Err(_) => return formerr(request),
     };
-    let response = respond(view, &message, udp_payload)?;
+    answer_message(view, &message, transport, udp_payload, client)
+}
+
+/// [`answer_bytes`] for a request already parsed.
+pub fn answer_message(
+    view: &ZoneView,
+    message: &Message,
+    transport: Transport,
+    udp_payload: u16,
+    client: IpAddr,
+) -> Option<Vec<u8>> {
+    let response = respond(view, message, udp_payload, client)?;
     let limit = match transport {
-        Transport::Udp => Some(udp_limit(&message, udp_payload)),
+        Transport::Udp => Some(udp_limit(message, udp_payload)),
         Transport::Tcp => None,
     };
     encode(&response, limit)
 }
 
 /// FORMERR for a request whose header at least parses and is a query (RFC 1035 §4.1.1).
-fn formerr(request: &[u8]) -> Option<Vec<u8>> {
+pub fn formerr(request: &[u8]) -> Option<Vec<u8>> {
     if request.len() < 12 || request[2] & 0x80 != 0 {
         return None;
     }

@@ -9,6 +9,9 @@
 //! - [`records`]: custom records from their stored form, and the API's checks.
 
 pub mod answer;
+pub mod clients;
+pub mod forward;
+pub mod ratelimit;
 pub mod records;
 pub mod server;
 pub mod view;
@@ -85,8 +88,14 @@ impl Dns {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        let policies = Arc::new(server::Policies {
+            forwarder: forward::Forwarder::new(&config.dns.forward).map_err(DnsError::Settings)?,
+            limiter: ratelimit::RateLimiter::new(&config.dns.rate_limit),
+            transfer_from: config.dns.transfer_from.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        });
         let mut udp = Vec::new();
-        let mut tcp = server::tcp_server(views.clone(), udp_payload);
+        let mut tcp = server::tcp_server(views.clone(), policies.clone(), udp_payload);
         let mut local_addrs = Vec::new();
         for addr in &config.listen.dns {
             let bind = |source| DnsError::Bind {
@@ -99,6 +108,7 @@ impl Dns {
                     socket,
                     workers,
                     views.clone(),
+                    policies.clone(),
                     config.dns.answer_cache,
                     udp_payload,
                 )

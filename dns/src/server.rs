@@ -3,28 +3,56 @@
 //! research note). TCP goes through hickory-server's `Server` with our `RequestHandler`.
 
 use std::collections::HashMap;
-use std::net::UdpSocket;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use foldhash::fast::FixedState;
 use hickory_proto::op::{Header, Message, ResponseCode};
+use hickory_proto::rr::RecordType;
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
+use ipnet::IpNet;
 
 use crate::answer::{self, Transport};
+use crate::forward::Forwarder;
+use crate::ratelimit::{self, RateLimiter, Verdict};
 use crate::view::{Invalidation, ViewHandle};
 use crate::wire;
 
 /// How often a blocked UDP thread looks up from its socket to see whether to stop.
 const STOP_POLL: Duration = Duration::from_millis(200);
 
+/// Records per message in a zone transfer: well under 64 KiB even for HTTPS records.
+const TRANSFER_CHUNK: usize = 200;
+
+/// What the transports share besides the view: policy on who may do what.
+pub struct Policies {
+    pub forwarder: Option<Forwarder>,
+    pub limiter: Option<RateLimiter>,
+    pub transfer_from: Vec<IpNet>,
+    /// Where forwarded questions are resolved (the UDP workers are plain threads).
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl Policies {
+    fn forwarder_for(&self, client: IpAddr) -> Option<&Forwarder> {
+        self.forwarder.as_ref().filter(|f| f.allows(client))
+    }
+
+    fn may_transfer(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.transfer_from.iter().any(|n| n.contains(&client))
+    }
+}
+
 /// One UDP worker: its own answer cache, valid for the view generation it last saw.
 struct UdpWorker {
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     views: ViewHandle,
+    policies: Arc<Policies>,
     cache: HashMap<Box<[u8]>, Box<[u8]>, FixedState>,
     capacity: usize,
     generation: u64,
@@ -53,7 +81,14 @@ impl UdpWorker {
                 }
             };
             let request = &buf[..len];
-            if let Some(reply) = self.answer(request, &mut key)
+            let reply = match self.policies.limiter.as_ref().map(|l| l.check(peer.ip())) {
+                Some(Verdict::Drop) => None,
+                Some(Verdict::Slip) => {
+                    wire::question_end(request).and_then(|end| ratelimit::slip_answer(request, end))
+                }
+                Some(Verdict::Answer) | None => self.answer(request, peer, &mut key),
+            };
+            if let Some(reply) = reply
                 && let Err(e) = self.socket.send_to(&reply, peer)
             {
                 tracing::debug!(error = %e, %peer, "UDP send failed");
@@ -61,7 +96,7 @@ impl UdpWorker {
         }
     }
 
-    fn answer(&mut self, request: &[u8], key: &mut Vec<u8>) -> Option<Vec<u8>> {
+    fn answer(&mut self, request: &[u8], peer: SocketAddr, key: &mut Vec<u8>) -> Option<Vec<u8>> {
         let view = self.views.load();
         if view.generation != self.generation {
             match &view.invalidation {
@@ -77,13 +112,34 @@ impl UdpWorker {
             }
             self.generation = view.generation;
         }
-        let fast = wire::parse_query(request, self.udp_payload, key);
+        let clients = view.zone.clients();
+        let group = if clients.is_empty() {
+            0
+        } else {
+            u16::try_from(clients.group_of(peer.ip())).unwrap_or(u16::MAX)
+        };
+        let fast = wire::parse_query(request, self.udp_payload, group, key);
         if let Some(fast) = &fast
             && let Some(cached) = self.cache.get(key.as_slice())
         {
             return Some(wire::patch(cached, request, fast));
         }
-        let reply = answer::answer_bytes(&view.zone, request, Transport::Udp, self.udp_payload)?;
+        let Ok(message) = Message::from_vec(request) else {
+            return answer::formerr(request);
+        };
+        if self.policies.forwarder_for(peer.ip()).is_some()
+            && let Some(query) = answer::forwardable(&view.zone, &message)
+        {
+            self.forward(message, query, peer);
+            return None;
+        }
+        let reply = answer::answer_message(
+            &view.zone,
+            &message,
+            Transport::Udp,
+            self.udp_payload,
+            peer.ip(),
+        )?;
         if let Some(fast) = fast
             && self.capacity > 0
             && wire::cacheable(&reply, &fast)
@@ -96,6 +152,25 @@ impl UdpWorker {
                 .insert(key.as_slice().into(), reply.as_slice().into());
         }
         Some(reply)
+    }
+
+    /// Resolves on the runtime and answers from there, so this thread goes on serving.
+    fn forward(&self, message: Message, query: hickory_proto::op::Query, peer: SocketAddr) {
+        let policies = self.policies.clone();
+        let socket = self.socket.clone();
+        let udp_payload = self.udp_payload;
+        self.policies.runtime.spawn(async move {
+            let Some(forwarder) = policies.forwarder.as_ref() else {
+                return;
+            };
+            let response = forwarder.resolve(&message, query, udp_payload).await;
+            let limit = answer::udp_limit(&message, udp_payload);
+            if let Some(bytes) = answer::encode(&response, Some(limit))
+                && let Err(e) = socket.send_to(&bytes, peer)
+            {
+                tracing::debug!(error = %e, %peer, "UDP send failed");
+            }
+        });
     }
 }
 
@@ -110,6 +185,7 @@ impl UdpServer {
         socket: UdpSocket,
         workers: usize,
         views: ViewHandle,
+        policies: Arc<Policies>,
         capacity: usize,
         udp_payload: u16,
     ) -> std::io::Result<Self> {
@@ -118,8 +194,9 @@ impl UdpServer {
         let mut threads = Vec::new();
         for i in 0..workers.max(1) {
             let worker = UdpWorker {
-                socket: socket.try_clone()?,
+                socket: Arc::new(socket.try_clone()?),
                 views: views.clone(),
+                policies: policies.clone(),
                 cache: HashMap::with_hasher(FixedState::default()),
                 capacity,
                 generation: u64::MAX,
@@ -152,6 +229,7 @@ impl Drop for UdpServer {
 /// The TCP side: hickory-server parses and frames; we answer from the same view.
 pub struct TcpHandler {
     pub views: ViewHandle,
+    pub policies: Arc<Policies>,
     pub udp_payload: u16,
 }
 
@@ -163,45 +241,80 @@ impl RequestHandler for TcpHandler {
         mut response_handle: R,
     ) -> ResponseInfo {
         let view = self.views.load_full();
-        let message = Message::from_vec(request.as_slice());
-        let response = match &message {
-            Ok(m) => answer::respond(&view.zone, m, self.udp_payload),
-            Err(_) => None,
-        };
+        let client = request.src().ip();
         let builder = MessageResponseBuilder::from_message_request(request);
-        let result = match &response {
-            Some(r) => {
-                let mut metadata = r.metadata;
-                metadata.truncation = false;
-                let mut built = builder.build(
-                    metadata,
-                    r.answers.iter(),
-                    r.authorities.iter(),
-                    std::iter::empty(),
-                    r.additionals.iter(),
-                );
-                if let Some(edns) = &r.edns {
-                    built.set_edns(edns);
-                }
-                response_handle.send_response(built).await
-            }
-            None => {
-                let built = builder.error_msg(&request.metadata, ResponseCode::FormErr);
-                response_handle.send_response(built).await
-            }
+        let Ok(message) = Message::from_vec(request.as_slice()) else {
+            let built = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+            return sent(response_handle.send_response(built).await, request);
         };
-        match result {
-            Ok(info) => info,
-            Err(e) => {
-                tracing::debug!(error = %e, "TCP DNS response not sent");
-                let mut metadata = request.metadata;
-                metadata.response_code = ResponseCode::ServFail;
-                Header {
+        if let [query] = message.queries.as_slice()
+            && matches!(query.query_type(), RecordType::AXFR | RecordType::IXFR)
+            && self.policies.may_transfer(client)
+            && let Some(records) = view.zone.transfer(query.name())
+        {
+            // RFC 5936: the zone in as many messages as it takes, SOA first and last. An IXFR
+            // gets the whole zone too (RFC 1995 §4: we keep no history).
+            let mut metadata = request.metadata;
+            metadata.message_type = hickory_proto::op::MessageType::Response;
+            metadata.authoritative = true;
+            metadata.recursion_available = false;
+            metadata.response_code = ResponseCode::NoError;
+            let mut last = None;
+            for chunk in records.chunks(TRANSFER_CHUNK) {
+                let builder = MessageResponseBuilder::from_message_request(request);
+                let built = builder.build(
                     metadata,
-                    counts: Default::default(),
+                    chunk.iter(),
+                    std::iter::empty(),
+                    std::iter::empty(),
+                    std::iter::empty(),
+                );
+                match response_handle.send_response(built).await {
+                    Ok(info) => last = Some(info),
+                    Err(e) => return sent(Err(e), request),
                 }
-                .into()
             }
+            return last.unwrap_or_else(|| sent(Err("an empty transfer"), request));
+        }
+        let response = match self.policies.forwarder_for(client) {
+            Some(forwarder) => match answer::forwardable(&view.zone, &message) {
+                Some(query) => Some(forwarder.resolve(&message, query, self.udp_payload).await),
+                None => answer::respond(&view.zone, &message, self.udp_payload, client),
+            },
+            None => answer::respond(&view.zone, &message, self.udp_payload, client),
+        };
+        let Some(r) = response else {
+            let built = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+            return sent(response_handle.send_response(built).await, request);
+        };
+        let mut metadata = r.metadata;
+        metadata.truncation = false;
+        let mut built = builder.build(
+            metadata,
+            r.answers.iter(),
+            r.authorities.iter(),
+            std::iter::empty(),
+            r.additionals.iter(),
+        );
+        if let Some(edns) = &r.edns {
+            built.set_edns(edns);
+        }
+        sent(response_handle.send_response(built).await, request)
+    }
+}
+
+fn sent<E: std::fmt::Display>(result: Result<ResponseInfo, E>, request: &Request) -> ResponseInfo {
+    match result {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, "TCP DNS response not sent");
+            let mut metadata = request.metadata;
+            metadata.response_code = ResponseCode::ServFail;
+            Header {
+                metadata,
+                counts: Default::default(),
+            }
+            .into()
         }
     }
 }
@@ -211,6 +324,10 @@ pub use hickory_server::Server as TcpServer;
 /// Shorthand for the TCP server type.
 pub type DnsTcpServer = TcpServer<TcpHandler>;
 
-pub fn tcp_server(views: ViewHandle, udp_payload: u16) -> DnsTcpServer {
-    TcpServer::new(TcpHandler { views, udp_payload })
+pub fn tcp_server(views: ViewHandle, policies: Arc<Policies>, udp_payload: u16) -> DnsTcpServer {
+    TcpServer::new(TcpHandler {
+        views,
+        policies,
+        udp_payload,
+    })
 }

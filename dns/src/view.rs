@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::wire;
-use crate::zone::{Addresses, CustomRecords, ZoneSettings, ZoneView};
+use crate::zone::{AddressBook, CustomRecords, ZoneSettings, ZoneView};
 
 /// What changed since the view one generation earlier.
 #[derive(Debug)]
@@ -56,7 +56,7 @@ struct Builder {
     settings: Arc<ZoneSettings>,
     apexes: Vec<hickory_proto::rr::Name>,
     custom: Arc<CustomRecords>,
-    addresses: Arc<Addresses>,
+    addresses: Arc<AddressBook>,
     /// Revision of the last change to zone data: the SOA serial.
     serial: u32,
     revision: Revision,
@@ -68,7 +68,7 @@ impl Builder {
         let apexes = ZoneView::apex_names(&settings);
         Builder {
             custom: Arc::new(CustomRecords::build(snapshot, &apexes)),
-            addresses: Arc::new(Addresses::for_policy(&settings, snapshot)),
+            addresses: Arc::new(AddressBook::for_policy(&settings, snapshot)),
             apexes,
             settings,
             serial: serial_of(snapshot.revision()),
@@ -97,7 +97,7 @@ impl Builder {
         self.revision = snapshot.revision();
         let Some(changes) = snapshot.changes().filter(|_| continuous) else {
             self.custom = Arc::new(CustomRecords::build(&snapshot, &self.apexes));
-            self.addresses = Arc::new(Addresses::for_policy(&self.settings, &snapshot));
+            self.addresses = Arc::new(AddressBook::for_policy(&self.settings, &snapshot));
             self.serial = serial_of(snapshot.revision());
             return self.view(snapshot, Invalidation::All);
         };
@@ -116,7 +116,7 @@ impl Builder {
                 all = true;
                 zone_changed = true;
             } else if key.starts_with(keys::NODES) {
-                if self.settings.dns.policy == AnswerPolicy::Fleet {
+                if matches!(self.settings.dns.policy, AnswerPolicy::Fleet | AnswerPolicy::ByClient) {
                     all = true;
                     zone_changed = true;
                 }
@@ -127,7 +127,7 @@ impl Builder {
         }
         if all {
             self.custom = Arc::new(CustomRecords::build(&snapshot, &self.apexes));
-            self.addresses = Arc::new(Addresses::for_policy(&self.settings, &snapshot));
+            self.addresses = Arc::new(AddressBook::for_policy(&self.settings, &snapshot));
         }
         if zone_changed {
             self.serial = serial_of(snapshot.revision());

@@ -11,11 +11,17 @@ pub struct FastQuery {
 }
 
 const HEADER: usize = 12;
-/// Key bytes after the name: qtype, qclass, EDNS flags, answer size limit.
-const KEY_TAIL: usize = 7;
+/// Key bytes after the name: qtype, qclass, EDNS flags, answer size limit, client group.
+const KEY_TAIL: usize = 9;
 
 /// Fills `key` and returns the query's shape when the datagram is a plain query.
-pub fn parse_query(request: &[u8], udp_payload: u16, key: &mut Vec<u8>) -> Option<FastQuery> {
+/// `group` is the client's answer group (by-client policy; 0 otherwise), part of the key.
+pub fn parse_query(
+    request: &[u8],
+    udp_payload: u16,
+    group: u16,
+    key: &mut Vec<u8>,
+) -> Option<FastQuery> {
     key.clear();
     if request.len() < HEADER + 5 {
         return None;
@@ -71,7 +77,29 @@ pub fn parse_query(request: &[u8], udp_payload: u16, key: &mut Vec<u8>) -> Optio
     };
     key.push(flags);
     key.extend_from_slice(&limit.to_be_bytes());
+    key.extend_from_slice(&group.to_be_bytes());
     Some(FastQuery { qname_end })
+}
+
+/// Where the first question ends (after its type and class), for any query with one whose
+/// name is not compressed.
+pub fn question_end(request: &[u8]) -> Option<usize> {
+    if request.len() < HEADER || request[4..6] == [0, 0] {
+        return None;
+    }
+    let mut i = HEADER;
+    loop {
+        let len = usize::from(*request.get(i)?);
+        if len == 0 {
+            i += 1;
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        i += 1 + len;
+    }
+    (request.len() >= i + 4).then_some(i + 4)
 }
 
 /// The question name inside a cache key.
@@ -146,37 +174,41 @@ mod tests {
     fn keys_ignore_case_and_carry_edns_and_limit() {
         let mut a = Vec::new();
         let mut b = Vec::new();
-        parse_query(&query(b"\x03WwW\x02eX\x00", None), 1232, &mut a).unwrap();
-        parse_query(&query(b"\x03www\x02ex\x00", None), 1232, &mut b).unwrap();
+        parse_query(&query(b"\x03WwW\x02eX\x00", None), 1232, 0, &mut a).unwrap();
+        parse_query(&query(b"\x03www\x02ex\x00", None), 1232, 0, &mut b).unwrap();
         assert_eq!(a, b);
         assert_eq!(key_name(&a), name_key("www.ex."));
         let opt = [0, 0, 41, 0x10, 0x00, 0, 0, 0x80, 0, 0, 0];
-        parse_query(&query(b"\x03www\x02ex\x00", Some(opt)), 1232, &mut b).unwrap();
+        parse_query(&query(b"\x03www\x02ex\x00", Some(opt)), 1232, 0, &mut b).unwrap();
         assert_ne!(a, b);
-        assert_eq!(&b[b.len() - 3..], &[3, 0x04, 0xd0]); // EDNS + DO, limit 1232
+        assert_eq!(&b[b.len() - 5..], &[3, 0x04, 0xd0, 0, 0]); // EDNS + DO, limit 1232, group 0
+        let mut c = Vec::new();
+        parse_query(&query(b"\x03www\x02ex\x00", Some(opt)), 1232, 2, &mut c).unwrap();
+        assert_ne!(b, c);
+        assert_eq!(key_name(&c), name_key("www.ex."));
     }
 
     #[test]
     fn odd_shapes_take_the_full_path() {
         let mut k = Vec::new();
         // Compression pointer in the question.
-        assert!(parse_query(&query(b"\xc0\x0c", None), 1232, &mut k).is_none());
+        assert!(parse_query(&query(b"\xc0\x0c", None), 1232, 0, &mut k).is_none());
         // A response.
         let mut r = query(b"\x01a\x00", None);
         r[2] |= 0x80;
-        assert!(parse_query(&r, 1232, &mut k).is_none());
+        assert!(parse_query(&r, 1232, 0, &mut k).is_none());
         // An OPT with an option (e.g. ECS or a cookie).
         let mut o = query(b"\x01a\x00", Some([0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 4]));
         o.extend_from_slice(&[0, 10, 0, 0]);
-        assert!(parse_query(&o, 1232, &mut k).is_none());
+        assert!(parse_query(&o, 1232, 0, &mut k).is_none());
         // EDNS version 1.
         let v1 = query(b"\x01a\x00", Some([0, 0, 41, 4, 0xd0, 0, 1, 0, 0, 0, 0]));
-        assert!(parse_query(&v1, 1232, &mut k).is_none());
+        assert!(parse_query(&v1, 1232, 0, &mut k).is_none());
         // Trailing garbage and truncation.
         let mut t = query(b"\x01a\x00", None);
         t.push(0);
-        assert!(parse_query(&t, 1232, &mut k).is_none());
-        assert!(parse_query(&query(b"\x05ab", None)[..15], 1232, &mut k).is_none());
+        assert!(parse_query(&t, 1232, 0, &mut k).is_none());
+        assert!(parse_query(&query(b"\x05ab", None)[..15], 1232, 0, &mut k).is_none());
     }
 
     #[test]
@@ -187,7 +219,7 @@ mod tests {
         cached[2] = 0x84; // QR AA, RD clear
         let request = query(b"\x03WwW\x02eX\x00", None);
         let mut k = Vec::new();
-        let fast = parse_query(&request, 1232, &mut k).unwrap();
+        let fast = parse_query(&request, 1232, 0, &mut k).unwrap();
         let out = patch(&cached, &request, &fast);
         assert_eq!(&out[..3], &[0x12, 0x34, 0x85]);
         assert_eq!(&out[12..20], b"\x03WwW\x02eX\x00");

@@ -5,18 +5,20 @@
 //! few; they are parsed once per change into an index by owner name, together with the empty
 //! non-terminals above them, so every existence question is one hash lookup.
 
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use hickory_proto::rr::rdata::svcb::{Alpn, IpHint, SVCB, SvcParamKey, SvcParamValue};
 use hickory_proto::rr::rdata::{A, AAAA, HTTPS, NS, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use portcullis_config::Snapshot;
-use portcullis_config::file::{DnsSection, NodeConfig};
+use portcullis_config::file::{AnswerPolicy, DnsSection, NodeConfig};
 use portcullis_config::model::{RecordType as StoredType, VerificationStatus};
 use portcullis_config::names::uuid_bits;
 
+use crate::clients::{ClientTable, Group};
 use crate::records::{parse_record, to_name};
 
 /// CNAME links followed inside our zones before giving up (a chain this long is a mistake).
@@ -34,6 +36,9 @@ pub struct ZoneSettings {
     pub caa: Vec<RData>,
     pub self_v4: Vec<Ipv4Addr>,
     pub self_v6: Vec<Ipv6Addr>,
+    pub node_id: String,
+    /// `[[dns.clients]]` networks, for `policy = "by-client"` (empty otherwise).
+    pub clients: ClientTable,
 }
 
 impl ZoneSettings {
@@ -67,7 +72,28 @@ impl ZoneSettings {
                 RData::try_from_str(RecordType::CAA, c).map_err(|e| format!("dns.caa `{c}`: {e}"))
             })
             .collect::<Result<_, _>>()?;
+        let by_client = config.dns.policy == AnswerPolicy::ByClient;
+        if by_client && config.dns.clients.is_empty() {
+            return Err("dns.policy = \"by-client\" needs at least one [[dns.clients]] entry \
+                        (networks = [...], with nodes = [...] or addresses = [...])"
+                .into());
+        }
+        for (i, group) in config.dns.clients.iter().enumerate() {
+            if group.networks.is_empty() || (group.nodes.is_empty() && group.addresses.is_empty())
+            {
+                return Err(format!(
+                    "dns.clients[{i}] needs networks and at least one of nodes or addresses"
+                ));
+            }
+        }
+        let clients = if by_client {
+            ClientTable::new(&config.dns.clients)
+        } else {
+            ClientTable::default()
+        };
         Ok(ZoneSettings {
+            node_id: config.node.id.as_str().to_string(),
+            clients,
             platform,
             extra,
             nameservers,
@@ -175,21 +201,85 @@ pub struct Addresses {
 }
 
 impl Addresses {
-    pub fn for_policy(settings: &ZoneSettings, snapshot: &Snapshot) -> Self {
-        let mut v4 = settings.self_v4.clone();
-        let mut v6 = settings.self_v6.clone();
-        if settings.dns.policy == portcullis_config::file::AnswerPolicy::Fleet {
-            for node in snapshot.nodes() {
-                v4.extend(&node.ipv4);
-                v6.extend(&node.ipv6);
-            }
-            v4.sort();
-            v4.dedup();
-            v6.sort();
-            v6.dedup();
-        }
-        Addresses { v4, v6 }
+    fn sorted(mut self) -> Self {
+        self.v4.sort();
+        self.v4.dedup();
+        self.v6.sort();
+        self.v6.dedup();
+        self
     }
+
+    fn push(&mut self, ip: IpAddr) {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => self.v4.push(v4),
+            IpAddr::V6(v6) => self.v6.push(v6),
+        }
+    }
+}
+
+/// The addresses of each client group (index 0: everyone not in a listed network).
+#[derive(Debug, Default, Clone)]
+pub struct AddressBook {
+    groups: Vec<Addresses>,
+}
+
+impl AddressBook {
+    pub fn for_policy(settings: &ZoneSettings, snapshot: &Snapshot) -> Self {
+        let this = Addresses {
+            v4: settings.self_v4.clone(),
+            v6: settings.self_v6.clone(),
+        };
+        let mut fleet = this.clone();
+        for node in snapshot.nodes() {
+            fleet.v4.extend(&node.ipv4);
+            fleet.v6.extend(&node.ipv6);
+        }
+        let fleet = fleet.sorted();
+        let mut groups = vec![match settings.dns.policy {
+            AnswerPolicy::This => this.clone(),
+            AnswerPolicy::Fleet | AnswerPolicy::ByClient => fleet,
+        }];
+        if settings.dns.policy == AnswerPolicy::ByClient {
+            for group in &settings.dns.clients {
+                let mut addrs = Addresses::default();
+                for ip in &group.addresses {
+                    addrs.push(*ip);
+                }
+                for id in &group.nodes {
+                    if id.as_str() == settings.node_id {
+                        addrs.v4.extend(&this.v4);
+                        addrs.v6.extend(&this.v6);
+                    }
+                    // Only live nodes are in the Snapshot: a group whose nodes are all gone
+                    // answers with its static addresses, or NODATA.
+                    for node in snapshot.nodes().filter(|n| n.id == id.as_str()) {
+                        addrs.v4.extend(&node.ipv4);
+                        addrs.v6.extend(&node.ipv6);
+                    }
+                }
+                groups.push(addrs.sorted());
+            }
+        }
+        AddressBook { groups }
+    }
+
+    fn get(&self, group: Group) -> &Addresses {
+        static NONE: Addresses = Addresses {
+            v4: Vec::new(),
+            v6: Vec::new(),
+        };
+        self.groups
+            .get(group)
+            .or_else(|| self.groups.first())
+            .unwrap_or(&NONE)
+    }
+}
+
+/// One lookup's client-dependent part.
+struct Ctx<'a> {
+    addresses: &'a Addresses,
+    /// Whether the answer used the client's addresses (else the ECS scope is 0).
+    tailored: Cell<bool>,
 }
 
 /// The responder's whole picture at one Snapshot.
@@ -198,7 +288,7 @@ pub struct ZoneView {
     pub snapshot: Arc<Snapshot>,
     apexes: Vec<Apex>,
     custom: Arc<CustomRecords>,
-    addresses: Arc<Addresses>,
+    addresses: Arc<AddressBook>,
     settings: Arc<ZoneSettings>,
 }
 
@@ -210,6 +300,8 @@ pub struct Lookup {
     pub answers: Vec<Record>,
     pub authorities: Vec<Record>,
     pub additionals: Vec<Record>,
+    /// The answer depends on the client's group (by-client policy).
+    pub tailored: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -232,7 +324,7 @@ impl ZoneView {
         snapshot: Arc<Snapshot>,
         settings: Arc<ZoneSettings>,
         custom: Arc<CustomRecords>,
-        addresses: Arc<Addresses>,
+        addresses: Arc<AddressBook>,
         serial: u32,
     ) -> Self {
         let soa_cfg = &settings.dns.soa;
@@ -300,8 +392,28 @@ impl ZoneView {
             .collect()
     }
 
-    /// Answers one question (class IN). `qname` may be in any case; answers carry it as asked.
-    pub fn lookup(&self, qname: &Name, qtype: RecordType) -> Lookup {
+    /// Answers one question (class IN) for a client of `group`. `qname` may be in any case;
+    /// answers carry it as asked.
+    pub fn lookup(&self, qname: &Name, qtype: RecordType, group: Group) -> Lookup {
+        let ctx = Ctx {
+            addresses: self.addresses.get(group),
+            tailored: Cell::new(false),
+        };
+        let mut out = self.lookup_in(qname, qtype, &ctx);
+        out.tailored = ctx.tailored.get() && self.settings.dns.policy == AnswerPolicy::ByClient;
+        out
+    }
+
+    pub fn clients(&self) -> &ClientTable {
+        &self.settings.clients
+    }
+
+    /// Whether a name is outside every zone we serve (a question for a forwarder, if any).
+    pub fn outside(&self, name: &Name) -> bool {
+        self.apex_for(name).is_none()
+    }
+
+    fn lookup_in(&self, qname: &Name, qtype: RecordType, ctx: &Ctx) -> Lookup {
         let mut out = Lookup::default();
         let Some(apex) = self.apex_for(qname) else {
             out.rcode = Rcode::Refused;
@@ -322,13 +434,13 @@ impl ZoneView {
                 if out.answers.is_empty() {
                     out.authoritative = false;
                 }
-                out.additionals.extend(self.glue(&referral));
+                out.additionals.extend(self.glue(&referral, ctx));
                 out.authorities.extend(referral);
                 return out;
             }
-            let (sets, owner_name) = match self.find(apex, &name) {
+            let (sets, owner_name) = match self.find(apex, &name, ctx) {
                 Found::Sets(sets, custom) => (merge(sets, custom), name.clone()),
-                Found::Missing => match self.wildcard(apex, &name) {
+                Found::Missing => match self.wildcard(apex, &name, ctx) {
                     Some(sets) => (sets, name.clone()),
                     None => {
                         out.rcode = Rcode::NxDomain;
@@ -347,7 +459,7 @@ impl ZoneView {
                 out.answers
                     .extend(set.1.iter().map(|r| with_owner(r, &owner_name)));
                 if qtype == RecordType::NS && name.num_labels() == apex.labels {
-                    out.additionals.extend(self.glue(&set.1));
+                    out.additionals.extend(self.glue(&set.1, ctx));
                 }
                 return out;
             }
@@ -381,6 +493,49 @@ impl ZoneView {
         }
     }
 
+    /// The whole zone at `apex` for a transfer (RFC 5936): its SOA first and last, every other
+    /// record between, service addresses as the default client group gets them. `None` when
+    /// `apex` is not one of our zones.
+    pub fn transfer(&self, apex: &Name) -> Option<Vec<Record>> {
+        let zone = self.apexes.iter().find(|a| a.name == apex.to_lowercase())?;
+        let ctx = Ctx {
+            addresses: self.addresses.get(0),
+            tailored: Cell::new(false),
+        };
+        let mut names: Vec<Name> = vec![zone.name.clone()];
+        if zone.platform {
+            names.extend(
+                self.snapshot
+                    .services()
+                    .map(|s| prepend(&zone.name, &s.id.to_string())),
+            );
+        }
+        for domain in self.snapshot.domains() {
+            if domain.verification == VerificationStatus::Verified
+                && let Ok(name) = to_name(domain.name.as_str())
+            {
+                names.push(name);
+            }
+        }
+        names.extend(self.settings.nameservers.iter().cloned());
+        names.extend(self.custom.owners.keys().cloned());
+        names.retain(|n| self.apex_for(n).is_some_and(|a| a.name == zone.name));
+        names.sort();
+        names.dedup();
+        let mut out = vec![zone.soa.clone()];
+        for name in &names {
+            if let Found::Sets(sets, custom) = self.find(zone, name, &ctx) {
+                for (rtype, set) in merge(sets, custom) {
+                    if rtype != RecordType::SOA {
+                        out.extend(set);
+                    }
+                }
+            }
+        }
+        out.push(zone.soa.clone());
+        Some(out)
+    }
+
     fn apex_for(&self, name: &Name) -> Option<&Apex> {
         self.apexes
             .iter()
@@ -408,7 +563,7 @@ impl ZoneView {
     }
 
     /// A/AAAA for the in-zone targets of NS records.
-    fn glue(&self, ns: &[Record]) -> Vec<Record> {
+    fn glue(&self, ns: &[Record], ctx: &Ctx) -> Vec<Record> {
         let mut glue = Vec::new();
         for record in ns {
             let RData::NS(target) = &record.data else {
@@ -417,7 +572,7 @@ impl ZoneView {
             let Some(apex) = self.apex_for(&target.0) else {
                 continue;
             };
-            if let Found::Sets(sets, custom) = self.find(apex, &target.0) {
+            if let Found::Sets(sets, custom) = self.find(apex, &target.0, ctx) {
                 for (t, set) in merge(sets, custom) {
                     if matches!(t, RecordType::A | RecordType::AAAA) {
                         glue.extend(set);
@@ -429,7 +584,7 @@ impl ZoneView {
     }
 
     /// The RRsets that exist at exactly `name`.
-    fn find<'a>(&'a self, apex: &Apex, name: &Name) -> Found<'a> {
+    fn find<'a>(&'a self, apex: &Apex, name: &Name, ctx: &Ctx) -> Found<'a> {
         let custom = self.custom.owners.get(name);
         let mut made = Vec::new();
         if name.num_labels() == apex.labels {
@@ -441,22 +596,22 @@ impl ZoneView {
                 made.push((RecordType::CAA, apex.caa.clone()));
             }
             if self.is_nameserver(name) {
-                self.push_addresses(&mut made, name);
+                self.push_addresses(&mut made, name, ctx);
             }
             return Found::Sets(made, custom);
         }
         if apex.platform && self.is_service(apex, name) {
-            self.push_addresses(&mut made, name);
-            made.push((RecordType::HTTPS, vec![self.https_record(name)]));
+            self.push_addresses(&mut made, name, ctx);
+            made.push((RecordType::HTTPS, vec![self.https_record(name, ctx)]));
             return Found::Sets(made, custom);
         }
         if self.is_alias(name) {
-            self.push_addresses(&mut made, name);
-            made.push((RecordType::HTTPS, vec![self.https_record(name)]));
+            self.push_addresses(&mut made, name, ctx);
+            made.push((RecordType::HTTPS, vec![self.https_record(name, ctx)]));
             return Found::Sets(made, custom);
         }
         if self.is_nameserver(name) {
-            self.push_addresses(&mut made, name);
+            self.push_addresses(&mut made, name, ctx);
             return Found::Sets(made, custom);
         }
         match custom {
@@ -466,10 +621,15 @@ impl ZoneView {
     }
 
     /// RFC 4592: the source of synthesis is `*.<closest encloser>` and nothing else.
-    fn wildcard(&self, apex: &Apex, name: &Name) -> Option<Vec<(RecordType, Vec<Record>)>> {
+    fn wildcard(
+        &self,
+        apex: &Apex,
+        name: &Name,
+        ctx: &Ctx,
+    ) -> Option<Vec<(RecordType, Vec<Record>)>> {
         let mut encloser = name.base_name();
         while encloser.num_labels() > apex.labels {
-            if !matches!(self.find(apex, &encloser), Found::Missing) {
+            if !matches!(self.find(apex, &encloser, ctx), Found::Missing) {
                 break;
             }
             encloser = encloser.base_name();
@@ -505,20 +665,20 @@ impl ZoneView {
         self.settings.nameservers.iter().any(|n| n == name)
     }
 
-    fn push_addresses(&self, made: &mut Vec<(RecordType, Vec<Record>)>, name: &Name) {
+    fn push_addresses(&self, made: &mut Vec<(RecordType, Vec<Record>)>, name: &Name, ctx: &Ctx) {
         let ttl = self.settings.dns.address_ttl;
-        if !self.addresses.v4.is_empty() {
-            let a = self
-                .addresses
+        ctx.tailored.set(true);
+        let addresses = ctx.addresses;
+        if !addresses.v4.is_empty() {
+            let a = addresses
                 .v4
                 .iter()
                 .map(|ip| Record::from_rdata(name.clone(), ttl, RData::A(A(*ip))))
                 .collect();
             made.push((RecordType::A, a));
         }
-        if !self.addresses.v6.is_empty() {
-            let aaaa = self
-                .addresses
+        if !addresses.v6.is_empty() {
+            let aaaa = addresses
                 .v6
                 .iter()
                 .map(|ip| Record::from_rdata(name.clone(), ttl, RData::AAAA(AAAA(*ip))))
@@ -528,20 +688,22 @@ impl ZoneView {
     }
 
     /// `1 . alpn="h2,http/1.1" ipv4hint=… ipv6hint=…`, SvcParams in key order (RFC 9460 §2.2).
-    fn https_record(&self, name: &Name) -> Record {
+    fn https_record(&self, name: &Name, ctx: &Ctx) -> Record {
+        ctx.tailored.set(true);
+        let addresses = ctx.addresses;
         let mut params = vec![(
             SvcParamKey::Alpn,
             SvcParamValue::Alpn(Alpn(vec!["h2".into(), "http/1.1".into()])),
         )];
-        if !self.addresses.v4.is_empty() {
-            let hints = self.addresses.v4.iter().map(|ip| A(*ip)).collect();
+        if !addresses.v4.is_empty() {
+            let hints = addresses.v4.iter().map(|ip| A(*ip)).collect();
             params.push((
                 SvcParamKey::Ipv4Hint,
                 SvcParamValue::Ipv4Hint(IpHint(hints)),
             ));
         }
-        if !self.addresses.v6.is_empty() {
-            let hints = self.addresses.v6.iter().map(|ip| AAAA(*ip)).collect();
+        if !addresses.v6.is_empty() {
+            let hints = addresses.v6.iter().map(|ip| AAAA(*ip)).collect();
             params.push((
                 SvcParamKey::Ipv6Hint,
                 SvcParamValue::Ipv6Hint(IpHint(hints)),
