@@ -57,7 +57,9 @@ pub fn respond(
     }
     let subnet = client_subnet(request);
     let (group, scope) = match subnet {
-        Some(Ok(subnet)) => view.clients().classify(subnet.addr(), subnet.source_prefix()),
+        Some(Ok(subnet)) => view
+            .clients()
+            .classify(subnet.addr(), subnet.source_prefix()),
         Some(Err(())) => {
             response.metadata.response_code = ResponseCode::FormErr;
             return Some(response);
@@ -69,11 +71,12 @@ pub fn respond(
         // RFC 7871 §7.2.1: echo family, source and address; the scope says for how wide a
         // network the answer holds, 0 when it holds for everyone.
         let scope = if lookup.tailored { scope } else { 0 };
-        edns.options_mut().insert(EdnsOption::Subnet(ClientSubnet::new(
-            subnet.addr(),
-            subnet.source_prefix(),
-            scope,
-        )));
+        edns.options_mut()
+            .insert(EdnsOption::Subnet(ClientSubnet::new(
+                subnet.addr(),
+                subnet.source_prefix(),
+                scope,
+            )));
     }
     response.metadata.response_code = match lookup.rcode {
         Rcode::NoError => ResponseCode::NoError,

@@ -85,9 +85,10 @@ impl ClientTable {
         let client = Bits::of(ip, source);
         let source = client.prefix;
         // Only networks no longer than the source prefix can be known to contain the client.
-        let matched = self.networks.iter().find(|(n, _)| {
-            n.v6 == client.v6 && n.prefix <= source && client.common(n) >= n.prefix
-        });
+        let matched = self
+            .networks
+            .iter()
+            .find(|(n, _)| n.v6 == client.v6 && n.prefix <= source && client.common(n) >= n.prefix);
         let (group, mut scope) = match matched {
             Some((n, g)) => (*g, n.prefix),
             None => (0, 0),

@@ -116,7 +116,10 @@ impl Builder {
                 all = true;
                 zone_changed = true;
             } else if key.starts_with(keys::NODES) {
-                if matches!(self.settings.dns.policy, AnswerPolicy::Fleet | AnswerPolicy::ByClient) {
+                if matches!(
+                    self.settings.dns.policy,
+                    AnswerPolicy::Fleet | AnswerPolicy::ByClient
+                ) {
                     all = true;
                     zone_changed = true;
                 }

@@ -74,13 +74,14 @@ impl ZoneSettings {
             .collect::<Result<_, _>>()?;
         let by_client = config.dns.policy == AnswerPolicy::ByClient;
         if by_client && config.dns.clients.is_empty() {
-            return Err("dns.policy = \"by-client\" needs at least one [[dns.clients]] entry \
+            return Err(
+                "dns.policy = \"by-client\" needs at least one [[dns.clients]] entry \
                         (networks = [...], with nodes = [...] or addresses = [...])"
-                .into());
+                    .into(),
+            );
         }
         for (i, group) in config.dns.clients.iter().enumerate() {
-            if group.networks.is_empty() || (group.nodes.is_empty() && group.addresses.is_empty())
-            {
+            if group.networks.is_empty() || (group.nodes.is_empty() && group.addresses.is_empty()) {
                 return Err(format!(
                     "dns.clients[{i}] needs networks and at least one of nodes or addresses"
                 ));

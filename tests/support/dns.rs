@@ -25,7 +25,12 @@ pub fn query_message(name: &str, rtype: RecordType) -> Message {
 }
 
 pub fn udp_raw(server: SocketAddr, request: &[u8]) -> Option<Vec<u8>> {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    udp_raw_from("127.0.0.1", server, request)
+}
+
+/// A UDP exchange from a chosen loopback source address (all of 127/8 is local on Linux).
+pub fn udp_raw_from(source: &str, server: SocketAddr, request: &[u8]) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind((source, 0)).expect("bind");
     socket.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     socket.send_to(request, server).expect("send");
     let mut buf = vec![0u8; 65535];
@@ -37,6 +42,12 @@ pub fn udp_raw(server: SocketAddr, request: &[u8]) -> Option<Vec<u8>> {
 
 pub fn udp(server: SocketAddr, message: &Message) -> Message {
     let bytes = udp_raw(server, &message.to_vec().expect("encode")).expect("a UDP answer");
+    Message::from_vec(&bytes).expect("a parseable answer")
+}
+
+pub fn udp_from(source: &str, server: SocketAddr, message: &Message) -> Message {
+    let bytes =
+        udp_raw_from(source, server, &message.to_vec().expect("encode")).expect("a UDP answer");
     Message::from_vec(&bytes).expect("a parseable answer")
 }
 
@@ -93,6 +104,11 @@ pub fn rdata(message: &Message) -> Vec<String> {
 /// `ns1.app.example.test` (in the zone, so with glue) and `ns2.example.net`, a CAA, the extra
 /// zone `internal`, one UDP worker.
 pub fn dns_node() -> Node {
+    dns_node_with("")
+}
+
+/// [`dns_node`] with more of the `[dns]` section (keys, then sub-tables) after its own keys.
+pub fn dns_node_with(dns: &str) -> Node {
     Node::start_edited(|text| {
         text.replace(
             r#"public_ipv4 = ["127.0.0.1"]"#,
@@ -102,6 +118,7 @@ pub fn dns_node() -> Node {
             r#"nameservers = ["ns1.example.test"]"#,
             r#"nameservers = ["ns1.app.example.test", "ns2.example.net"]"#,
         ) + "\n[dns]\nzones = [\"internal\"]\ncaa = ['0 issue \"letsencrypt.org\"']\nudp_workers = 1\n"
+            + dns
     })
 }
 
