@@ -1,6 +1,6 @@
 # The two commands of the README. Both install what they need (Debian packages) when missing.
 #   make run    a dev node with a demo backend and a demo service, no internet needed
-#   make test   formatting, lints, and every test
+#   make test   formatting, lints, every test, and a bounded fuzzing run
 # Builds go to CARGO_TARGET_DIR (outside the clone by default) so they stay incremental.
 
 CARGO_TARGET_DIR ?= $(HOME)/.cache/portcullis-target
@@ -10,7 +10,7 @@ export CARGO_TARGET_DIR
 RUN_DEPS  := curl:curl kill:procps
 TEST_DEPS := curl:curl kill:procps dig:dnsutils knotd:knot
 
-.PHONY: run test deps-run deps-test build lint bench
+.PHONY: run test deps-run deps-test build lint bench fuzz
 
 run: deps-run
 	cargo build --bin portcullis
@@ -20,6 +20,7 @@ test: deps-test
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	scripts/nextest.sh run --workspace --no-fail-fast
+	scripts/fuzz.sh
 
 build:
 	cargo build --release --bin portcullis
@@ -27,6 +28,9 @@ build:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+fuzz:
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-600} scripts/fuzz.sh
 
 bench:
 	cargo bench -p portcullis-benches
