@@ -36,9 +36,8 @@ fn record(name: &str, rtype: &str, data: &[&str]) -> KeyValue {
 fn build() -> ViewHandle {
     let mut config = NodeConfig::dev(Path::new("/nonexistent"));
     config.zone.name = DomainName::parse("app.example").unwrap_or_else(|_| unreachable!());
-    config.zone.nameservers = vec![
-        DomainName::parse("ns1.app.example").unwrap_or_else(|_| unreachable!()),
-    ];
+    config.zone.nameservers =
+        vec![DomainName::parse("ns1.app.example").unwrap_or_else(|_| unreachable!())];
     config.dns.zones = vec![DomainName::parse("internal").unwrap_or_else(|_| unreachable!())];
     config.dns.caa = vec!["0 issue \"ca.example\"".into()];
     config.dns.policy = AnswerPolicy::ByClient;
@@ -58,8 +57,8 @@ fn build() -> ViewHandle {
             value: serde_json::to_vec(&service).unwrap_or_default(),
             create_revision: 1,
             mod_revision: 1,
-        version: 1,
-        lease: None,
+            version: 1,
+            lease: None,
         },
         record("*.app.example", "TXT", &["\"wild\""]),
         record("*.w.app.example", "CNAME", &["a.app.example."]),
@@ -70,8 +69,16 @@ fn build() -> ViewHandle {
         record("sub.app.example", "NS", &["ns.sub.app.example."]),
         record("ns.sub.app.example", "A", &["192.0.2.53"]),
         record("x.y.z.app.example", "MX", &["10 mail.app.example."]),
-        record("_sip._tcp.app.example", "SRV", &["10 5 5060 sip.app.example."]),
-        record("h.app.example", "HTTPS", &["1 . alpn=h2 ipv4hint=192.0.2.9"]),
+        record(
+            "_sip._tcp.app.example",
+            "SRV",
+            &["10 5 5060 sip.app.example."],
+        ),
+        record(
+            "h.app.example",
+            "HTTPS",
+            &["1 . alpn=h2 ipv4hint=192.0.2.9"],
+        ),
         record("web.internal", "A", &["10.0.0.10"]),
         record("big.app.example", "TXT", &[&"\"0123456789\" ".repeat(60)]),
     ];
@@ -87,7 +94,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let view = VIEW.load();
-    let transport = if selector & 1 == 0 { Transport::Udp } else { Transport::Tcp };
+    let transport = if selector & 1 == 0 {
+        Transport::Udp
+    } else {
+        Transport::Tcp
+    };
     let client = if selector & 2 == 0 {
         IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))
     } else {
@@ -96,9 +107,12 @@ fuzz_target!(|data: &[u8]| {
     let reply = answer::answer_bytes(&view.zone, request, transport, 1232, client);
     if let Some(reply) = &reply {
         if transport == Transport::Udp {
-            let limit = Message::from_vec(request)
-                .map_or(512, |m| answer::udp_limit(&m, 1232));
-            assert!(reply.len() <= limit, "{} bytes over a {limit} limit", reply.len());
+            let limit = Message::from_vec(request).map_or(512, |m| answer::udp_limit(&m, 1232));
+            assert!(
+                reply.len() <= limit,
+                "{} bytes over a {limit} limit",
+                reply.len()
+            );
         }
         // The cache's path: key, patch, and the patched answer still parses.
         let mut key = Vec::new();
