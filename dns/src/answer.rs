@@ -159,6 +159,12 @@ pub fn encode(response: &Message, limit: Option<usize>) -> Option<Vec<u8>> {
             truncated.metadata.truncation = true;
             truncated.add_queries(response.queries.iter().cloned());
             truncated.edns = response.edns.clone();
+            let bytes = truncated.to_vec().ok()?;
+            if bytes.len() <= limit {
+                return Some(bytes);
+            }
+            // Only questions can still be too many (a FORMERR echoing 17 of them): drop them.
+            truncated.queries.clear();
             truncated.to_vec().ok()
         }
         _ => Some(bytes),
