@@ -1,6 +1,7 @@
 //! Conformance against Knot DNS: the same zone, written as a zone file and served by `knotd` on
 //! a loopback port, must get the same answers as Portcullis for a generated set of queries
-//! (rcode, AA, TC, answer and authority sections).
+//! (rcode, AA, TC, answer and authority sections). And Knot as a secondary: it transfers the
+//! zone from the node (AXFR) and then answers the same.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -111,11 +112,25 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_knot(zone_file: &str) -> Knot {
+/// Knot serving `ZONE` from a zone file, or as a secondary of `primary` when no file is given.
+fn start_knot(zone_file: Option<&str>, primary: Option<SocketAddr>) -> Knot {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    std::fs::write(dir.path().join(format!("{ZONE}.zone")), zone_file).unwrap();
+    if let Some(zone_file) = zone_file {
+        std::fs::write(dir.path().join(format!("{ZONE}.zone")), zone_file).unwrap();
+    }
     let d = dir.path().display();
+    let (remote, master) = match primary {
+        Some(p) => (
+            format!(
+                "remote:\n  - id: primary\n    address: {}@{}\n",
+                p.ip(),
+                p.port()
+            ),
+            "    master: primary\n",
+        ),
+        None => (String::new(), ""),
+    };
     let conf = format!(
         r#"server:
     rundir: "{d}"
@@ -128,13 +143,13 @@ database:
 log:
   - target: stderr
     any: warning
-zone:
+{remote}zone:
   - domain: {ZONE}
     storage: "{d}"
     file: "{ZONE}.zone"
     journal-content: none
     zonefile-sync: -1
-"#
+{master}"#
     );
     let conf_path = dir.path().join("knot.conf");
     std::fs::write(&conf_path, conf).unwrap();
@@ -152,7 +167,7 @@ zone:
         addr,
         _dir: dir,
     };
-    // Ready once it answers the SOA.
+    // Ready once it answers the SOA (for a secondary: once the first transfer is in).
     let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
     probe
         .set_read_timeout(Some(Duration::from_millis(100)))
@@ -201,8 +216,40 @@ async fn answers_match_knot_on_the_same_zone() {
         RData::SOA(soa) => soa.serial,
         other => panic!("not an SOA: {other:?}"),
     };
-    let knot = start_knot(&knot_zone_file(serial, &services));
+    let knot = start_knot(Some(&knot_zone_file(serial, &services)), None);
+    compare_with_knot(ours, &knot, &services);
+}
 
+/// Knot transfers the zone from the node (AXFR over TCP, in several messages) and, as a
+/// secondary, answers every query exactly as the node does.
+#[tokio::test]
+async fn knot_as_secondary_transfers_the_zone_and_answers_the_same() {
+    let node = support::dns::dns_node_with("transfer_from = [\"127.0.0.1/32\"]\n");
+    let ours = node.dns_addr().await;
+    let mut services = Vec::new();
+    for _ in 0..3 {
+        services.push(create_service(&node).await);
+    }
+    for (name, rtype, values) in RECORDS {
+        add(&node, name, rtype, values).await;
+    }
+    // Enough records for several transfer messages.
+    for i in 0..250 {
+        add(&node, &format!("bulk{i}.{ZONE}"), "TXT", &["\"bulk\""]).await;
+    }
+    let ours_soa = q(ours, ZONE, RecordType::SOA);
+    let knot = start_knot(None, Some(ours));
+    assert_eq!(
+        q(knot.addr, ZONE, RecordType::SOA).answers,
+        ours_soa.answers,
+        "Knot holds the zone at the node's serial"
+    );
+    let bulk = q(knot.addr, &format!("bulk249.{ZONE}"), RecordType::TXT);
+    assert_eq!(bulk.answers.len(), 1, "the last transfer message arrived");
+    compare_with_knot(ours, &knot, &services);
+}
+
+fn compare_with_knot(ours: SocketAddr, knot: &Knot, services: &[String]) {
     let mut names: Vec<String> = RECORDS.iter().map(|(n, _, _)| n.to_string()).collect();
     names.extend(services.iter().map(|id| format!("{id}.{ZONE}")));
     names.extend(
