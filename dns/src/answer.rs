@@ -132,6 +132,29 @@ pub fn forwardable(view: &ZoneView, request: &Message) -> Option<hickory_proto::
         .then(|| query.clone())
 }
 
+/// NXDOMAIN for a plain query, written without building messages (a flood of random names is
+/// all misses). `None`: any other outcome, for the general path.
+pub fn fast_nxdomain(
+    zone: &ZoneView,
+    request: &[u8],
+    fast: &crate::wire::FastQuery,
+    key: &[u8],
+    udp_payload: u16,
+) -> Option<Vec<u8>> {
+    let (qtype, qclass) = crate::wire::key_type_class(key);
+    if qclass != u16::from(DNSClass::IN) {
+        return None;
+    }
+    let name = crate::wire::key_to_name(key)?;
+    let lookup = zone.lookup(&name, RecordType::from(qtype), 0);
+    if lookup.rcode != Rcode::NxDomain || !lookup.answers.is_empty() {
+        return None;
+    }
+    let soa = zone.negative_soa_wire(&name)?;
+    let reply = crate::wire::nxdomain(request, fast, soa, udp_payload);
+    (reply.len() <= usize::from(fast.limit)).then_some(reply)
+}
+
 /// The largest UDP answer for this request: what the client offers, capped by our own payload
 /// size, never under 512.
 pub fn udp_limit(request: &Message, udp_payload: u16) -> usize {

@@ -199,6 +199,12 @@ impl UdpWorker {
         {
             return Some(wire::patch(cached, request, fast));
         }
+        if let Some(fast) = &fast
+            && let Some(reply) =
+                answer::fast_nxdomain(&view.zone, request, fast, key, self.udp_payload)
+        {
+            return Some(reply);
+        }
         let Ok(message) = Message::from_vec(request) else {
             return answer::formerr(request);
         };

@@ -8,6 +8,11 @@
 #[derive(Debug, Clone, Copy)]
 pub struct FastQuery {
     qname_end: usize,
+    /// The request has an OPT (then so does the answer), and its DO bit.
+    edns: bool,
+    dnssec_ok: bool,
+    /// The largest UDP answer this query may get.
+    pub limit: u16,
 }
 
 const HEADER: usize = 12;
@@ -56,6 +61,8 @@ pub fn parse_query(
     let question = request.get(i..i + 4)?;
     key.extend_from_slice(question);
     i += 4;
+    let mut edns = false;
+    let mut dnssec_ok = false;
     let (flags, limit) = if ar == 1 {
         // The OPT: root name, type 41, class = payload, TTL = ext-rcode|version|DO..., no RDATA.
         let opt = request.get(i..i + 11)?;
@@ -66,7 +73,8 @@ pub fn parse_query(
             return None;
         }
         let payload = u16::from_be_bytes([opt[3], opt[4]]);
-        let dnssec_ok = opt[7] & 0x80 != 0;
+        edns = true;
+        dnssec_ok = opt[7] & 0x80 != 0;
         let limit = payload.min(udp_payload).max(512);
         (1 | (u8::from(dnssec_ok) << 1), limit)
     } else {
@@ -78,7 +86,12 @@ pub fn parse_query(
     key.push(flags);
     key.extend_from_slice(&limit.to_be_bytes());
     key.extend_from_slice(&group.to_be_bytes());
-    Some(FastQuery { qname_end })
+    Some(FastQuery {
+        qname_end,
+        edns,
+        dnssec_ok,
+        limit,
+    })
 }
 
 /// Where the first question ends (after its type and class), for any query with one whose
@@ -132,6 +145,56 @@ pub fn patch(cached: &[u8], request: &[u8], query: &FastQuery) -> Vec<u8> {
     out[3] = (out[3] & !0x10) | (request[3] & 0x10);
     // Names compare without case, but the question goes back as it came (0x20 randomization).
     out[HEADER..query.qname_end].copy_from_slice(&request[HEADER..query.qname_end]);
+    out
+}
+
+/// The question name of a cache key as a hickory name (lowercase).
+pub fn key_to_name(key: &[u8]) -> Option<hickory_proto::rr::Name> {
+    let wire = key_name(key);
+    let mut labels = Vec::with_capacity(8);
+    let mut i = 0;
+    while let Some(&len) = wire.get(i) {
+        if len == 0 {
+            break;
+        }
+        labels.push(wire.get(i + 1..i + 1 + usize::from(len))?);
+        i += 1 + usize::from(len);
+    }
+    let mut name = hickory_proto::rr::Name::from_labels(labels).ok()?;
+    name.set_fqdn(true);
+    Some(name)
+}
+
+/// The query type and class in a cache key.
+pub fn key_type_class(key: &[u8]) -> (u16, u16) {
+    let tail = &key[key.len().saturating_sub(KEY_TAIL)..];
+    if tail.len() < 4 {
+        return (0, 0);
+    }
+    (
+        u16::from_be_bytes([tail[0], tail[1]]),
+        u16::from_be_bytes([tail[2], tail[3]]),
+    )
+}
+
+/// An NXDOMAIN answer written directly: the request's header and question, the zone's SOA
+/// (`soa`: the record in wire form, owner uncompressed) in the authority section, and an OPT
+/// when the request had one. What hickory would make, without parsing and building messages:
+/// random-name floods are all misses and take this path.
+pub fn nxdomain(request: &[u8], query: &FastQuery, soa: &[u8], udp_payload: u16) -> Vec<u8> {
+    let question_end = query.qname_end + 4;
+    let mut out = Vec::with_capacity(question_end + soa.len() + 11);
+    out.extend_from_slice(&request[..question_end]);
+    // QR, opcode QUERY, AA, RD echoed; RA clear; CD echoed; RCODE 3.
+    out[2] = 0x80 | 0x04 | (request[2] & 0x01);
+    out[3] = (request[3] & 0x10) | 0x03;
+    out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 1, 0, u8::from(query.edns)]);
+    out.extend_from_slice(soa);
+    if query.edns {
+        let payload = udp_payload.max(512).to_be_bytes();
+        let flags = if query.dnssec_ok { 0x80 } else { 0 };
+        out.extend_from_slice(&[0, 0, 41, payload[0], payload[1], 0, 0, flags, 0, 0, 0]);
+    }
     out
 }
 

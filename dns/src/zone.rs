@@ -13,6 +13,7 @@ use std::sync::Arc;
 use hickory_proto::rr::rdata::svcb::{Alpn, IpHint, SVCB, SvcParamKey, SvcParamValue};
 use hickory_proto::rr::rdata::{A, AAAA, HTTPS, NS, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 use portcullis_config::Snapshot;
 use portcullis_config::file::{AnswerPolicy, DnsSection, NodeConfig};
 use portcullis_config::model::{RecordType as StoredType, VerificationStatus};
@@ -115,6 +116,8 @@ struct Apex {
     soa: Record,
     /// TTL of negative answers: min(SOA TTL, MINIMUM), RFC 2308 §3.
     negative_soa: Record,
+    /// `negative_soa` in wire form, owner uncompressed: for NXDOMAIN answers written directly.
+    negative_soa_wire: Vec<u8>,
     ns: Vec<Record>,
     caa: Vec<Record>,
     platform: bool,
@@ -354,6 +357,15 @@ impl ZoneView {
             let soa_record = Record::from_rdata(zone.clone(), soa_cfg.ttl, RData::SOA(soa));
             let mut negative_soa = soa_record.clone();
             negative_soa.ttl = soa_cfg.ttl.min(soa_cfg.minimum);
+            let mut negative_soa_wire = Vec::new();
+            {
+                let mut encoder = BinEncoder::new(&mut negative_soa_wire);
+                encoder.set_name_encoding(NameEncoding::Uncompressed);
+                if let Err(e) = negative_soa.emit(&mut encoder) {
+                    // Then negative answers take the general path, which reports it too.
+                    tracing::warn!(error = %e, zone = %zone, "the zone's SOA does not encode");
+                }
+            }
             let ns = settings
                 .nameservers
                 .iter()
@@ -373,6 +385,7 @@ impl ZoneView {
                 labels: zone.num_labels(),
                 soa: soa_record,
                 negative_soa,
+                negative_soa_wire,
                 ns,
                 caa,
                 platform,
@@ -407,6 +420,13 @@ impl ZoneView {
 
     pub fn clients(&self) -> &ClientTable {
         &self.settings.clients
+    }
+
+    /// The negative-answer SOA of the zone holding `name`, in wire form (owner uncompressed).
+    pub fn negative_soa_wire(&self, name: &Name) -> Option<&[u8]> {
+        self.apex_for(name)
+            .map(|a| a.negative_soa_wire.as_slice())
+            .filter(|w| !w.is_empty())
     }
 
     /// Whether a name is outside every zone we serve (a question for a forwarder, if any).
@@ -628,6 +648,10 @@ impl ZoneView {
         name: &Name,
         ctx: &Ctx,
     ) -> Option<Vec<(RecordType, Vec<Record>)>> {
+        // Wildcards are custom records: without any, there is nothing to find.
+        if self.custom.owners.is_empty() {
+            return None;
+        }
         let mut encloser = name.base_name();
         while encloser.num_labels() > apex.labels {
             if !matches!(self.find(apex, &encloser, ctx), Found::Missing) {
@@ -655,6 +679,10 @@ impl ZoneView {
     }
 
     fn is_alias(&self, name: &Name) -> bool {
+        // Most platforms have few aliases or none: skip the name's text form then.
+        if self.snapshot.domains().next().is_none() {
+            return false;
+        }
         let text = name.to_lowercase().to_ascii();
         let text = text.trim_end_matches('.');
         self.snapshot

@@ -123,6 +123,23 @@ fuzz_target!(|data: &[u8]| {
             assert!(Message::from_vec(&patched).is_ok());
         }
     }
+    // The direct NXDOMAIN writer must say what the general path says.
+    let mut key = Vec::new();
+    if let Some(fast) = wire::parse_query(request, 1232, 0, &mut key)
+        && let Some(direct) = answer::fast_nxdomain(&view.zone, request, &fast, &key, 1232)
+    {
+        let general = answer::answer_bytes(&view.zone, request, Transport::Udp, 1232, client)
+            .and_then(|g| Message::from_vec(&g).ok());
+        let direct = Message::from_vec(&direct).ok();
+        let (Some(general), Some(direct)) = (general, direct) else {
+            panic!("an answer does not parse");
+        };
+        assert_eq!(direct.metadata, general.metadata);
+        assert_eq!(direct.queries, general.queries);
+        assert_eq!(direct.authorities, general.authorities);
+        assert!(direct.answers.is_empty() && direct.additionals.is_empty());
+        assert_eq!(direct.edns, general.edns);
+    }
     if let Ok(message) = Message::from_vec(request) {
         if let Some(query) = message.queries.first() {
             let _ = view.zone.transfer(query.name());
