@@ -8,7 +8,7 @@ export CARGO_TARGET_DIR
 
 # command:package pairs each target needs; later capabilities add theirs here.
 RUN_DEPS  := curl:curl kill:procps
-TEST_DEPS := curl:curl kill:procps dig:dnsutils knotd:knot
+TEST_DEPS := curl:curl kill:procps dig:dnsutils knotd:knot pebble:pebble
 
 .PHONY: run test deps-run deps-test build lint bench fuzz
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use portcullis_acme::{CertificateManager, DevCa, Issuer, RenewalPolicy};
+use portcullis_acme::{AcmeIssuer, CertificateManager, DevCa, Issuer, RenewalPolicy};
 use portcullis_config::file::{IssuerKind, LogFormat};
 use portcullis_config::model::Node;
 use portcullis_config::store::LeaseId;
@@ -111,6 +111,21 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
             let ca = tokio::task::spawn_blocking(move || DevCa::open_or_create(&dir, &node_id))
                 .await??;
             Arc::new(ca)
+        }
+        IssuerKind::Acme => {
+            let acme = Arc::new(
+                AcmeIssuer::new(&config.issuer, state.clone())
+                    .context("setting up the ACME issuer")?,
+            );
+            // Have the account (and so the thumbprint every node answers challenges with)
+            // before the first order needs it; a CA that is down now is retried by that order.
+            let early = acme.clone();
+            tokio::spawn(async move {
+                if let Err(e) = early.account().await {
+                    tracing::warn!(error = %e, "ACME account not ready yet; orders will retry");
+                }
+            });
+            acme as Arc<dyn Issuer>
         }
     };
     let issuer_ref = issuer.reference();

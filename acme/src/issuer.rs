@@ -21,6 +21,12 @@ pub enum IssueError {
     Generate(String),
     #[error("{kind}: {detail}")]
     Rejected { kind: String, detail: String },
+    /// The issuer cannot be set up (config, account); nothing will issue until it is fixed.
+    #[error("{0}")]
+    Setup(String),
+    /// The CA could not be reached or answered nonsense; retried later.
+    #[error("the ACME CA failed: {0}")]
+    Ca(String),
 }
 
 impl IssueError {
@@ -30,6 +36,8 @@ impl IssueError {
             IssueError::Rejected { kind, detail } => (kind.clone(), detail.clone()),
             IssueError::DevCa { .. } => ("portcullis:dev-ca".into(), self.to_string()),
             IssueError::Generate(_) => ("portcullis:generate".into(), self.to_string()),
+            IssueError::Setup(_) => ("portcullis:issuer-setup".into(), self.to_string()),
+            IssueError::Ca(_) => ("portcullis:ca-unreachable".into(), self.to_string()),
         };
         portcullis_config::model::Problem { kind, detail }
     }

@@ -4,10 +4,12 @@
 //! result to the store. It knows nothing of TLS serving or DNS answering: the proxy and the DNS
 //! responder see its work only through the Snapshot.
 
+mod acme;
 mod dev;
 mod issuer;
 mod manager;
 
+pub use acme::AcmeIssuer;
 pub use dev::DevCa;
 pub use issuer::{IssueError, Issued, Issuer};
 pub use manager::{CertificateManager, RenewalPolicy};

@@ -441,6 +441,8 @@ pub enum IssuerKind {
     /// trusts its root (`portcullis ca root`).
     #[default]
     Dev,
+    /// An ACME CA (RFC 8555): Let's Encrypt, ZeroSSL, Pebble in tests.
+    Acme,
 }
 
 #[derive(Clone, Debug, PartialEq, Default, Deserialize)]
@@ -448,6 +450,22 @@ pub enum IssuerKind {
 pub struct IssuerSection {
     #[serde(default)]
     pub kind: IssuerKind,
+    /// With `kind = "acme"`: the CA's directory URL.
+    pub directory_url: Option<String>,
+    /// `mailto:` URLs given to the CA for the account.
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// PEM files whose certificates are trusted for the directory's TLS (e.g. Pebble's CA);
+    /// empty: the system's roots.
+    #[serde(default)]
+    pub trust_roots: Vec<PathBuf>,
+    /// External account binding, when the CA asks for one (ZeroSSL, Google).
+    pub eab_key_id: Option<String>,
+    /// The EAB HMAC key, base64url as the CA hands it out.
+    pub eab_hmac_key: Option<String>,
+    /// Directories tried in order after repeated failures at `directory_url`.
+    #[serde(default)]
+    pub fallback_directories: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Default, Deserialize)]

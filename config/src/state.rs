@@ -330,6 +330,39 @@ impl State {
         }
     }
 
+    /// The ACME account, if one was created.
+    pub async fn get_account(&self) -> Result<Option<crate::model::AcmeAccount>, StateError> {
+        self.store
+            .get(keys::ACME_ACCOUNT)
+            .await?
+            .map(|kv| decode(&kv))
+            .transpose()
+    }
+
+    /// Stores the ACME account unless one exists (another node of a fleet may have won the
+    /// race); returns the one stored.
+    pub async fn put_account_once(
+        &self,
+        account: &crate::model::AcmeAccount,
+    ) -> Result<crate::model::AcmeAccount, StateError> {
+        let key = keys::ACME_ACCOUNT.to_string();
+        let value = encode(&key, account)?;
+        let out = self
+            .store
+            .txn(Txn {
+                compare: vec![Compare::Absent(key.clone())],
+                success: vec![Op::put(key, value)],
+                failure: vec![],
+            })
+            .await?;
+        if out.succeeded {
+            return Ok(account.clone());
+        }
+        self.get_account().await?.ok_or_else(|| {
+            StateError::Conflict("the ACME account vanished while it was being stored".into())
+        })
+    }
+
     pub async fn get_record(
         &self,
         name: &str,

@@ -3,6 +3,7 @@
 //! upstream client. It reads certificates and routes only from the Snapshot, and knows nothing
 //! of DNS or ACME ordering.
 
+mod challenge;
 mod conn;
 mod health;
 mod proxy_protocol;

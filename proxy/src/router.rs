@@ -177,17 +177,20 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
 }
 
 /// Answers a request on the HTTP listener: 308 to HTTPS, the service itself where it asked
-/// for plain HTTP, and (until the ACME issuer answers them) 404 for http-01 challenges.
+/// for plain HTTP, and ACME http-01 challenges (statelessly, from the account's thumbprint).
 pub async fn plain(
     shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    if req.uri().path().starts_with("/.well-known/acme-challenge/") {
-        return Ok(page(
-            StatusCode::NOT_FOUND,
-            "No ACME challenge is answered here: this node does not use an ACME issuer.\n".into(),
-        ));
+    if let Some(token) = req
+        .uri()
+        .path()
+        .strip_prefix("/.well-known/acme-challenge/")
+    {
+        let host = request_host(&req).and_then(host_name);
+        let (status, body) = crate::challenge::respond(&shared.snapshot.load(), host, token);
+        return Ok(page(status, body));
     }
     let Some(name) = request_host(&req).and_then(host_name) else {
         return Ok(page(

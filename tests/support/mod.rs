@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod dns;
+pub mod pebble;
 pub mod tls;
 
 use std::net::SocketAddr;

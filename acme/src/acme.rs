@@ -1,0 +1,313 @@
+//! The ACME issuer (RFC 8555) on instant-acme: one account per platform, kept in the store so
+//! every node answers http-01 challenges from its thumbprint, and orders run with short polling.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType,
+    ExternalAccountKey, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use portcullis_config::file::IssuerSection;
+use portcullis_config::model::{AcmeAccount, IssuerRef};
+use portcullis_config::{DomainName, State};
+use time::OffsetDateTime;
+use tokio::sync::RwLock;
+
+use crate::issuer::{IssueError, Issued, Issuer};
+
+/// Polling of orders: a short start, as Pebble and Let's Encrypt validate in tens of
+/// milliseconds to seconds; capped by the backoff and bounded overall.
+fn retry_policy() -> RetryPolicy {
+    RetryPolicy::new()
+        .initial_delay(Duration::from_millis(20))
+        .backoff(1.5)
+        .timeout(Duration::from_secs(90))
+}
+
+pub struct AcmeIssuer {
+    section: IssuerSection,
+    state: State,
+    /// Made on first use, so a node starts (and serves what it has) while the CA is down.
+    account: tokio::sync::OnceCell<Account>,
+    directory_url: String,
+    /// New orders exclude authorization fetches: Pebble deadlocks when the two overlap (see
+    /// the research note), and serializing them costs little.
+    order_lock: RwLock<()>,
+}
+
+impl std::fmt::Debug for AcmeIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeIssuer")
+            .field("directory_url", &self.directory_url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn setup(detail: impl std::fmt::Display) -> IssueError {
+    IssueError::Setup(detail.to_string())
+}
+
+fn api(e: instant_acme::Error) -> IssueError {
+    match e {
+        instant_acme::Error::Api(problem) => IssueError::Rejected {
+            kind: problem
+                .r#type
+                .clone()
+                .unwrap_or_else(|| "urn:ietf:params:acme:error:serverInternal".into()),
+            detail: problem.detail.clone().unwrap_or_default(),
+        },
+        other => IssueError::Ca(other.to_string()),
+    }
+}
+
+/// HTTPS to the CA with TCP_NODELAY (instant-acme's default client leaves Nagle on, and every
+/// signed POST then waits ~40 ms), trusting `trust_roots` when given, else the system's roots.
+fn http_client(
+    trust_roots: &[PathBuf],
+) -> Result<
+    Client<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<bytes::Bytes>>,
+    IssueError,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    if trust_roots.is_empty() {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    for path in trust_roots {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| setup(format!("issuer.trust_roots {}: {e}", path.display())))?;
+        for cert in certs {
+            let cert =
+                cert.map_err(|e| setup(format!("issuer.trust_roots {}: {e}", path.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| setup(format!("issuer.trust_roots {}: {e}", path.display())))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
+impl AcmeIssuer {
+    /// Checks the settings; the account is loaded or created on first use.
+    pub fn new(section: &IssuerSection, state: State) -> Result<Self, IssueError> {
+        let directory_url = section.directory_url.clone().ok_or_else(|| {
+            setup("issuer.kind = \"acme\" needs issuer.directory_url (the CA's directory)")
+        })?;
+        if section.eab_key_id.is_some() != section.eab_hmac_key.is_some() {
+            return Err(setup(
+                "issuer.eab_key_id and issuer.eab_hmac_key go together: set both or neither",
+            ));
+        }
+        // Fail at start on unreadable trust roots rather than at the first order.
+        http_client(&section.trust_roots)?;
+        Ok(AcmeIssuer {
+            section: section.clone(),
+            state,
+            account: tokio::sync::OnceCell::new(),
+            directory_url,
+            order_lock: RwLock::new(()),
+        })
+    }
+
+    /// The platform's account: from the store, or created at the CA and stored.
+    pub async fn account(&self) -> Result<&Account, IssueError> {
+        self.account.get_or_try_init(|| self.load_account()).await
+    }
+
+    async fn load_account(&self) -> Result<Account, IssueError> {
+        let directory_url = &self.directory_url;
+        let stored = self
+            .state
+            .get_account()
+            .await
+            .map_err(|e| IssueError::Ca(format!("reading the ACME account: {e}")))?;
+        let stored = match stored {
+            Some(account) if account.directory_url == *directory_url => account,
+            _ => Self::create_account(&self.section, directory_url, &self.state).await?,
+        };
+        let credentials: AccountCredentials = serde_json::from_str(&stored.credentials_json)
+            .map_err(|e| setup(format!("the stored ACME account does not parse: {e}")))?;
+        Account::builder_with_http(Box::new(http_client(&self.section.trust_roots)?))
+            .from_credentials(credentials)
+            .await
+            .map_err(|e| {
+                IssueError::Ca(format!(
+                    "cannot reach the ACME directory {directory_url}: {e}"
+                ))
+            })
+    }
+
+    async fn create_account(
+        section: &IssuerSection,
+        directory_url: &str,
+        state: &State,
+    ) -> Result<AcmeAccount, IssueError> {
+        let contact: Vec<&str> = section.contact.iter().map(String::as_str).collect();
+        let eab = match (&section.eab_key_id, &section.eab_hmac_key) {
+            (Some(id), Some(key)) => {
+                use base64::Engine as _;
+                let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(key.trim_end_matches('='))
+                    .map_err(|e| setup(format!("issuer.eab_hmac_key is not base64url: {e}")))?;
+                Some(ExternalAccountKey::new(id.clone(), &key))
+            }
+            _ => None,
+        };
+        let (account, credentials) =
+            Account::builder_with_http(Box::new(http_client(&section.trust_roots)?))
+                .create(
+                    &NewAccount {
+                        contact: &contact,
+                        terms_of_service_agreed: true,
+                        only_return_existing: false,
+                    },
+                    directory_url.to_string(),
+                    eab.as_ref(),
+                )
+                .await
+                .map_err(|e| {
+                    IssueError::Ca(format!("creating the ACME account at {directory_url}: {e}"))
+                })?;
+        let record = AcmeAccount {
+            directory_url: directory_url.to_string(),
+            account_url: account.id().to_string(),
+            thumbprint: account.key_thumbprint().to_string(),
+            credentials_json: serde_json::to_string(&credentials)
+                .map_err(|e| setup(format!("serializing the ACME account: {e}")))?,
+            created_at: OffsetDateTime::now_utc(),
+        };
+        tracing::info!(account = %record.account_url, "ACME account created");
+        // Another node may have stored one first: then everyone uses that one.
+        state
+            .put_account_once(&record)
+            .await
+            .map_err(|e| IssueError::Ca(format!("storing the ACME account: {e}")))
+    }
+
+    async fn order(&self, domains: &[DomainName]) -> Result<Issued, IssueError> {
+        let identifiers: Vec<Identifier> = domains
+            .iter()
+            .map(|d| Identifier::Dns(d.to_string()))
+            .collect();
+        let account = self.account().await?;
+        let mut order = {
+            let _exclusive = self.order_lock.write().await;
+            account
+                .new_order(&NewOrder::new(&identifiers))
+                .await
+                .map_err(api)?
+        };
+        {
+            let _shared = self.order_lock.read().await;
+            let mut authorizations = order.authorizations();
+            while let Some(authorization) = authorizations.next().await {
+                let mut authorization = authorization.map_err(api)?;
+                match authorization.status {
+                    AuthorizationStatus::Pending => {}
+                    AuthorizationStatus::Valid => continue,
+                    other => {
+                        return Err(IssueError::Rejected {
+                            kind: "urn:ietf:params:acme:error:unauthorized".into(),
+                            detail: format!("authorization is {other:?}"),
+                        });
+                    }
+                }
+                let mut challenge =
+                    authorization
+                        .challenge(ChallengeType::Http01)
+                        .ok_or_else(|| IssueError::Rejected {
+                            kind: "urn:ietf:params:acme:error:unsupportedChallenge".into(),
+                            detail: "the CA offers no http-01 challenge".into(),
+                        })?;
+                challenge.set_ready().await.map_err(api)?;
+            }
+        }
+        let status = order.poll_ready(&retry_policy()).await.map_err(api)?;
+        if status != OrderStatus::Ready {
+            return Err(self.failure(&mut order).await);
+        }
+        let private_key_pem = order.finalize().await.map_err(api)?;
+        let chain_pem = order.poll_certificate(&retry_policy()).await.map_err(api)?;
+        let (not_before, not_after) = validity(&chain_pem)?;
+        Ok(Issued {
+            chain_pem,
+            private_key_pem,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// The CA's reason for an order that went invalid: the order's problem, else the first
+    /// failed challenge's.
+    async fn failure(&self, order: &mut instant_acme::Order) -> IssueError {
+        if let Some(problem) = order.state().error.clone() {
+            return api(instant_acme::Error::Api(problem));
+        }
+        let _shared = self.order_lock.read().await;
+        let mut authorizations = order.authorizations();
+        while let Some(Ok(mut authorization)) = authorizations.next().await {
+            if authorization.refresh().await.is_err() {
+                continue;
+            }
+            for challenge in &authorization.challenges {
+                if let Some(problem) = &challenge.error {
+                    return api(instant_acme::Error::Api(problem.clone()));
+                }
+            }
+        }
+        IssueError::Rejected {
+            kind: "urn:ietf:params:acme:error:serverInternal".into(),
+            detail: "the order became invalid and the CA gave no reason".into(),
+        }
+    }
+}
+
+/// notBefore and notAfter of the leaf, the first certificate of the chain.
+fn validity(chain_pem: &str) -> Result<(OffsetDateTime, OffsetDateTime), IssueError> {
+    use rustls_pki_types::pem::PemObject;
+    let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .ok_or_else(|| IssueError::Ca("the CA sent an empty certificate chain".into()))?
+        .map_err(|e| IssueError::Ca(format!("the CA's certificate does not parse: {e}")))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
+        .map_err(|e| IssueError::Ca(format!("the CA's certificate does not parse: {e}")))?;
+    Ok((
+        cert.validity().not_before.to_datetime(),
+        cert.validity().not_after.to_datetime(),
+    ))
+}
+
+#[async_trait]
+impl Issuer for AcmeIssuer {
+    fn reference(&self) -> IssuerRef {
+        IssuerRef::Acme {
+            directory_url: self.directory_url.clone(),
+        }
+    }
+
+    async fn issue(&self, domains: &[DomainName]) -> Result<Issued, IssueError> {
+        // Every issuance is bounded: a CA that stops answering must not hold a name forever.
+        match tokio::time::timeout(Duration::from_secs(180), self.order(domains)).await {
+            Ok(result) => result,
+            Err(_) => Err(IssueError::Ca(
+                "the order did not complete within 180 s".into(),
+            )),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! ACME issuance end to end against Pebble (Debian `pebble`): Pebble resolves through the
+//! node's own DNS responder and validates http-01 on the node's HTTP listener; the certificate
+//! it issues is then served to a client that trusts only Pebble's root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Command;
+
+use support::Node;
+use support::backend::Backend;
+use support::pebble::PebblePlan;
+
+fn curl(args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl is installed (make test installs it)");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A node whose issuer is the Pebble of `plan`, and that Pebble, started on the node's ports.
+async fn node_with_pebble(extra_pebble: &str) -> (Node, support::pebble::Pebble) {
+    let plan = PebblePlan::new();
+    let section = plan.issuer_section();
+    let node = Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", &section));
+    let dns = node.dns_addr().await;
+    let http = node.listener("http").await;
+    let pebble = plan.start(dns, http.port(), extra_pebble);
+    (node, pebble)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_service_gets_a_certificate_from_pebble_and_serves_it() {
+    let (node, pebble) = node_with_pebble("").await;
+    let backend = Backend::start("a").await;
+    // `service` waits for the certificate to be active.
+    let (id, host) = node.service(&[backend.addr]).await;
+    let cert = node
+        .wait_certificate(&id, |c| c["status"] == "active")
+        .await;
+    assert_eq!(cert["status"], "active", "{cert}");
+
+    let root = pebble.dir.path().join("issuing-root.pem");
+    std::fs::write(&root, pebble.issuing_root()).unwrap();
+    let https = node.listener("https").await;
+    let (code, err) = curl(&[
+        "--cacert",
+        root.to_str().unwrap(),
+        "--resolve",
+        &format!("{host}:{}:127.0.0.1", https.port()),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("https://{host}:{}/echo", https.port()),
+    ]);
+    assert_eq!(code, "200", "{err}\nPebble log:\n{}", pebble.log());
+    assert!(backend.hits() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_challenge_responder_answers_managed_hosts_with_the_key_authorization() {
+    let (node, _pebble) = node_with_pebble("").await;
+    let backend = Backend::start("a").await;
+    let (_, host) = node.service(&[backend.addr]).await;
+    let http = node.listener("http").await;
+    let get = |host: &str, token: &str| {
+        let (out, err) = curl(&[
+            "--resolve",
+            &format!("{host}:{}:127.0.0.1", http.port()),
+            "-w",
+            "\n%{http_code} %{content_type}",
+            &format!(
+                "http://{host}:{}/.well-known/acme-challenge/{token}",
+                http.port()
+            ),
+        ]);
+        let (body, status) = out.rsplit_once('\n').unwrap_or_else(|| panic!("{err}"));
+        (body.to_string(), status.to_string())
+    };
+    let token = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
+    let (body, status) = get(&host, token);
+    assert_eq!(status, "200 text/plain; charset=utf-8");
+    let (echoed, thumbprint) = body.split_once('.').unwrap();
+    assert_eq!(echoed, token);
+    // An RFC 7638 SHA-256 thumbprint: 43 base64url characters.
+    assert_eq!(thumbprint.len(), 43, "{body}");
+    assert!(
+        thumbprint
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
+    // The same thumbprint for every token and every managed host: no per-challenge state.
+    let (other, _) = get(&host.to_uppercase(), "abc_DEF-123");
+    assert_eq!(other, format!("abc_DEF-123.{thumbprint}"));
+    // Tokens outside base64url, or absurdly long: 400.
+    assert!(get(&host, "abc%21def").1.starts_with("400"));
+    assert!(get(&host, "a.b").1.starts_with("400"));
+    assert!(get(&host, &"a".repeat(129)).1.starts_with("400"));
+    // Hosts the platform does not manage: 404.
+    assert!(get("stranger.example.org", token).1.starts_with("404"));
+}
