@@ -106,3 +106,47 @@ async fn the_challenge_responder_answers_managed_hosts_with_the_key_authorizatio
     // Hosts the platform does not manage: 404.
     assert!(get("stranger.example.org", token).1.starts_with("404"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_the_ca_refuses_is_failed_with_the_problem_and_retried_later() {
+    let (node, _pebble) = node_with_pebble(r#", "domainBlocklist": ["app.example.test"]"#).await;
+    let created = node
+        .api(
+            hyper::Method::POST,
+            "/v1/services",
+            Some(serde_json::json!({ "backends": ["127.0.0.1:9"] })),
+        )
+        .await;
+    assert_eq!(created.status, hyper::StatusCode::CREATED);
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    let cert = node
+        .wait_certificate(&id, |c| c["status"] == "failed")
+        .await;
+    let problem = &cert["last_error"];
+    assert_eq!(
+        problem["type"], "urn:ietf:params:acme:error:rejectedIdentifier",
+        "{cert}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("app.example.test"),
+        "{cert}"
+    );
+    assert!(cert["attempts"].as_u64().unwrap() >= 1, "{cert}");
+    assert!(cert["next_attempt_at"].is_string(), "{cert}");
+    // Retried at next_attempt_at (the first backoff step is a few seconds), and failed again.
+    let again = node
+        .wait_certificate(&id, |c| c["attempts"].as_u64() >= Some(2))
+        .await;
+    assert_eq!(again["status"], "failed", "{again}");
+    // The node goes on serving: DNS still answers for the service.
+    let dns = node.dns_addr().await;
+    let a = support::dns::q(
+        dns,
+        &format!("{id}.app.example.test"),
+        hickory_proto::rr::RecordType::A,
+    );
+    assert_eq!(support::dns::rdata(&a), ["127.0.0.1"]);
+}

@@ -121,6 +121,7 @@ impl CertificateManager {
                 }
             }
             drop(snapshot);
+            let mut recorded = false;
             for id in due {
                 if shutdown.is_cancelled() {
                     return;
@@ -128,14 +129,22 @@ impl CertificateManager {
                 match self.issue_for(&id, &zone).await {
                     Ok(Some(revision)) => {
                         self.snapshot.wait_for(revision, SNAPSHOT_CATCH_UP).await;
+                        recorded = true;
                     }
                     Ok(None) => {} // the service went away meanwhile
                     Err(e) => {
-                        tracing::warn!(service = %id, error = %e, "cannot record a certificate")
+                        // The store failed: try again after the first backoff step, not at once.
+                        tracing::warn!(service = %id, error = %e, "cannot record a certificate");
+                        wake = wake.min(OffsetDateTime::now_utc() + self.policy.first_retry);
                     }
                 }
             }
             changes.borrow_and_update();
+            if recorded {
+                // What was just recorded has its own next time (a renewal, a retry): look again
+                // now rather than sleep until a time computed before it existed.
+                continue;
+            }
             let sleep = (wake - OffsetDateTime::now_utc())
                 .try_into()
                 .unwrap_or(StdDuration::ZERO);
