@@ -150,3 +150,46 @@ async fn a_name_the_ca_refuses_is_failed_with_the_problem_and_retried_later() {
     );
     assert_eq!(support::dns::rdata(&a), ["127.0.0.1"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_services_created_at_once_all_get_certificates() {
+    let (node, pebble) = node_with_pebble("").await;
+    let node = std::sync::Arc::new(node);
+    let mut creations = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let node = node.clone();
+        creations.spawn(async move {
+            let r = node
+                .api(
+                    hyper::Method::POST,
+                    "/v1/services",
+                    Some(serde_json::json!({ "backends": ["127.0.0.1:9"],
+                        "options": { "health_check": { "enabled": false } } })),
+                )
+                .await;
+            assert_eq!(r.status, hyper::StatusCode::CREATED);
+        });
+    }
+    while let Some(done) = creations.join_next().await {
+        done.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let list = node
+            .api(hyper::Method::GET, "/v1/certificates", None)
+            .await
+            .json();
+        let certs = list["certificates"].as_array().unwrap().clone();
+        let active = certs.iter().filter(|c| c["status"] == "active").count();
+        if active == 100 {
+            break;
+        }
+        let failed: Vec<_> = certs.iter().filter(|c| c["status"] == "failed").collect();
+        assert!(failed.is_empty(), "failed: {failed:?}\n{}", pebble.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{active} of 100 active after 120 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -2,6 +2,8 @@
 //! the next renewal or retry time, and issues what is due.
 
 use std::sync::Arc;
+
+use futures_util::StreamExt as _;
 use std::time::Duration as StdDuration;
 
 use portcullis_config::model::{Certificate, CertificateStatus};
@@ -18,6 +20,8 @@ pub struct RenewalPolicy {
     pub remaining_fraction: f64,
     pub first_retry: StdDuration,
     pub max_retry: StdDuration,
+    /// Orders in flight at once on this node (CAs limit concurrent orders per account too).
+    pub concurrent_orders: usize,
 }
 
 impl Default for RenewalPolicy {
@@ -26,6 +30,7 @@ impl Default for RenewalPolicy {
             remaining_fraction: 1.0 / 3.0,
             first_retry: StdDuration::from_secs(5),
             max_retry: StdDuration::from_secs(3600),
+            concurrent_orders: 32,
         }
     }
 }
@@ -122,13 +127,20 @@ impl CertificateManager {
             }
             drop(snapshot);
             let mut recorded = false;
-            for id in due {
-                if shutdown.is_cancelled() {
-                    return;
-                }
-                match self.issue_for(&id, &zone).await {
+            let mut latest = None;
+            let (this, zone) = (&self, &zone);
+            let mut results = futures_util::stream::iter(due)
+                .map(|id| async move { (id, this.issue_for(&id, zone).await) })
+                .buffer_unordered(self.policy.concurrent_orders.max(1));
+            loop {
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    next = results.next() => next,
+                };
+                let Some((id, result)) = next else { break };
+                match result {
                     Ok(Some(revision)) => {
-                        self.snapshot.wait_for(revision, SNAPSHOT_CATCH_UP).await;
+                        latest = latest.max(Some(revision));
                         recorded = true;
                     }
                     Ok(None) => {} // the service went away meanwhile
@@ -138,6 +150,10 @@ impl CertificateManager {
                         wake = wake.min(OffsetDateTime::now_utc() + self.policy.first_retry);
                     }
                 }
+            }
+            drop(results);
+            if let Some(revision) = latest {
+                self.snapshot.wait_for(revision, SNAPSHOT_CATCH_UP).await;
             }
             changes.borrow_and_update();
             if recorded {
