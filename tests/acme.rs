@@ -193,3 +193,39 @@ async fn a_hundred_services_created_at_once_all_get_certificates() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_certificates_are_replaced_before_they_expire() {
+    // Pebble issues certificates valid for 12 s: renewal is due with 4 s left.
+    let (node, pebble) = node_with_pebble(r#", "certificateValidityPeriod": 12"#).await;
+    let backend = Backend::start("a").await;
+    let (_, host) = node.service(&[backend.addr]).await;
+    let https = node.listener("https").await;
+    let client = support::tls::TlsClient::new(&pebble.issuing_root(), &[b"http/1.1"]);
+    let first = support::tls::TlsClient::peer_leaf(&client.connect(https, &host).await.unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut handshakes = 0;
+    let mut leaves = vec![first];
+    // Handshake continuously through two renewals: every one must verify (an expired
+    // certificate fails verification), and the certificate must change twice.
+    while leaves.len() < 3 {
+        let stream = client.connect(https, &host).await.unwrap_or_else(|e| {
+            panic!(
+                "handshake {handshakes} failed: {e}\nnode log:\n{}",
+                node.log()
+            )
+        });
+        handshakes += 1;
+        let leaf = support::tls::TlsClient::peer_leaf(&stream);
+        if leaves.last() != Some(&leaf) {
+            leaves.push(leaf);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} renewals in 30 s",
+            leaves.len() - 1
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(handshakes > 100, "{handshakes} handshakes");
+}
