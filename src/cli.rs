@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 
 use crate::admin::{CertificateView, ServiceView};
 use crate::client::{AdminClient, DEFAULT_STATE_DIR};
-use crate::exit::{CliError, EX_SOFTWARE, EX_USAGE};
+use crate::exit::{CliError, EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE};
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -90,6 +91,13 @@ enum ServiceCommand {
         /// `active` (default) or `suspended`
         #[arg(long)]
         status: Option<String>,
+        /// Follow the first certificate's issuance, a line per step, until it is active (exit 0)
+        /// or has failed (exit 69 with the CA's reason)
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait with --wait
+        #[arg(long, default_value_t = 300)]
+        wait_timeout: u64,
     },
     /// List services
     List,
@@ -431,12 +439,17 @@ fn encode_id(id: &str) -> Result<String, CliError> {
 
 async fn service(cmd: ServiceCommand, client: &AdminClient, json: bool) -> Result<(), CliError> {
     match cmd {
-        ServiceCommand::Create { backends, status } => {
+        ServiceCommand::Create {
+            backends,
+            status,
+            wait,
+            wait_timeout,
+        } => {
             let mut body = json!({ "backends": backends });
             if let Some(status) = status {
                 body["status"] = json!(status);
             }
-            service_reply(
+            let id = service_reply(
                 client,
                 Method::POST,
                 "/v1/services",
@@ -444,7 +457,11 @@ async fn service(cmd: ServiceCommand, client: &AdminClient, json: bool) -> Resul
                 json,
                 "created service",
             )
-            .await
+            .await?;
+            if wait {
+                follow_issuance(client, &id, Duration::from_secs(wait_timeout), json).await?;
+            }
+            Ok(())
         }
         ServiceCommand::List => {
             let mut all = Vec::new();
@@ -489,7 +506,9 @@ async fn service(cmd: ServiceCommand, client: &AdminClient, json: bool) -> Resul
         }
         ServiceCommand::Show { id } => {
             let path = format!("/v1/services/{}", encode_id(&id)?);
-            service_reply(client, Method::GET, &path, None, json, "service").await
+            service_reply(client, Method::GET, &path, None, json, "service")
+                .await
+                .map(drop)
         }
         ServiceCommand::Delete { id } => {
             let path = format!("/v1/services/{}", encode_id(&id)?);
@@ -512,11 +531,13 @@ async fn service(cmd: ServiceCommand, client: &AdminClient, json: bool) -> Resul
                 "updated service",
             )
             .await
+            .map(drop)
         }
     }
 }
 
-/// Sends a request that answers with a service, and prints it under `heading` (or as JSON).
+/// Sends a request that answers with a service, and prints it under `heading` (or as JSON);
+/// returns its id.
 async fn service_reply(
     client: &AdminClient,
     method: Method,
@@ -524,18 +545,77 @@ async fn service_reply(
     body: Option<Value>,
     json: bool,
     heading: &str,
-) -> Result<(), CliError> {
+) -> Result<String, CliError> {
     let value = client
         .call(method, path, body)
         .await?
         .unwrap_or(Value::Null);
     if json {
-        return print_json(&value);
+        print_json(&value)?;
+        return Ok(value["id"].as_str().unwrap_or_default().to_string());
     }
     let view: ServiceView = serde_json::from_value(value).map_err(unexpected)?;
     println!("{heading} {}", view.id);
     print_service(&view);
-    Ok(())
+    Ok(view.id)
+}
+
+/// Prints each step of a service's first issuance until its certificate is active or failed.
+async fn follow_issuance(
+    client: &AdminClient,
+    id: &str,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), CliError> {
+    let path = format!("/v1/services/{}", encode_id(id)?);
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let value = client
+            .call(Method::GET, &path, None)
+            .await?
+            .unwrap_or(Value::Null);
+        let cert = &value["certificate"];
+        let status = cert["status"].as_str().unwrap_or("pending").to_string();
+        if status != last {
+            if json {
+                println!("{}", json!({ "certificate": cert }));
+            } else {
+                let until = cert["not_after"]
+                    .as_str()
+                    .map_or(String::new(), |t| format!(" until {t}"));
+                println!("certificate {status}{until}");
+            }
+            last = status.clone();
+        }
+        match status.as_str() {
+            "active" => return Ok(()),
+            "failed" => {
+                return Err(CliError::new(
+                    EX_UNAVAILABLE,
+                    format!(
+                        "the certificate for {id} failed: {}: {} (attempt {}; the node retries at {})",
+                        cert["last_error"]["type"].as_str().unwrap_or("unknown"),
+                        cert["last_error"]["detail"].as_str().unwrap_or(""),
+                        cert["attempts"],
+                        cert["next_attempt_at"].as_str().unwrap_or("a later time"),
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CliError::new(
+                EX_TEMPFAIL,
+                format!(
+                    "the certificate for {id} is still {status} after {} s; \
+                     follow it with `portcullis service show {id}`",
+                    timeout.as_secs()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn status_name(status: &portcullis_config::ServiceStatus) -> String {

@@ -8,6 +8,8 @@ pub const EX_USAGE: i32 = 64;
 pub const EX_UNAVAILABLE: i32 = 69;
 /// Something the node needs on this machine failed (a file, a port).
 pub const EX_SOFTWARE: i32 = 70;
+/// Temporary failure: trying again later may work (sysexits.h).
+pub const EX_TEMPFAIL: i32 = 75;
 
 /// A failure the user sees as one line and an exit code.
 #[derive(Debug)]

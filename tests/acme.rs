@@ -229,3 +229,41 @@ async fn short_lived_certificates_are_replaced_before_they_expire() {
     }
     assert!(handshakes > 100, "{handshakes} handshakes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_create_wait_follows_the_first_issuance() {
+    let (node, _pebble) = node_with_pebble("").await;
+    let out = node.cli(&["service", "create", "--backend", "127.0.0.1:9", "--wait"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("certificate "))
+        .collect();
+    let last = steps.last().unwrap();
+    assert!(last.starts_with("certificate active until "), "{stdout}");
+    // Each line is a step in order; polling may skip fast ones, never reorder them.
+    let order = ["pending", "ordering", "validating", "issuing", "active"];
+    let ranks: Vec<usize> = steps
+        .iter()
+        .map(|l| {
+            let word = l["certificate ".len()..].split(' ').next().unwrap();
+            order.iter().position(|o| *o == word).unwrap()
+        })
+        .collect();
+    assert!(ranks.windows(2).all(|w| w[0] < w[1]), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_create_wait_reports_the_cas_refusal() {
+    let (node, _pebble) = node_with_pebble(r#", "domainBlocklist": ["app.example.test"]"#).await;
+    let out = node.cli(&["service", "create", "--backend", "127.0.0.1:9", "--wait"]);
+    assert_eq!(out.status.code(), Some(69));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rejectedIdentifier"), "{stderr}");
+    assert!(stderr.contains("retries at"), "{stderr}");
+}

@@ -13,12 +13,12 @@ use instant_acme::{
     ExternalAccountKey, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use portcullis_config::file::IssuerSection;
-use portcullis_config::model::{AcmeAccount, IssuerRef};
+use portcullis_config::model::{AcmeAccount, CertificateStatus, IssuerRef};
 use portcullis_config::{DomainName, State};
 use time::OffsetDateTime;
 use tokio::sync::RwLock;
 
-use crate::issuer::{IssueError, Issued, Issuer};
+use crate::issuer::{IssueError, Issued, Issuer, Progress};
 
 /// Polling of orders: a short start, as Pebble and Let's Encrypt validate in tens of
 /// milliseconds to seconds; capped by the backoff and bounded overall.
@@ -200,7 +200,12 @@ impl AcmeIssuer {
             .map_err(|e| IssueError::Ca(format!("storing the ACME account: {e}")))
     }
 
-    async fn order(&self, domains: &[DomainName]) -> Result<Issued, IssueError> {
+    async fn order(
+        &self,
+        domains: &[DomainName],
+        progress: &dyn Progress,
+    ) -> Result<Issued, IssueError> {
+        progress.step(CertificateStatus::Ordering).await;
         let identifiers: Vec<Identifier> = domains
             .iter()
             .map(|d| Identifier::Dns(d.to_string()))
@@ -238,10 +243,12 @@ impl AcmeIssuer {
                 challenge.set_ready().await.map_err(api)?;
             }
         }
+        progress.step(CertificateStatus::Validating).await;
         let status = order.poll_ready(&retry_policy()).await.map_err(api)?;
         if status != OrderStatus::Ready {
             return Err(self.failure(&mut order).await);
         }
+        progress.step(CertificateStatus::Issuing).await;
         let private_key_pem = order.finalize().await.map_err(api)?;
         let chain_pem = order.poll_certificate(&retry_policy()).await.map_err(api)?;
         let (not_before, not_after) = validity(&chain_pem)?;
@@ -301,9 +308,13 @@ impl Issuer for AcmeIssuer {
         }
     }
 
-    async fn issue(&self, domains: &[DomainName]) -> Result<Issued, IssueError> {
+    async fn issue(
+        &self,
+        domains: &[DomainName],
+        progress: &dyn Progress,
+    ) -> Result<Issued, IssueError> {
         // Every issuance is bounded: a CA that stops answering must not hold a name forever.
-        match tokio::time::timeout(Duration::from_secs(180), self.order(domains)).await {
+        match tokio::time::timeout(Duration::from_secs(180), self.order(domains, progress)).await {
             Ok(result) => result,
             Err(_) => Err(IssueError::Ca(
                 "the order did not complete within 180 s".into(),

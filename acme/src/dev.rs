@@ -158,7 +158,11 @@ impl Issuer for DevCa {
         IssuerRef::Dev
     }
 
-    async fn issue(&self, domains: &[DomainName]) -> Result<Issued, IssueError> {
+    async fn issue(
+        &self,
+        domains: &[DomainName],
+        _progress: &dyn crate::issuer::Progress,
+    ) -> Result<Issued, IssueError> {
         // Key generation and signing take well under a millisecond: not worth a thread hop.
         self.issue_now(domains)
     }

@@ -49,5 +49,25 @@ pub trait Issuer: Send + Sync + 'static {
     /// Recorded on each certificate, so a change of issuer can re-issue what the old one made.
     fn reference(&self) -> IssuerRef;
 
-    async fn issue(&self, domains: &[DomainName]) -> Result<Issued, IssueError>;
+    /// Issues for `domains`, telling `progress` each step it reaches (ordering, validating,
+    /// issuing) so users can watch a first issuance.
+    async fn issue(
+        &self,
+        domains: &[DomainName],
+        progress: &dyn Progress,
+    ) -> Result<Issued, IssueError>;
+}
+
+/// Where an issuer reports its steps.
+#[async_trait]
+pub trait Progress: Send + Sync {
+    async fn step(&self, status: portcullis_config::model::CertificateStatus);
+}
+
+/// For callers that do not watch.
+pub struct NoProgress;
+
+#[async_trait]
+impl Progress for NoProgress {
+    async fn step(&self, _: portcullis_config::model::CertificateStatus) {}
 }

@@ -11,5 +11,5 @@ mod manager;
 
 pub use acme::AcmeIssuer;
 pub use dev::DevCa;
-pub use issuer::{IssueError, Issued, Issuer};
+pub use issuer::{IssueError, Issued, Issuer, NoProgress, Progress};
 pub use manager::{CertificateManager, RenewalPolicy};

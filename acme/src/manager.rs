@@ -182,7 +182,22 @@ impl CertificateManager {
         let previous = self.snapshot.load().certificate(&name).cloned();
         let mut domains = vec![domain];
         let started = std::time::Instant::now();
-        let cert = match self.issuer.issue(&domains).await {
+        // A first issuance shows its steps in the certificate's status; a renewal keeps showing
+        // the certificate that serves.
+        let steps = StepWriter {
+            manager: self,
+            id,
+            base: match &previous {
+                Some(p) if p.is_servable(OffsetDateTime::now_utc()) => None,
+                Some(p) => Some((**p).clone()),
+                None => Some(Certificate::pending(
+                    domains[0].clone(),
+                    self.issuer.reference(),
+                    keys::private_key(&name),
+                )),
+            },
+        };
+        let cert = match self.issuer.issue(&domains, &steps).await {
             Ok(issued) => {
                 tracing::info!(domain = %name, took_ms = started.elapsed().as_millis() as u64, "certificate issued");
                 metrics::counter!("portcullis_certificate_orders_total", "outcome" => "issued")
@@ -229,6 +244,33 @@ impl CertificateManager {
             }
         };
         self.state.put_certificate(id, &cert, None).await
+    }
+}
+
+/// Records a first issuance's steps as the certificate's status.
+struct StepWriter<'a> {
+    manager: &'a CertificateManager,
+    id: &'a ServiceId,
+    /// The certificate record to update; `None`: a renewal, whose steps are not shown.
+    base: Option<Certificate>,
+}
+
+#[async_trait::async_trait]
+impl crate::issuer::Progress for StepWriter<'_> {
+    async fn step(&self, status: CertificateStatus) {
+        let Some(base) = &self.base else {
+            return;
+        };
+        let mut cert = base.clone();
+        cert.status = status;
+        if let Err(e) = self
+            .manager
+            .state
+            .put_certificate(self.id, &cert, None)
+            .await
+        {
+            tracing::debug!(error = %e, "cannot record an issuance step");
+        }
     }
 }
 
