@@ -62,6 +62,28 @@ async fn a_new_service_gets_a_certificate_from_pebble_and_serves_it() {
     ]);
     assert_eq!(code, "200", "{err}\nPebble log:\n{}", pebble.log());
     assert!(backend.hits() >= 1);
+
+    // Metrics: the order, the certificate by status, its expiry and the next renewal.
+    let metrics = String::from_utf8(
+        support::http(
+            hyper::Method::GET,
+            &format!("{}/metrics", node.admin),
+            None,
+            None,
+        )
+        .await
+        .body,
+    )
+    .unwrap();
+    for wanted in [
+        "portcullis_certificate_orders_total{outcome=\"issued\"} 1".to_string(),
+        "portcullis_certificates{status=\"active\"} 1".to_string(),
+        format!("portcullis_certificate_expiry_seconds{{domain=\"{host}\"}}"),
+        "portcullis_certificate_next_renewal_timestamp_seconds ".to_string(),
+        "portcullis_certificate_issuance_seconds_count 1".to_string(),
+    ] {
+        assert!(metrics.contains(&wanted), "{wanted} missing:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,12 +118,35 @@ impl CertificateManager {
             let now = OffsetDateTime::now_utc();
             let mut wake = now + IDLE_WAKE;
             let mut due = Vec::new();
+            let mut by_status = [0u64; 6];
+            let mut next_renewal: Option<OffsetDateTime> = None;
             for service in snapshot.services() {
                 let domain = service.id.canonical_domain(&zone);
-                match self.due(snapshot.certificate(&domain).map(|c| &**c), now) {
-                    Due::Now => due.push(service.id),
-                    Due::At(at) => wake = wake.min(at),
+                let cert = snapshot.certificate(&domain).map(|c| &**c);
+                if let Some(cert) = cert {
+                    by_status[status_index(cert.status)] += 1;
+                    if let Some(not_after) = cert.not_after {
+                        metrics::gauge!("portcullis_certificate_expiry_seconds", "domain" => domain.clone())
+                            .set((not_after - now).as_seconds_f64());
+                    }
                 }
+                match self.due(cert, now) {
+                    Due::Now => due.push(service.id),
+                    Due::At(at) => {
+                        wake = wake.min(at);
+                        if cert.is_some_and(|c| c.status == CertificateStatus::Active) {
+                            next_renewal = Some(next_renewal.map_or(at, |n| n.min(at)));
+                        }
+                    }
+                }
+            }
+            for (status, count) in STATUSES.iter().zip(by_status) {
+                metrics::gauge!("portcullis_certificates", "status" => status.to_string())
+                    .set(count as f64);
+            }
+            if let Some(at) = next_renewal {
+                metrics::gauge!("portcullis_certificate_next_renewal_timestamp_seconds")
+                    .set(at.unix_timestamp() as f64);
             }
             drop(snapshot);
             let mut recorded = false;
@@ -245,6 +268,19 @@ impl CertificateManager {
         };
         self.state.put_certificate(id, &cert, None).await
     }
+}
+
+const STATUSES: [CertificateStatus; 6] = [
+    CertificateStatus::Pending,
+    CertificateStatus::Ordering,
+    CertificateStatus::Validating,
+    CertificateStatus::Issuing,
+    CertificateStatus::Active,
+    CertificateStatus::Failed,
+];
+
+fn status_index(status: CertificateStatus) -> usize {
+    STATUSES.iter().position(|s| *s == status).unwrap_or(0)
 }
 
 /// Records a first issuance's steps as the certificate's status.
