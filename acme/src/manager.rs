@@ -36,10 +36,19 @@ impl Default for RenewalPolicy {
 }
 
 impl RenewalPolicy {
+    /// When a third of the lifetime remains, moved earlier by up to a further twelfth by a
+    /// jitter fixed per certificate (its names and expiry), so certificates issued together, or
+    /// nodes of a fleet, do not renew in one burst, and the time does not move between looks.
     pub fn renew_at(&self, cert: &Certificate) -> Option<OffsetDateTime> {
+        use std::hash::{Hash, Hasher};
         let (from, to) = (cert.not_before?, cert.not_after?);
         let lifetime = (to - from).as_seconds_f64();
-        Some(to - Duration::seconds_f64(lifetime * self.remaining_fraction))
+        let mut hasher = std::hash::DefaultHasher::new();
+        cert.domains.hash(&mut hasher);
+        to.unix_timestamp_nanos().hash(&mut hasher);
+        let jitter = (hasher.finish() % 1024) as f64 / 1024.0;
+        let early = lifetime * (self.remaining_fraction + jitter / 12.0);
+        Some(to - Duration::seconds_f64(early))
     }
 
     /// Exponential backoff with jitter: half the step fixed, half random, so nodes and names
@@ -330,7 +339,27 @@ mod tests {
             last_error: None,
             next_attempt_at: None,
         };
-        assert_eq!(policy.renew_at(&cert), Some(start + Duration::days(60)));
+        let at = policy.renew_at(&cert).unwrap();
+        // A third of 90 days left, and up to a twelfth (7.5 days) earlier by jitter.
+        assert!(at <= start + Duration::days(60), "{at}");
+        assert!(
+            at >= start + Duration::days(60) - Duration::hours(180),
+            "{at}"
+        );
+        assert_eq!(
+            policy.renew_at(&cert),
+            Some(at),
+            "the same time at every look"
+        );
+        let spread: std::collections::HashSet<_> = (0..20)
+            .map(|i| {
+                let mut other = cert.clone();
+                other.domains =
+                    vec![DomainName::validate("d", &format!("n{i}.example.test")).unwrap()];
+                policy.renew_at(&other)
+            })
+            .collect();
+        assert!(spread.len() > 10, "jitter spreads names: {spread:?}");
         for attempts in 1..30 {
             let d = policy.retry_after(attempts);
             let step =
