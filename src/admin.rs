@@ -35,6 +35,8 @@ pub struct Admin {
     pub https_port: u16,
     /// Who issues the certificates of new services.
     pub issuer: IssuerRef,
+    /// The issuer itself, for revocation.
+    pub revoker: Arc<dyn portcullis_acme::Issuer>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub listeners: Arc<crate::serve::Listeners>,
     /// What record checks need to know of the zones served.
@@ -58,6 +60,7 @@ pub fn router(admin: Admin) -> Router {
         )
         .route("/certificates", get(list_certificates))
         .route("/certificates/{name}/renew", post(renew_certificate))
+        .route("/certificates/{name}/revoke", post(revoke_certificate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(admin.clone(), require_token));
@@ -539,6 +542,52 @@ async fn renew_certificate(
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<CertificateView>), ApiError> {
     let name = portcullis_config::DomainName::validate("name", &name)?;
+    let (cert, revision) = admin.state.request_renewal(name.as_str()).await?;
+    admin.live(revision).await;
+    Ok((StatusCode::ACCEPTED, Json(CertificateView::from(&cert))))
+}
+
+/// Revokes the certificate at the CA, then asks for a new one (a revoked certificate fails in
+/// clients that check); the revoked one is served until its replacement is stored.
+async fn revoke_certificate(
+    AxumState(admin): AxumState<Admin>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<CertificateView>), ApiError> {
+    let name = portcullis_config::DomainName::validate("name", &name)?;
+    let current = admin
+        .snapshot
+        .load()
+        .certificate(name.as_str())
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no certificate for {name}; list them with GET /v1/certificates"),
+            )
+        })?;
+    if current.chain_pem.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("{name} has no issued certificate yet, so there is nothing to revoke"),
+        ));
+    }
+    admin
+        .revoker
+        .revoke(&current.chain_pem)
+        .await
+        .map_err(|e| match e {
+            portcullis_acme::IssueError::Setup(m) => {
+                ApiError::new(StatusCode::CONFLICT, "cannot_revoke", m)
+            }
+            other => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "ca_refused",
+                format!("the CA did not revoke {name}: {other}; try again later"),
+            ),
+        })?;
+    tracing::info!(domain = %name, "certificate revoked");
     let (cert, revision) = admin.state.request_renewal(name.as_str()).await?;
     admin.live(revision).await;
     Ok((StatusCode::ACCEPTED, Json(CertificateView::from(&cert))))

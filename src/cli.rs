@@ -145,6 +145,8 @@ enum CertCommand {
     List,
     /// Renew a certificate now; the current one is served until the new one is stored
     Renew { name: String },
+    /// Revoke a certificate at its CA, and get a new one in its place
+    Revoke { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,18 +235,26 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let client = connect(&global)?;
             records(cmd, &client, global.json).await
         }
+        Command::Cert(CertCommand::Revoke { name }) => {
+            let client = connect(&global)?;
+            check_cert_name(&name)?;
+            let value = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/certificates/{name}/revoke"),
+                    None,
+                )
+                .await?
+                .unwrap_or(Value::Null);
+            if global.json {
+                return print_json(&value);
+            }
+            println!("revoked the certificate of {name}; a new one is being issued in its place");
+            Ok(())
+        }
         Command::Cert(CertCommand::Renew { name }) => {
             let client = connect(&global)?;
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*')
-            {
-                return Err(CliError::new(
-                    EX_USAGE,
-                    format!("`{name}` is not a domain name"),
-                ));
-            }
+            check_cert_name(&name)?;
             let value = client
                 .call(
                     Method::POST,
@@ -558,6 +568,20 @@ async fn service_reply(
     println!("{heading} {}", view.id);
     print_service(&view);
     Ok(view.id)
+}
+
+fn check_cert_name(name: &str) -> Result<(), CliError> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*')
+    {
+        return Err(CliError::new(
+            EX_USAGE,
+            format!("`{name}` is not a domain name"),
+        ));
+    }
+    Ok(())
 }
 
 /// Prints each step of a service's first issuance until its certificate is active or failed.

@@ -129,6 +129,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         }
     };
     let issuer_ref = issuer.reference();
+    let revoker = issuer.clone();
     let manager = CertificateManager::new(
         state.clone(),
         snapshot.clone(),
@@ -188,6 +189,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         token,
         https_port: https_addr.port(),
         issuer: issuer_ref,
+        revoker,
         listeners: Arc::new(listeners),
         metrics,
         dns: dns.settings.clone(),

@@ -289,3 +289,64 @@ async fn service_create_wait_reports_the_cas_refusal() {
     assert!(stderr.contains("rejectedIdentifier"), "{stderr}");
     assert!(stderr.contains("retries at"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_revoke_revokes_at_the_ca_and_replaces_the_certificate() {
+    let (node, pebble) = node_with_pebble("").await;
+    let backend = Backend::start("a").await;
+    let (_, host) = node.service(&[backend.addr]).await;
+    let https = node.listener("https").await;
+    let client = support::tls::TlsClient::new(&pebble.issuing_root(), &[b"http/1.1"]);
+    let first = support::tls::TlsClient::peer_leaf(&client.connect(https, &host).await.unwrap());
+    let serial = {
+        let (_, cert) = x509_parser::parse_x509_certificate(&first).unwrap();
+        cert.tbs_certificate.serial.to_str_radix(16)
+    };
+
+    let out = node.cli(&["cert", "revoke", &host]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The CA knows it revoked.
+    let status = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&pebble.tls_ca)
+        .arg(format!(
+            "https://127.0.0.1:{}/cert-status-by-serial/{serial}",
+            pebble.management.port()
+        ))
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("Revoked"), "{status}");
+    // And a new certificate takes its place.
+    support::poll("a new certificate", || {
+        let leaf = futures_block(client.connect(https, &host));
+        (leaf != first).then_some(())
+    });
+}
+
+/// The served leaf, from a blocking context (poll's closure).
+fn futures_block(
+    connect: impl std::future::Future<
+        Output = std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    >,
+) -> Vec<u8> {
+    let stream =
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(connect))
+            .unwrap();
+    support::tls::TlsClient::peer_leaf(&stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_ca_says_it_does_not_revoke() {
+    let node = Node::start();
+    let backend = Backend::start("a").await;
+    let (_, host) = node.service(&[backend.addr]).await;
+    let out = node.cli(&["cert", "revoke", &host]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not revoke"), "{stderr}");
+}

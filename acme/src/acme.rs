@@ -321,4 +321,20 @@ impl Issuer for AcmeIssuer {
             )),
         }
     }
+
+    async fn revoke(&self, chain_pem: &str) -> Result<(), IssueError> {
+        use rustls_pki_types::pem::PemObject;
+        let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .next()
+            .ok_or_else(|| setup("there is no certificate to revoke yet"))?
+            .map_err(|e| setup(format!("the stored certificate does not parse: {e}")))?;
+        self.account()
+            .await?
+            .revoke(&instant_acme::RevocationRequest {
+                certificate: &leaf,
+                reason: None,
+            })
+            .await
+            .map_err(api)
+    }
 }

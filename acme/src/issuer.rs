@@ -56,6 +56,15 @@ pub trait Issuer: Send + Sync + 'static {
         domains: &[DomainName],
         progress: &dyn Progress,
     ) -> Result<Issued, IssueError>;
+
+    /// Revokes a certificate this issuer issued (`chain_pem`: leaf first).
+    async fn revoke(&self, _chain_pem: &str) -> Result<(), IssueError> {
+        Err(IssueError::Setup(
+            "this issuer does not revoke certificates (the dev CA keeps no revocation list); \
+             renew the certificate or delete the service instead"
+                .into(),
+        ))
+    }
 }
 
 /// Where an issuer reports its steps.
