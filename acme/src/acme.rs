@@ -9,11 +9,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType,
-    ExternalAccountKey, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, CertificateIdentifier,
+    ChallengeType, ExternalAccountKey, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use portcullis_config::file::IssuerSection;
-use portcullis_config::model::{AcmeAccount, CertificateStatus, IssuerRef};
+use portcullis_config::model::{AcmeAccount, CertificateStatus, IssuerRef, RenewalWindow};
 use portcullis_config::{DomainName, State};
 use time::OffsetDateTime;
 use tokio::sync::RwLock;
@@ -203,6 +203,7 @@ impl AcmeIssuer {
     async fn order(
         &self,
         domains: &[DomainName],
+        replacing: Option<&str>,
         progress: &dyn Progress,
     ) -> Result<Issued, IssueError> {
         progress.step(CertificateStatus::Ordering).await;
@@ -211,12 +212,14 @@ impl AcmeIssuer {
             .map(|d| Identifier::Dns(d.to_string()))
             .collect();
         let account = self.account().await?;
+        let replaces = replacing.and_then(certificate_id);
+        let mut new_order = NewOrder::new(&identifiers);
+        if let Some(id) = replaces {
+            new_order = new_order.replaces(id);
+        }
         let mut order = {
             let _exclusive = self.order_lock.write().await;
-            account
-                .new_order(&NewOrder::new(&identifiers))
-                .await
-                .map_err(api)?
+            account.new_order(&new_order).await.map_err(api)?
         };
         {
             let _shared = self.order_lock.read().await;
@@ -285,6 +288,21 @@ impl AcmeIssuer {
     }
 }
 
+/// ARI answers are asked for again no sooner and no later than this, whatever Retry-After says.
+const ARI_MIN_RECHECK: Duration = Duration::from_secs(60);
+const ARI_MAX_RECHECK: Duration = Duration::from_secs(24 * 3600);
+
+/// The ARI identifier (authority key id + serial) of the chain's leaf.
+fn certificate_id(chain_pem: &str) -> Option<CertificateIdentifier<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()?
+        .ok()?;
+    CertificateIdentifier::try_from(&leaf)
+        .ok()
+        .map(CertificateIdentifier::into_owned)
+}
+
 /// notBefore and notAfter of the leaf, the first certificate of the chain.
 fn validity(chain_pem: &str) -> Result<(OffsetDateTime, OffsetDateTime), IssueError> {
     use rustls_pki_types::pem::PemObject;
@@ -311,14 +329,34 @@ impl Issuer for AcmeIssuer {
     async fn issue(
         &self,
         domains: &[DomainName],
+        replacing: Option<&str>,
         progress: &dyn Progress,
     ) -> Result<Issued, IssueError> {
+        let order = self.order(domains, replacing, progress);
         // Every issuance is bounded: a CA that stops answering must not hold a name forever.
-        match tokio::time::timeout(Duration::from_secs(180), self.order(domains, progress)).await {
+        match tokio::time::timeout(Duration::from_secs(180), order).await {
             Ok(result) => result,
             Err(_) => Err(IssueError::Ca(
                 "the order did not complete within 180 s".into(),
             )),
+        }
+    }
+
+    async fn renewal_window(&self, chain_pem: &str) -> Option<RenewalWindow> {
+        let id = certificate_id(chain_pem)?;
+        let account = self.account().await.ok()?;
+        match account.renewal_info(&id).await {
+            Ok((info, retry_after)) => Some(RenewalWindow {
+                start: info.suggested_window.start,
+                end: info.suggested_window.end,
+                check_after: OffsetDateTime::now_utc()
+                    + retry_after.clamp(ARI_MIN_RECHECK, ARI_MAX_RECHECK),
+            }),
+            Err(instant_acme::Error::Unsupported(_)) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "ACME renewal information unavailable");
+                None
+            }
         }
     }
 

@@ -161,6 +161,7 @@ impl Issuer for DevCa {
     async fn issue(
         &self,
         domains: &[DomainName],
+        _replacing: Option<&str>,
         _progress: &dyn crate::issuer::Progress,
     ) -> Result<Issued, IssueError> {
         // Key generation and signing take well under a millisecond: not worth a thread hop.

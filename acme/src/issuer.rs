@@ -51,11 +51,23 @@ pub trait Issuer: Send + Sync + 'static {
 
     /// Issues for `domains`, telling `progress` each step it reaches (ordering, validating,
     /// issuing) so users can watch a first issuance.
+    /// `replacing`: the certificate this one replaces (PEM chain), for CAs that track renewals
+    /// (ARI's `replaces`, RFC 9773 §5).
     async fn issue(
         &self,
         domains: &[DomainName],
+        replacing: Option<&str>,
         progress: &dyn Progress,
     ) -> Result<Issued, IssueError>;
+
+    /// The CA's suggested renewal window for a certificate it issued (ARI, RFC 9773); `None`
+    /// when the CA offers none, and then renewal goes by lifetime.
+    async fn renewal_window(
+        &self,
+        _chain_pem: &str,
+    ) -> Option<portcullis_config::model::RenewalWindow> {
+        None
+    }
 
     /// Revokes a certificate this issuer issued (`chain_pem`: leaf first).
     async fn revoke(&self, _chain_pem: &str) -> Result<(), IssueError> {

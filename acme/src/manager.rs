@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures_util::StreamExt as _;
 use std::time::Duration as StdDuration;
 
-use portcullis_config::model::{Certificate, CertificateStatus};
+use portcullis_config::model::{Certificate, CertificateStatus, IssuerRef, RenewalWindow};
 use portcullis_config::{DomainName, ServiceId, SnapshotHandle, State, StateError, keys};
 use time::{Duration, OffsetDateTime};
 use tokio_util::sync::CancellationToken;
@@ -36,7 +36,8 @@ impl Default for RenewalPolicy {
 }
 
 impl RenewalPolicy {
-    /// When a third of the lifetime remains, moved earlier by up to a further twelfth by a
+    /// Inside the CA's renewal window when it gave one (ARI); otherwise when a third of the
+    /// lifetime remains, moved earlier by up to a further twelfth by a
     /// jitter fixed per certificate (its names and expiry), so certificates issued together, or
     /// nodes of a fleet, do not renew in one burst, and the time does not move between looks.
     pub fn renew_at(&self, cert: &Certificate) -> Option<OffsetDateTime> {
@@ -47,6 +48,9 @@ impl RenewalPolicy {
         cert.domains.hash(&mut hasher);
         to.unix_timestamp_nanos().hash(&mut hasher);
         let jitter = (hasher.finish() % 1024) as f64 / 1024.0;
+        if let Some(window) = &cert.renewal_window {
+            return Some(ari_renew_at(window, jitter));
+        }
         let early = lifetime * (self.remaining_fraction + jitter / 12.0);
         Some(to - Duration::seconds_f64(early))
     }
@@ -76,8 +80,11 @@ const IDLE_WAKE: StdDuration = StdDuration::from_secs(3600);
 /// How long to wait for our own write to show in the Snapshot before looking again.
 const SNAPSHOT_CATCH_UP: StdDuration = StdDuration::from_secs(5);
 
+#[derive(Debug, PartialEq)]
 enum Due {
     Now,
+    /// Only the CA's renewal window is to be asked for again.
+    Refresh,
     At(OffsetDateTime),
 }
 
@@ -97,28 +104,42 @@ impl CertificateManager {
     }
 
     fn due(&self, cert: Option<&Certificate>, now: OffsetDateTime) -> Due {
-        let Some(cert) = cert else {
-            return Due::Now;
-        };
-        if cert.status == CertificateStatus::Failed
-            && let Some(at) = cert.next_attempt_at
-            && at > now
-        {
-            return Due::At(at);
-        }
-        // Pending: new, or renewal asked for (`cert renew`), even while the old one serves.
-        if cert.status == CertificateStatus::Pending
-            || cert.issuer != self.issuer.reference()
-            || !cert.is_servable(now)
-        {
-            return Due::Now;
-        }
-        match self.policy.renew_at(cert) {
-            Some(at) if at > now => Due::At(at),
-            _ => Due::Now,
-        }
+        due(&self.policy, &self.issuer.reference(), cert, now)
     }
+}
 
+/// What to do about one name's certificate at `now`.
+fn due(
+    policy: &RenewalPolicy,
+    issuer: &IssuerRef,
+    cert: Option<&Certificate>,
+    now: OffsetDateTime,
+) -> Due {
+    let Some(cert) = cert else {
+        return Due::Now;
+    };
+    if cert.status == CertificateStatus::Failed
+        && let Some(at) = cert.next_attempt_at
+        && at > now
+    {
+        return Due::At(at);
+    }
+    // Pending: new, or renewal asked for (`cert renew`), even while the old one serves.
+    if cert.status == CertificateStatus::Pending || cert.issuer != *issuer || !cert.is_servable(now)
+    {
+        return Due::Now;
+    }
+    match policy.renew_at(cert) {
+        Some(at) if at > now => match cert.renewal_window {
+            Some(window) if window.check_after <= now => Due::Refresh,
+            Some(window) => Due::At(at.min(window.check_after)),
+            None => Due::At(at),
+        },
+        _ => Due::Now,
+    }
+}
+
+impl CertificateManager {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut changes = self.snapshot.subscribe();
         loop {
@@ -140,11 +161,15 @@ impl CertificateManager {
                     }
                 }
                 match self.due(cert, now) {
-                    Due::Now => due.push(service.id),
+                    Due::Now => due.push((service.id, false)),
+                    Due::Refresh => due.push((service.id, true)),
                     Due::At(at) => {
                         wake = wake.min(at);
-                        if cert.is_some_and(|c| c.status == CertificateStatus::Active) {
-                            next_renewal = Some(next_renewal.map_or(at, |n| n.min(at)));
+                        if let Some(renew) = cert
+                            .filter(|c| c.status == CertificateStatus::Active)
+                            .and_then(|c| self.policy.renew_at(c))
+                        {
+                            next_renewal = Some(next_renewal.map_or(renew, |n| n.min(renew)));
                         }
                     }
                 }
@@ -162,7 +187,14 @@ impl CertificateManager {
             let mut latest = None;
             let (this, zone) = (&self, &zone);
             let mut results = futures_util::stream::iter(due)
-                .map(|id| async move { (id, this.issue_for(&id, zone).await) })
+                .map(|(id, refresh)| async move {
+                    let result = if refresh {
+                        this.refresh_window(&id, zone).await
+                    } else {
+                        this.issue_for(&id, zone).await
+                    };
+                    (id, result)
+                })
                 .buffer_unordered(self.policy.concurrent_orders.max(1));
             loop {
                 let next = tokio::select! {
@@ -229,8 +261,18 @@ impl CertificateManager {
                 )),
             },
         };
-        let cert = match self.issuer.issue(&domains, &steps).await {
+        // ARI: tell the CA which certificate this one replaces, when it tracks renewals.
+        let replacing = previous
+            .as_ref()
+            .filter(|p| p.renewal_window.is_some() && !p.chain_pem.is_empty())
+            .map(|p| p.chain_pem.clone());
+        let cert = match self
+            .issuer
+            .issue(&domains, replacing.as_deref(), &steps)
+            .await
+        {
             Ok(issued) => {
+                let renewal_window = self.issuer.renewal_window(&issued.chain_pem).await;
                 tracing::info!(domain = %name, took_ms = started.elapsed().as_millis() as u64, "certificate issued");
                 metrics::counter!("portcullis_certificate_orders_total", "outcome" => "issued")
                     .increment(1);
@@ -247,6 +289,7 @@ impl CertificateManager {
                     attempts: 0,
                     last_error: None,
                     next_attempt_at: None,
+                    renewal_window,
                 };
                 return self
                     .state
@@ -290,6 +333,41 @@ const STATUSES: [CertificateStatus; 6] = [
 
 fn status_index(status: CertificateStatus) -> usize {
     STATUSES.iter().position(|s| *s == status).unwrap_or(0)
+}
+
+impl CertificateManager {
+    /// Asks the CA for a certificate's renewal window again (its Retry-After has passed).
+    async fn refresh_window(
+        &self,
+        id: &ServiceId,
+        zone: &DomainName,
+    ) -> Result<Option<i64>, StateError> {
+        let name = id.canonical_domain(zone);
+        let Some(current) = self.snapshot.load().certificate(&name).cloned() else {
+            return Ok(None);
+        };
+        let mut cert = (*current).clone();
+        cert.renewal_window = match self.issuer.renewal_window(&cert.chain_pem).await {
+            Some(window) => Some(window),
+            // Unreachable now: keep the window we have and ask again later.
+            None => cert.renewal_window.map(|w| RenewalWindow {
+                check_after: OffsetDateTime::now_utc() + ARI_FALLBACK_RECHECK,
+                ..w
+            }),
+        };
+        self.state.put_certificate(id, &cert, None).await
+    }
+}
+
+/// When a CA that gave a renewal window does not answer, ask again after this.
+const ARI_FALLBACK_RECHECK: Duration = Duration::hours(6);
+
+/// The renewal time within a CA's suggested window (RFC 9773 §4.2): a point chosen by
+/// `jitter` (0..1, fixed per certificate) between start and end. A window already past means
+/// now, which the caller sees as due.
+pub fn ari_renew_at(window: &RenewalWindow, jitter: f64) -> OffsetDateTime {
+    let span = (window.end - window.start).max(Duration::ZERO);
+    window.start + span * jitter.clamp(0.0, 1.0)
 }
 
 /// Records a first issuance's steps as the certificate's status.
@@ -338,6 +416,7 @@ mod tests {
             attempts: 0,
             last_error: None,
             next_attempt_at: None,
+            renewal_window: None,
         };
         let at = policy.renew_at(&cert).unwrap();
         // A third of 90 days left, and up to a twelfth (7.5 days) earlier by jitter.
@@ -369,5 +448,88 @@ mod tests {
                 "attempt {attempts}: {d:?} outside {step:?}"
             );
         }
+    }
+
+    /// A window as the CA's ARI response gives it (recorded JSON), checked again in 6 h.
+    fn window(json: &str, fetched: OffsetDateTime) -> RenewalWindow {
+        let info: instant_acme::RenewalInfo = serde_json::from_str(json).unwrap();
+        RenewalWindow {
+            start: info.suggested_window.start,
+            end: info.suggested_window.end,
+            check_after: fetched + Duration::hours(6),
+        }
+    }
+
+    fn active(not_before: OffsetDateTime, days: i64) -> Certificate {
+        Certificate {
+            domains: vec![DomainName::validate("d", "a.example.test").unwrap()],
+            status: CertificateStatus::Active,
+            issuer: IssuerRef::Acme {
+                directory_url: "https://ca.example/dir".into(),
+            },
+            chain_pem: "x".into(),
+            key_ref: String::new(),
+            not_before: Some(not_before),
+            not_after: Some(not_before + Duration::days(days)),
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
+            renewal_window: None,
+        }
+    }
+
+    #[test]
+    fn ari_window_decides_renewal() {
+        let policy = RenewalPolicy::default();
+        let issuer = IssuerRef::Acme {
+            directory_url: "https://ca.example/dir".into(),
+        };
+        let issued = time::macros::datetime!(2025-01-01 00:00 UTC);
+        // RFC 9773 §4.2's example response.
+        let recorded = r#"{
+            "suggestedWindow": {"start": "2025-01-02T04:00:00Z", "end": "2025-01-03T04:00:00Z"},
+            "explanationURL": "https://acme.example.com/docs/ari"
+        }"#;
+        let w = window(recorded, issued);
+        assert_eq!(ari_renew_at(&w, 0.0), w.start);
+        assert_eq!(ari_renew_at(&w, 1.0), w.end);
+        assert_eq!(ari_renew_at(&w, 0.5), w.start + Duration::hours(12));
+
+        let mut cert = active(issued, 90);
+        cert.renewal_window = Some(w);
+        // The window wins over the lifetime rule (which would say day 60): a point inside it,
+        // the same at every look.
+        let at = policy.renew_at(&cert).unwrap();
+        assert!(w.start <= at && at <= w.end, "{at}");
+        assert_eq!(policy.renew_at(&cert), Some(at));
+        // Before the window and before the re-check: sleep until the earlier of the two.
+        let now = issued + Duration::hours(1);
+        assert_eq!(
+            due(&policy, &issuer, Some(&cert), now),
+            Due::At(at.min(w.check_after))
+        );
+        // The Retry-After passed: ask the CA again, do not renew.
+        assert!(w.check_after < at);
+        assert_eq!(
+            due(&policy, &issuer, Some(&cert), w.check_after),
+            Due::Refresh
+        );
+        // Inside the window past the chosen point: renew.
+        assert_eq!(due(&policy, &issuer, Some(&cert), w.end), Due::Now);
+
+        // The CA moved the window into the past (it wants this certificate replaced now, e.g.
+        // ahead of a revocation): renew at once, at the next look.
+        let urgent = window(
+            r#"{"suggestedWindow": {"start": "2024-12-31T00:00:00Z", "end": "2024-12-31T01:00:00Z"}}"#,
+            issued,
+        );
+        cert.renewal_window = Some(urgent);
+        assert_eq!(due(&policy, &issuer, Some(&cert), now), Due::Now);
+
+        // Without a window (the CA has no ARI, like Pebble 2.4): a third of the lifetime left.
+        cert.renewal_window = None;
+        let at = policy.renew_at(&cert).unwrap();
+        assert!(at <= issued + Duration::days(60) && at >= issued + Duration::days(52));
+        assert_eq!(due(&policy, &issuer, Some(&cert), now), Due::At(at));
     }
 }

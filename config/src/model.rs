@@ -497,6 +497,20 @@ pub struct Certificate {
     pub last_error: Option<Problem>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub next_attempt_at: Option<OffsetDateTime>,
+    /// The CA's suggested renewal window (ARI, RFC 9773), when it offers one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_window: Option<RenewalWindow>,
+}
+
+/// A renewal window from the CA (RFC 9773 §4.2), and when to ask for it again (its Retry-After).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewalWindow {
+    #[serde(with = "time::serde::rfc3339")]
+    pub start: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub end: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub check_after: OffsetDateTime,
 }
 
 impl Certificate {
@@ -513,6 +527,7 @@ impl Certificate {
             attempts: 0,
             last_error: None,
             next_attempt_at: None,
+            renewal_window: None,
         }
     }
 
