@@ -98,6 +98,14 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
             .await
             .with_context(|| format!("opening the state store {}", db.display()))?,
     );
+    // The store holds private keys (certificates', the ACME account's): owner only, whatever
+    // the umask or a state directory made by hand.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Err(e) = fs::set_permissions(&db, fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(file = %db.display(), error = %e, "cannot make the state store private");
+        }
+    }
     let state = State::new(store.clone(), config.zone.name.clone());
     let sync = SnapshotSync::start(store.clone(), config.zone.name.clone())
         .await

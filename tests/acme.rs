@@ -45,6 +45,15 @@ async fn a_new_service_gets_a_certificate_from_pebble_and_serves_it() {
         .wait_certificate(&id, |c| c["status"] == "active")
         .await;
     assert_eq!(cert["status"], "active", "{cert}");
+    // The account key and the certificate key are in the store, which only the owner reads.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(node.state_dir().join("state.redb"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "state.redb mode {mode:o}");
+    }
 
     let root = pebble.dir.path().join("issuing-root.pem");
     std::fs::write(&root, pebble.issuing_root()).unwrap();

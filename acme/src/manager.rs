@@ -298,7 +298,13 @@ impl CertificateManager {
             }
             Err(e) => {
                 let attempts = previous.as_ref().map_or(0, |p| p.attempts) + 1;
-                let retry = self.policy.retry_after(attempts);
+                let mut retry = self.policy.retry_after(attempts);
+                let problem = e.problem();
+                if problem.kind.ends_with(":rateLimited") {
+                    // The CA says we ask too often (its Retry-After does not reach us through
+                    // instant-acme): wait at least an hour, the shortest Let's Encrypt window.
+                    retry = retry.max(RATE_LIMITED_RETRY);
+                }
                 tracing::warn!(domain = %name, attempts, retry_in_s = retry.as_secs(), error = %e, "issuance failed");
                 metrics::counter!("portcullis_certificate_orders_total", "outcome" => "failed")
                     .increment(1);
@@ -313,7 +319,7 @@ impl CertificateManager {
                 };
                 cert.status = CertificateStatus::Failed;
                 cert.attempts = attempts;
-                cert.last_error = Some(e.problem());
+                cert.last_error = Some(problem);
                 cert.next_attempt_at = Some(OffsetDateTime::now_utc() + retry);
                 cert
             }
@@ -358,6 +364,9 @@ impl CertificateManager {
         self.state.put_certificate(id, &cert, None).await
     }
 }
+
+/// The least wait after a `rateLimited` problem.
+const RATE_LIMITED_RETRY: StdDuration = StdDuration::from_secs(3600);
 
 /// When a CA that gave a renewal window does not answer, ask again after this.
 const ARI_FALLBACK_RECHECK: Duration = Duration::hours(6);
