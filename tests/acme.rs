@@ -359,3 +359,53 @@ async fn the_dev_ca_says_it_does_not_revoke() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not revoke"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_failures_at_the_primary_ca_the_fallback_ca_issues() {
+    // The primary refuses every name of the zone; the fallback issues.
+    let primary = PebblePlan::new();
+    let fallback = PebblePlan::new();
+    let section = format!(
+        "[issuer]\nkind = \"acme\"\ndirectory_url = \"{}\"\nfallback_directories = [\"{}\"]\n\
+         fallback_after_failures = 1\ntrust_roots = [\"{}\", \"{}\"]\n",
+        primary.directory,
+        fallback.directory,
+        primary.tls_ca.display(),
+        fallback.tls_ca.display()
+    );
+    let node = Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", &section));
+    let dns = node.dns_addr().await;
+    let http = node.listener("http").await;
+    let _primary = primary.start(
+        dns,
+        http.port(),
+        r#", "domainBlocklist": ["app.example.test"]"#,
+    );
+    let fallback = fallback.start(dns, http.port(), "");
+    let backend = Backend::start("a").await;
+    let created = node
+        .api(
+            hyper::Method::POST,
+            "/v1/services",
+            Some(serde_json::json!({ "backends": [backend.addr.to_string()] })),
+        )
+        .await;
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    let host = format!("{id}.app.example.test");
+    let cert = node
+        .wait_certificate(&id, |c| c["status"] == "active")
+        .await;
+    assert_eq!(cert["status"], "active");
+    // The certificate served chains to the fallback's root.
+    let https = node.listener("https").await;
+    let client = support::tls::TlsClient::new(&fallback.issuing_root(), &[b"http/1.1"]);
+    client
+        .connect(https, &host)
+        .await
+        .expect("a certificate from the fallback CA");
+    assert!(
+        node.log().contains("trying a fallback CA"),
+        "{}",
+        node.log()
+    );
+}

@@ -35,6 +35,13 @@ pub struct AcmeIssuer {
     /// Made on first use, so a node starts (and serves what it has) while the CA is down.
     account: tokio::sync::OnceCell<Account>,
     directory_url: String,
+    /// `issuer.fallback_directories`, each with an account on the same key (so the one
+    /// thumbprint answers every CA's challenges), made on first use.
+    fallbacks: Vec<(String, tokio::sync::OnceCell<Account>)>,
+    /// Consecutive failures per name, in memory: after `fallback_after` of them the next
+    /// directory is tried, and so on round the list.
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    fallback_after: u32,
     /// New orders exclude authorization fetches: Pebble deadlocks when the two overlap (see
     /// the research note), and serializing them costs little.
     order_lock: RwLock<()>,
@@ -121,6 +128,13 @@ impl AcmeIssuer {
             state,
             account: tokio::sync::OnceCell::new(),
             directory_url,
+            fallbacks: section
+                .fallback_directories
+                .iter()
+                .map(|d| (d.clone(), tokio::sync::OnceCell::new()))
+                .collect(),
+            failures: std::sync::Mutex::new(std::collections::HashMap::new()),
+            fallback_after: section.fallback_after_failures.max(1),
             order_lock: RwLock::new(()),
         })
     }
@@ -128,6 +142,61 @@ impl AcmeIssuer {
     /// The platform's account: from the store, or created at the CA and stored.
     pub async fn account(&self) -> Result<&Account, IssueError> {
         self.account.get_or_try_init(|| self.load_account()).await
+    }
+
+    /// The account at fallback directory `i`: the platform account's key, registered there.
+    async fn fallback_account(&self, i: usize) -> Result<&Account, IssueError> {
+        let (url, cell) = self
+            .fallbacks
+            .get(i)
+            .ok_or_else(|| setup("no such fallback directory"))?;
+        cell.get_or_try_init(|| async {
+            self.account().await?;
+            let stored = self
+                .state
+                .get_account()
+                .await
+                .map_err(|e| IssueError::Ca(format!("reading the ACME account: {e}")))?
+                .ok_or_else(|| IssueError::Ca("the ACME account is not stored yet".into()))?;
+            let credentials: AccountCredentials = serde_json::from_str(&stored.credentials_json)
+                .map_err(|e| setup(format!("the stored ACME account does not parse: {e}")))?;
+            let der = credentials.private_key().clone_key();
+            let key = instant_acme::Key::from_pkcs8_der(der.clone_key())
+                .map_err(|e| setup(format!("the account key cannot be used: {e}")))?;
+            let (account, _) =
+                Account::builder_with_http(Box::new(http_client(&self.section.trust_roots)?))
+                    .create_from_key((key, der.into()), url.clone())
+                    .await
+                    .map_err(|e| {
+                        IssueError::Ca(format!("registering the account at {url}: {e}"))
+                    })?;
+            tracing::info!(directory = %url, account = account.id(), "ACME fallback account ready");
+            Ok(account)
+        })
+        .await
+    }
+
+    /// The directory to use for `name` now: the primary until it has failed `fallback_after`
+    /// times in a row, then each fallback in turn.
+    fn directory_for(&self, name: &str) -> usize {
+        if self.fallbacks.is_empty() {
+            return 0;
+        }
+        let failures = self
+            .failures
+            .lock()
+            .map_or(0, |f| f.get(name).copied().unwrap_or(0));
+        (failures / self.fallback_after) as usize % (self.fallbacks.len() + 1)
+    }
+
+    fn record_outcome(&self, name: &str, ok: bool) {
+        if let Ok(mut failures) = self.failures.lock() {
+            if ok {
+                failures.remove(name);
+            } else {
+                *failures.entry(name.to_string()).or_default() += 1;
+            }
+        }
     }
 
     async fn load_account(&self) -> Result<Account, IssueError> {
@@ -211,8 +280,19 @@ impl AcmeIssuer {
             .iter()
             .map(|d| Identifier::Dns(d.to_string()))
             .collect();
-        let account = self.account().await?;
-        let replaces = replacing.and_then(certificate_id);
+        let name = domains.first().map(|d| d.to_string()).unwrap_or_default();
+        let directory = self.directory_for(&name);
+        let account = match directory {
+            0 => self.account().await?,
+            i => {
+                tracing::info!(domain = %name, directory = %self.fallbacks[i - 1].0, "trying a fallback CA");
+                self.fallback_account(i - 1).await?
+            }
+        };
+        // `replaces` only makes sense to the CA that issued the old certificate.
+        let replaces = replacing
+            .filter(|_| directory == 0)
+            .and_then(certificate_id);
         let mut new_order = NewOrder::new(&identifiers);
         if let Some(id) = replaces {
             new_order = new_order.replaces(id);
@@ -334,12 +414,16 @@ impl Issuer for AcmeIssuer {
     ) -> Result<Issued, IssueError> {
         let order = self.order(domains, replacing, progress);
         // Every issuance is bounded: a CA that stops answering must not hold a name forever.
-        match tokio::time::timeout(Duration::from_secs(180), order).await {
+        let result = match tokio::time::timeout(Duration::from_secs(180), order).await {
             Ok(result) => result,
             Err(_) => Err(IssueError::Ca(
                 "the order did not complete within 180 s".into(),
             )),
+        };
+        if let Some(name) = domains.first() {
+            self.record_outcome(name.as_str(), result.is_ok());
         }
+        result
     }
 
     async fn renewal_window(&self, chain_pem: &str) -> Option<RenewalWindow> {
@@ -366,13 +450,20 @@ impl Issuer for AcmeIssuer {
             .next()
             .ok_or_else(|| setup("there is no certificate to revoke yet"))?
             .map_err(|e| setup(format!("the stored certificate does not parse: {e}")))?;
-        self.account()
-            .await?
-            .revoke(&instant_acme::RevocationRequest {
-                certificate: &leaf,
-                reason: None,
-            })
-            .await
-            .map_err(api)
+        let request = instant_acme::RevocationRequest {
+            certificate: &leaf,
+            reason: None,
+        };
+        // The certificate may come from a fallback CA: the one that issued it accepts.
+        let mut result = self.account().await?.revoke(&request).await.map_err(api);
+        for i in 0..self.fallbacks.len() {
+            if result.is_ok() {
+                break;
+            }
+            if let Ok(account) = self.fallback_account(i).await {
+                result = account.revoke(&request).await.map_err(api);
+            }
+        }
+        result
     }
 }

@@ -466,6 +466,13 @@ pub struct IssuerSection {
     /// Directories tried in order after repeated failures at `directory_url`.
     #[serde(default)]
     pub fallback_directories: Vec<String>,
+    /// Consecutive failures for a name before its next order goes to the next directory.
+    #[serde(default = "default_fallback_after")]
+    pub fallback_after_failures: u32,
+}
+
+fn default_fallback_after() -> u32 {
+    3
 }
 
 #[derive(Clone, Debug, PartialEq, Default, Deserialize)]
