@@ -138,13 +138,6 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     };
     let issuer_ref = issuer.reference();
     let revoker = issuer.clone();
-    let manager = CertificateManager::new(
-        state.clone(),
-        snapshot.clone(),
-        issuer,
-        RenewalPolicy::default(),
-    );
-    let manager_task = tokio::spawn(manager.run(shutdown.clone()));
 
     let lease = announce(&state, &config).await?;
     let announce_task = tokio::spawn(keep_announcing(
@@ -167,6 +160,32 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     let dns = Dns::start(&config, snapshot.clone())
         .await
         .context("starting the DNS responder (listen.dns, [dns])")?;
+
+    // Orders start once this node can answer the CA: DNS and the HTTP listener are up.
+    let mut manager = CertificateManager::new(
+        state.clone(),
+        snapshot.clone(),
+        issuer,
+        RenewalPolicy::default(),
+    );
+    if config.issuer.kind == IssuerKind::Acme {
+        let views = dns.views.clone();
+        manager = manager.with_preflight(Arc::new(move |name, revision| {
+            let views = views.clone();
+            Box::pin(async move {
+                // Answer as the DNS will once it has the change that made this name.
+                views.wait_for(revision, Duration::from_secs(2)).await;
+                match views.load().zone.resolves_to_addresses(name.as_str()) {
+                    Some(false) => Err(format!(
+                        "this platform's DNS gives no A or AAAA for {name}, so the CA could \
+                         not reach a node; set node.public_ipv4 or node.public_ipv6"
+                    )),
+                    _ => Ok(()),
+                }
+            })
+        }));
+    }
+    let manager_task = tokio::spawn(manager.run(shutdown.clone()));
 
     let listener = tokio::net::TcpListener::bind(config.listen.admin)
         .await

@@ -24,6 +24,9 @@ pub enum IssueError {
     /// The issuer cannot be set up (config, account); nothing will issue until it is fixed.
     #[error("{0}")]
     Setup(String),
+    /// The name cannot validate as things stand (checked before ordering); no order was placed.
+    #[error("not ordered: {0}")]
+    Preflight(String),
     /// The CA could not be reached or answered nonsense; retried later.
     #[error("the ACME CA failed: {0}")]
     Ca(String),
@@ -38,6 +41,7 @@ impl IssueError {
             IssueError::Generate(_) => ("portcullis:generate".into(), self.to_string()),
             IssueError::Setup(_) => ("portcullis:issuer-setup".into(), self.to_string()),
             IssueError::Ca(_) => ("portcullis:ca-unreachable".into(), self.to_string()),
+            IssueError::Preflight(_) => ("portcullis:preflight".into(), self.to_string()),
         };
         portcullis_config::model::Problem { kind, detail }
     }

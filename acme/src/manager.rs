@@ -11,7 +11,7 @@ use portcullis_config::{DomainName, ServiceId, SnapshotHandle, State, StateError
 use time::{Duration, OffsetDateTime};
 use tokio_util::sync::CancellationToken;
 
-use crate::issuer::Issuer;
+use crate::issuer::{IssueError, Issuer};
 
 /// When to renew, and how to back off after failures.
 #[derive(Clone, Debug)]
@@ -68,11 +68,21 @@ impl RenewalPolicy {
     }
 }
 
+/// A check run before each order: `Err(reason)` when the name cannot validate (our own DNS
+/// does not send the CA to this platform), so no order is spent on it. It is given the store
+/// revision the name was seen at, so it can wait for its own view to catch up.
+pub type Preflight = Arc<
+    dyn Fn(DomainName, i64) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 pub struct CertificateManager {
     state: State,
     snapshot: SnapshotHandle,
     issuer: Arc<dyn Issuer>,
     policy: RenewalPolicy,
+    preflight: Option<Preflight>,
 }
 
 /// Longest sleep with nothing due: a safety net should a wake-up be missed.
@@ -100,7 +110,13 @@ impl CertificateManager {
             snapshot,
             issuer,
             policy,
+            preflight: None,
         }
+    }
+
+    pub fn with_preflight(mut self, preflight: Preflight) -> Self {
+        self.preflight = Some(preflight);
+        self
     }
 
     fn due(&self, cert: Option<&Certificate>, now: OffsetDateTime) -> Due {
@@ -266,11 +282,25 @@ impl CertificateManager {
             .as_ref()
             .filter(|p| p.renewal_window.is_some() && !p.chain_pem.is_empty())
             .map(|p| p.chain_pem.clone());
-        let cert = match self
-            .issuer
-            .issue(&domains, replacing.as_deref(), &steps)
-            .await
-        {
+        let mut preflight = Ok(());
+        if let Some(check) = &self.preflight {
+            let revision = self.snapshot.load().revision();
+            for domain in &domains {
+                preflight = check(domain.clone(), revision).await;
+                if preflight.is_err() {
+                    break;
+                }
+            }
+        }
+        let outcome = match preflight {
+            Ok(()) => {
+                self.issuer
+                    .issue(&domains, replacing.as_deref(), &steps)
+                    .await
+            }
+            Err(reason) => Err(IssueError::Preflight(reason)),
+        };
+        let cert = match outcome {
             Ok(issued) => {
                 let renewal_window = self.issuer.renewal_window(&issued.chain_pem).await;
                 tracing::info!(domain = %name, took_ms = started.elapsed().as_millis() as u64, "certificate issued");
@@ -540,5 +570,77 @@ mod tests {
         let at = policy.renew_at(&cert).unwrap();
         assert!(at <= issued + Duration::days(60) && at >= issued + Duration::days(52));
         assert_eq!(due(&policy, &issuer, Some(&cert), now), Due::At(at));
+    }
+
+    /// Counts orders; every one fails.
+    struct CountingIssuer(std::sync::atomic::AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl Issuer for CountingIssuer {
+        fn reference(&self) -> IssuerRef {
+            IssuerRef::Dev
+        }
+        async fn issue(
+            &self,
+            _: &[DomainName],
+            _: Option<&str>,
+            _: &dyn crate::issuer::Progress,
+        ) -> Result<crate::issuer::Issued, IssueError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(IssueError::Ca("refused".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_preflight_spends_no_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn portcullis_config::Store> = Arc::new(
+            portcullis_config::EmbeddedStore::open(dir.path().join("state.redb"))
+                .await
+                .unwrap(),
+        );
+        let zone = DomainName::parse("app.example.test").unwrap();
+        let state = State::new(store.clone(), zone.clone());
+        let sync = portcullis_config::SnapshotSync::start(store, zone.clone())
+            .await
+            .unwrap();
+        let issuer = Arc::new(CountingIssuer(Default::default()));
+        let manager = CertificateManager::new(
+            state.clone(),
+            sync.handle.clone(),
+            issuer.clone(),
+            RenewalPolicy::default(),
+        )
+        .with_preflight(Arc::new(|name, _| {
+            Box::pin(async move { Err(format!("{name} points nowhere")) })
+        }));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(manager.run(stop.clone()));
+        let (service, _) = state
+            .create_service(
+                vec![portcullis_config::Backend::try_from("127.0.0.1:9".to_string()).unwrap()],
+                portcullis_config::ServiceStatus::Active,
+                Default::default(),
+                IssuerRef::Dev,
+            )
+            .await
+            .unwrap();
+        let name = service.id.canonical_domain(&zone);
+        let deadline = std::time::Instant::now() + StdDuration::from_secs(10);
+        let cert = loop {
+            if let Some(c) = sync.handle.load().certificate(&name)
+                && c.status == CertificateStatus::Failed
+            {
+                break c.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "never failed");
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        };
+        let problem = cert.last_error.clone().unwrap();
+        assert_eq!(problem.kind, "portcullis:preflight");
+        assert!(problem.detail.contains("points nowhere"), "{problem:?}");
+        assert_eq!(issuer.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        stop.cancel();
+        task.await.unwrap();
     }
 }

@@ -418,6 +418,23 @@ impl ZoneView {
         out
     }
 
+    /// Whether our own answers send a resolver (a CA validating) to addresses for `name`: A or
+    /// AAAA records at the end of any in-zone CNAME chain, for the default client group.
+    /// `None` when the name is not in our zones (someone else's DNS decides).
+    pub fn resolves_to_addresses(&self, name: &str) -> Option<bool> {
+        let name = to_name(name).ok()?;
+        if self.outside(&name) {
+            return None;
+        }
+        let found = [RecordType::A, RecordType::AAAA].iter().any(|t| {
+            self.lookup(&name, *t, 0)
+                .answers
+                .iter()
+                .any(|r| matches!(r.data, RData::A(_) | RData::AAAA(_)))
+        });
+        Some(found)
+    }
+
     pub fn clients(&self) -> &ClientTable {
         &self.settings.clients
     }
