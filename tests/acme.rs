@@ -409,3 +409,47 @@ async fn after_failures_at_the_primary_ca_the_fallback_ca_issues() {
         node.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_name_leaves_other_services_unaffected() {
+    let plan = PebblePlan::new();
+    let section = plan.issuer_section();
+    let node = Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", &section));
+    let create = || async {
+        let r = node
+            .api(
+                hyper::Method::POST,
+                "/v1/services",
+                Some(serde_json::json!({ "backends": ["127.0.0.1:9"] })),
+            )
+            .await;
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    // Created before the CA is up: its first attempt fails and is retried later.
+    let refused = create().await;
+    node.wait_certificate(&refused, |c| c["status"] == "failed")
+        .await;
+    // The CA comes up refusing exactly that name.
+    let dns = node.dns_addr().await;
+    let http = node.listener("http").await;
+    let _pebble = plan.start(
+        dns,
+        http.port(),
+        &format!(r#", "domainBlocklist": ["{refused}.app.example.test"]"#),
+    );
+    let fine = create().await;
+    let cert = node
+        .wait_certificate(&fine, |c| c["status"] == "active")
+        .await;
+    assert_eq!(cert["status"], "active");
+    let cert = node
+        .wait_certificate(&refused, |c| {
+            c["last_error"]["type"] == "urn:ietf:params:acme:error:rejectedIdentifier"
+        })
+        .await;
+    assert_eq!(cert["status"], "failed", "{cert}");
+    let again = node
+        .wait_certificate(&fine, |c| c["status"] == "active")
+        .await;
+    assert_eq!(again["status"], "active");
+}
