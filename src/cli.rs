@@ -237,39 +237,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Cert(CertCommand::Revoke { name }) => {
             let client = connect(&global)?;
-            check_cert_name(&name)?;
-            let value = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/certificates/{name}/revoke"),
-                    None,
-                )
-                .await?
-                .unwrap_or(Value::Null);
-            if global.json {
-                return print_json(&value);
-            }
-            println!("revoked the certificate of {name}; a new one is being issued in its place");
-            Ok(())
+            let done = format!(
+                "revoked the certificate of {name}; a new one is being issued in its place"
+            );
+            cert_action(&client, &name, "revoke", global.json, &done).await
         }
         Command::Cert(CertCommand::Renew { name }) => {
             let client = connect(&global)?;
-            check_cert_name(&name)?;
-            let value = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/certificates/{name}/renew"),
-                    None,
-                )
-                .await?
-                .unwrap_or(Value::Null);
-            if global.json {
-                return print_json(&value);
-            }
-            println!(
+            let done = format!(
                 "renewal of {name} requested; the current certificate is served until the new one is stored"
             );
-            Ok(())
+            cert_action(&client, &name, "renew", global.json, &done).await
         }
         Command::Cert(CertCommand::List) => {
             let client = connect(&global)?;
@@ -568,6 +546,30 @@ async fn service_reply(
     println!("{heading} {}", view.id);
     print_service(&view);
     Ok(view.id)
+}
+
+/// `POST /v1/certificates/{name}/{action}`, then `done` (or the reply as JSON).
+async fn cert_action(
+    client: &AdminClient,
+    name: &str,
+    action: &str,
+    json: bool,
+    done: &str,
+) -> Result<(), CliError> {
+    check_cert_name(name)?;
+    let value = client
+        .call(
+            Method::POST,
+            &format!("/v1/certificates/{name}/{action}"),
+            None,
+        )
+        .await?
+        .unwrap_or(Value::Null);
+    if json {
+        return print_json(&value);
+    }
+    println!("{done}");
+    Ok(())
 }
 
 fn check_cert_name(name: &str) -> Result<(), CliError> {

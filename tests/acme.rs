@@ -358,6 +358,12 @@ async fn the_dev_ca_says_it_does_not_revoke() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not revoke"), "{stderr}");
+    // Renewal goes through the same path, and works with any issuer.
+    let out = node.cli(&["cert", "renew", &host]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&format!("renewal of {host} requested"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,16 +21,21 @@ use portcullis_dns::{ZoneSettings, wire};
 
 const SERVICE: &str = "0b9f7c1e-4a52-4c1a-9d3e-8f6a2b1c0d4e";
 
-fn record(name: &str, rtype: &str, data: &[&str]) -> KeyValue {
-    let value = serde_json::json!({ "name": name, "type": rtype, "ttl": 300, "data": data });
+/// A stored key-value as the Snapshot reads it from the store.
+fn stored(key: String, value: &serde_json::Value) -> KeyValue {
     KeyValue {
-        key: format!("{}{name}/{rtype}", keys::RECORDS),
-        value: serde_json::to_vec(&value).unwrap_or_default(),
+        key,
+        value: serde_json::to_vec(value).unwrap_or_default(),
         create_revision: 1,
         mod_revision: 1,
         version: 1,
         lease: None,
     }
+}
+
+fn record(name: &str, rtype: &str, data: &[&str]) -> KeyValue {
+    let value = serde_json::json!({ "name": name, "type": rtype, "ttl": 300, "data": data });
+    stored(format!("{}{name}/{rtype}", keys::RECORDS), &value)
 }
 
 fn build() -> ViewHandle {
@@ -52,14 +57,7 @@ fn build() -> ViewHandle {
         "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
     });
     let kvs = vec![
-        KeyValue {
-            key: format!("{}{SERVICE}", keys::SERVICES),
-            value: serde_json::to_vec(&service).unwrap_or_default(),
-            create_revision: 1,
-            mod_revision: 1,
-            version: 1,
-            lease: None,
-        },
+        stored(format!("{}{SERVICE}", keys::SERVICES), &service),
         record("*.app.example", "TXT", &["\"wild\""]),
         record("*.w.app.example", "CNAME", &["a.app.example."]),
         record("a.app.example", "A", &["192.0.2.7"]),
