@@ -300,6 +300,19 @@ impl State {
         )))
     }
 
+    /// Writes `key` only if it does not exist; the revision, or `None` when it existed.
+    async fn put_if_absent(&self, key: String, value: Vec<u8>) -> Result<Option<i64>, StateError> {
+        let out = self
+            .store
+            .txn(Txn {
+                compare: vec![Compare::Absent(key.clone())],
+                success: vec![Op::put(key, value)],
+                failure: vec![],
+            })
+            .await?;
+        Ok(out.succeeded.then_some(out.revision))
+    }
+
     /// Stores a custom record set. `create_only`: fail with a conflict when one exists already
     /// (POST); otherwise replace it (PUT).
     pub async fn put_record(
@@ -312,21 +325,12 @@ impl State {
         if !create_only {
             return Ok(self.store.put(&key, value).await?);
         }
-        let out = self
-            .store
-            .txn(Txn {
-                compare: vec![Compare::Absent(key.clone())],
-                success: vec![Op::put(key, value)],
-                failure: vec![],
-            })
-            .await?;
-        if out.succeeded {
-            Ok(out.revision)
-        } else {
-            Err(StateError::Conflict(format!(
+        match self.put_if_absent(key, value).await? {
+            Some(revision) => Ok(revision),
+            None => Err(StateError::Conflict(format!(
                 "{} {} exists already; replace it with PUT /v1/records/{}/{}",
                 record.name, record.rtype, record.name, record.rtype
-            )))
+            ))),
         }
     }
 
@@ -347,15 +351,7 @@ impl State {
     ) -> Result<crate::model::AcmeAccount, StateError> {
         let key = keys::ACME_ACCOUNT.to_string();
         let value = encode(&key, account)?;
-        let out = self
-            .store
-            .txn(Txn {
-                compare: vec![Compare::Absent(key.clone())],
-                success: vec![Op::put(key, value)],
-                failure: vec![],
-            })
-            .await?;
-        if out.succeeded {
+        if self.put_if_absent(key, value).await?.is_some() {
             return Ok(account.clone());
         }
         self.get_account().await?.ok_or_else(|| {
