@@ -34,6 +34,8 @@ pub struct AcmeIssuer {
     state: State,
     /// Made on first use, so a node starts (and serves what it has) while the CA is down.
     account: tokio::sync::OnceCell<Account>,
+    /// To the CA, shared by every account (clones share one connection pool).
+    http: CaClient,
     directory_url: String,
     /// `issuer.fallback_directories`, each with an account on the same key (so the one
     /// thumbprint answers every CA's challenges), made on first use.
@@ -74,12 +76,9 @@ fn api(e: instant_acme::Error) -> IssueError {
 
 /// HTTPS to the CA with TCP_NODELAY (instant-acme's default client leaves Nagle on, and every
 /// signed POST then waits ~40 ms), trusting `trust_roots` when given, else the system's roots.
-fn http_client(
-    trust_roots: &[PathBuf],
-) -> Result<
-    Client<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<bytes::Bytes>>,
-    IssueError,
-> {
+type CaClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<bytes::Bytes>>;
+
+fn http_client(trust_roots: &[PathBuf]) -> Result<CaClient, IssueError> {
     let mut roots = rustls::RootCertStore::empty();
     if trust_roots.is_empty() {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -121,12 +120,13 @@ impl AcmeIssuer {
                 "issuer.eab_key_id and issuer.eab_hmac_key go together: set both or neither",
             ));
         }
-        // Fail at start on unreadable trust roots rather than at the first order.
-        http_client(&section.trust_roots)?;
+        // Built at start, so unreadable trust roots fail there rather than at the first order.
+        let http = http_client(&section.trust_roots)?;
         Ok(AcmeIssuer {
             section: section.clone(),
             state,
             account: tokio::sync::OnceCell::new(),
+            http,
             directory_url,
             fallbacks: section
                 .fallback_directories
@@ -163,13 +163,10 @@ impl AcmeIssuer {
             let der = credentials.private_key().clone_key();
             let key = instant_acme::Key::from_pkcs8_der(der.clone_key())
                 .map_err(|e| setup(format!("the account key cannot be used: {e}")))?;
-            let (account, _) =
-                Account::builder_with_http(Box::new(http_client(&self.section.trust_roots)?))
-                    .create_from_key((key, der.into()), url.clone())
-                    .await
-                    .map_err(|e| {
-                        IssueError::Ca(format!("registering the account at {url}: {e}"))
-                    })?;
+            let (account, _) = Account::builder_with_http(Box::new(self.http.clone()))
+                .create_from_key((key, der.into()), url.clone())
+                .await
+                .map_err(|e| IssueError::Ca(format!("registering the account at {url}: {e}")))?;
             tracing::info!(directory = %url, account = account.id(), "ACME fallback account ready");
             Ok(account)
         })
@@ -208,11 +205,11 @@ impl AcmeIssuer {
             .map_err(|e| IssueError::Ca(format!("reading the ACME account: {e}")))?;
         let stored = match stored {
             Some(account) if account.directory_url == *directory_url => account,
-            _ => Self::create_account(&self.section, directory_url, &self.state).await?,
+            _ => self.create_account().await?,
         };
         let credentials: AccountCredentials = serde_json::from_str(&stored.credentials_json)
             .map_err(|e| setup(format!("the stored ACME account does not parse: {e}")))?;
-        Account::builder_with_http(Box::new(http_client(&self.section.trust_roots)?))
+        Account::builder_with_http(Box::new(self.http.clone()))
             .from_credentials(credentials)
             .await
             .map_err(|e| {
@@ -222,11 +219,8 @@ impl AcmeIssuer {
             })
     }
 
-    async fn create_account(
-        section: &IssuerSection,
-        directory_url: &str,
-        state: &State,
-    ) -> Result<AcmeAccount, IssueError> {
+    async fn create_account(&self) -> Result<AcmeAccount, IssueError> {
+        let (section, directory_url, state) = (&self.section, &self.directory_url, &self.state);
         let contact: Vec<&str> = section.contact.iter().map(String::as_str).collect();
         let eab = match (&section.eab_key_id, &section.eab_hmac_key) {
             (Some(id), Some(key)) => {
@@ -238,21 +232,20 @@ impl AcmeIssuer {
             }
             _ => None,
         };
-        let (account, credentials) =
-            Account::builder_with_http(Box::new(http_client(&section.trust_roots)?))
-                .create(
-                    &NewAccount {
-                        contact: &contact,
-                        terms_of_service_agreed: true,
-                        only_return_existing: false,
-                    },
-                    directory_url.to_string(),
-                    eab.as_ref(),
-                )
-                .await
-                .map_err(|e| {
-                    IssueError::Ca(format!("creating the ACME account at {directory_url}: {e}"))
-                })?;
+        let (account, credentials) = Account::builder_with_http(Box::new(self.http.clone()))
+            .create(
+                &NewAccount {
+                    contact: &contact,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                directory_url.to_string(),
+                eab.as_ref(),
+            )
+            .await
+            .map_err(|e| {
+                IssueError::Ca(format!("creating the ACME account at {directory_url}: {e}"))
+            })?;
         let record = AcmeAccount {
             directory_url: directory_url.to_string(),
             account_url: account.id().to_string(),

@@ -445,7 +445,7 @@ pub enum IssuerKind {
     Acme,
 }
 
-#[derive(Clone, Debug, PartialEq, Default, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerSection {
     #[serde(default)]
@@ -473,6 +473,21 @@ pub struct IssuerSection {
 
 fn default_fallback_after() -> u32 {
     3
+}
+
+impl Default for IssuerSection {
+    fn default() -> Self {
+        IssuerSection {
+            kind: IssuerKind::default(),
+            directory_url: None,
+            contact: Vec::new(),
+            trust_roots: Vec::new(),
+            eab_key_id: None,
+            eab_hmac_key: None,
+            fallback_directories: Vec::new(),
+            fallback_after_failures: default_fallback_after(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Default, Deserialize)]
