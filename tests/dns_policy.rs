@@ -14,7 +14,7 @@ use hickory_proto::rr::RecordType;
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use support::Node;
 use support::dns::{
-    add, create_service, dig, dns_node_with, query_message, rdata, tcp, udp, udp_from,
+    add, create_service, dig, dig_from, dns_node_with, query_message, rdata, tcp, udp, udp_from,
 };
 
 const ZONE: &str = "app.example.test";
@@ -196,28 +196,10 @@ async fn forwarding_only_for_allowed_networks() {
     assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
     assert!(refused.answers.is_empty());
     // dig from the allowed source, with recursion asked as a stub resolver asks.
-    let out = std::process::Command::new("dig")
-        .args(["-b", "127.0.0.1", &format!("@{}", dns.ip())])
-        .args([
-            "-p",
-            &dns.port().to_string(),
-            "+short",
-            "www.other.test",
-            "A",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "198.51.100.7");
-    let out = std::process::Command::new("dig")
-        .args(["-b", "127.0.0.2", &format!("@{}", dns.ip())])
-        .args(["-p", &dns.port().to_string(), "www.other.test", "A"])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("status: REFUSED"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = dig_from("127.0.0.1", dns, &["+short", "www.other.test", "A"]);
+    assert_eq!(out.trim(), "198.51.100.7");
+    let out = dig_from("127.0.0.2", dns, &["www.other.test", "A"]);
+    assert!(out.contains("status: REFUSED"), "{out}");
 }
 
 #[tokio::test]
@@ -283,12 +265,7 @@ async fn zone_transfer_for_allowed_networks_only() {
     for i in 0..210 {
         add(&node, &format!("t{i}.app.example.test"), "TXT", &["\"x\""]).await;
     }
-    let out = std::process::Command::new("dig")
-        .args(["-b", "127.0.0.1", &format!("@{}", dns.ip())])
-        .args(["-p", &dns.port().to_string(), "+onesoa", "AXFR", ZONE])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = dig_from("127.0.0.1", dns, &["+onesoa", "AXFR", ZONE]);
     // dig pads with tabs or spaces by name length: compare with single spaces.
     let records: Vec<String> = text
         .lines()
@@ -324,16 +301,8 @@ async fn zone_transfer_for_allowed_networks_only() {
     );
 
     // From another source: refused, as is AXFR over UDP from anyone.
-    let out = std::process::Command::new("dig")
-        .args(["-b", "127.0.0.2", &format!("@{}", dns.ip())])
-        .args(["-p", &dns.port().to_string(), "AXFR", ZONE])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("Transfer failed"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = dig_from("127.0.0.2", dns, &["AXFR", ZONE]);
+    assert!(out.contains("Transfer failed"), "{out}");
     let over_udp = udp(dns, &query_message(ZONE, RecordType::AXFR));
     assert_eq!(over_udp.metadata.response_code, ResponseCode::Refused);
 }

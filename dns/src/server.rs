@@ -357,11 +357,14 @@ impl RequestHandler for TcpHandler {
             }
             return last.unwrap_or_else(|| sent(Err("an empty transfer"), request));
         }
-        let response = match self.policies.forwarder_for(client) {
-            Some(forwarder) => match answer::forwardable(&view.zone, &message) {
-                Some(query) => Some(forwarder.resolve(&message, query, self.udp_payload).await),
-                None => answer::respond(&view.zone, &message, self.udp_payload, client),
-            },
+        let forward = self
+            .policies
+            .forwarder_for(client)
+            .and_then(|f| Some((f, answer::forwardable(&view.zone, &message)?)));
+        let response = match forward {
+            Some((forwarder, query)) => {
+                Some(forwarder.resolve(&message, query, self.udp_payload).await)
+            }
             None => answer::respond(&view.zone, &message, self.udp_payload, client),
         };
         let Some(r) = response else {

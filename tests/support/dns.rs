@@ -83,6 +83,17 @@ pub fn dig(server: SocketAddr, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs dig as a stub resolver would (recursion desired), from a chosen loopback source.
+pub fn dig_from(source: &str, server: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .args(["-b", source, &format!("@{}", server.ip())])
+        .args(["-p", &server.port().to_string()])
+        .args(args)
+        .output()
+        .expect("dig (package dnsutils) is installed by make test");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `dig +short`: the answer's RDATA lines, sorted.
 pub fn dig_short(server: SocketAddr, name: &str, rtype: &str) -> Vec<String> {
     let mut lines: Vec<String> = dig(server, &["+short", name, rtype])
