@@ -141,12 +141,11 @@ pub fn fast_nxdomain(
     key: &[u8],
     udp_payload: u16,
 ) -> Option<Vec<u8>> {
-    let (qtype, qclass) = crate::wire::key_type_class(key);
-    if qclass != u16::from(DNSClass::IN) {
+    if fast.qclass != u16::from(DNSClass::IN) {
         return None;
     }
     let name = crate::wire::key_to_name(key)?;
-    let lookup = zone.lookup(&name, RecordType::from(qtype), 0);
+    let lookup = zone.lookup(&name, RecordType::from(fast.qtype), 0);
     if lookup.rcode != Rcode::NxDomain || !lookup.answers.is_empty() {
         return None;
     }

@@ -13,6 +13,8 @@ pub struct FastQuery {
     dnssec_ok: bool,
     /// The largest UDP answer this query may get.
     pub limit: u16,
+    pub qtype: u16,
+    pub qclass: u16,
 }
 
 const HEADER: usize = 12;
@@ -59,6 +61,8 @@ pub fn parse_query(
     }
     let qname_end = i;
     let question = request.get(i..i + 4)?;
+    let qtype = u16::from_be_bytes([question[0], question[1]]);
+    let qclass = u16::from_be_bytes([question[2], question[3]]);
     key.extend_from_slice(question);
     i += 4;
     let mut edns = false;
@@ -91,6 +95,8 @@ pub fn parse_query(
         edns,
         dnssec_ok,
         limit,
+        qtype,
+        qclass,
     })
 }
 
@@ -163,18 +169,6 @@ pub fn key_to_name(key: &[u8]) -> Option<hickory_proto::rr::Name> {
     let mut name = hickory_proto::rr::Name::from_labels(labels).ok()?;
     name.set_fqdn(true);
     Some(name)
-}
-
-/// The query type and class in a cache key.
-pub fn key_type_class(key: &[u8]) -> (u16, u16) {
-    let tail = &key[key.len().saturating_sub(KEY_TAIL)..];
-    if tail.len() < 4 {
-        return (0, 0);
-    }
-    (
-        u16::from_be_bytes([tail[0], tail[1]]),
-        u16::from_be_bytes([tail[2], tail[3]]),
-    )
 }
 
 /// An NXDOMAIN answer written directly: the request's header and question, the zone's SOA
