@@ -1,6 +1,7 @@
 //! The ACME issuer (RFC 8555) on instant-acme: one account per platform, kept in the store so
 //! every node answers http-01 challenges from its thumbprint, and orders run with short polling.
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -44,6 +45,8 @@ pub struct AcmeIssuer {
     /// directory is tried, and so on round the list.
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     fallback_after: u32,
+    /// One per directory, the primary first.
+    backoffs: Vec<AccountBackoff>,
     /// New orders exclude authorization fetches: Pebble deadlocks when the two overlap (see
     /// the research note), and serializing them costs little.
     order_lock: RwLock<()>,
@@ -69,8 +72,132 @@ fn api(e: instant_acme::Error) -> IssueError {
                 .clone()
                 .unwrap_or_else(|| "urn:ietf:params:acme:error:serverInternal".into()),
             detail: problem.detail.clone().unwrap_or_default(),
+            retry_after: RETRY_AFTER.try_with(Cell::take).ok().flatten(),
         },
         other => IssueError::Ca(other.to_string()),
+    }
+}
+
+tokio::task_local! {
+    /// The `Retry-After` of the last error response the CA sent to this order, which
+    /// instant-acme's problem documents do not carry: [`CaHttp`] notes it here.
+    static RETRY_AFTER: Cell<Option<Duration>>;
+}
+
+/// The CA client as instant-acme sees it: [`CaClient`], noting the `Retry-After` of error
+/// responses (rate limits, an overloaded CA) for the order that got them.
+struct CaHttp<C = CaClient>(C);
+
+impl<C: instant_acme::HttpClient> instant_acme::HttpClient for CaHttp<C> {
+    fn request(
+        &self,
+        req: http::Request<BodyWrapper<bytes::Bytes>>,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<instant_acme::BytesResponse, instant_acme::Error>> + Send>,
+    > {
+        let response = instant_acme::HttpClient::request(&self.0, req);
+        Box::pin(async move {
+            let response = response.await?;
+            let status = response.parts.status;
+            if (status.is_client_error() || status.is_server_error())
+                && let Some(after) = response
+                    .parts
+                    .headers
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry_after(v, std::time::SystemTime::now()))
+            {
+                // Outside an order (account set-up) there is no one to tell.
+                let _ = RETRY_AFTER.try_with(|slot| slot.set(Some(after)));
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3): seconds, or an HTTP-date (a date past is zero).
+fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Backoff of one account (one per directory) after failures that are the CA's or the
+/// account's rather than one name's: the CA unreachable or failing, the account unusable.
+/// While it lasts no order goes to that CA, so a CA outage costs one failed order per step,
+/// not one per name.
+#[derive(Debug, Default)]
+struct AccountBackoff {
+    state: std::sync::Mutex<BackoffState>,
+}
+
+#[derive(Debug, Default)]
+struct BackoffState {
+    until: Option<OffsetDateTime>,
+    /// Steps taken since the last success; the wait doubles with each.
+    steps: u32,
+    reason: String,
+}
+
+const ACCOUNT_BACKOFF_FIRST: Duration = Duration::from_secs(5);
+const ACCOUNT_BACKOFF_MAX: Duration = Duration::from_secs(3600);
+
+impl AccountBackoff {
+    /// `Err(Paused)` while backing off.
+    fn check(&self, now: OffsetDateTime) -> Result<(), IssueError> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match state.until {
+            Some(until) if until > now => Err(IssueError::Paused {
+                until,
+                reason: state.reason.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Notes how an order ended. Orders already in flight when the backoff began end inside
+    /// it and do not lengthen it.
+    fn record(&self, outcome: &Result<Issued, IssueError>, now: OffsetDateTime) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Err(e) if is_account_failure(e) => {
+                if state.until.is_some_and(|until| until > now) {
+                    return;
+                }
+                let step = ACCOUNT_BACKOFF_FIRST
+                    .saturating_mul(1u32 << state.steps.min(16))
+                    .min(ACCOUNT_BACKOFF_MAX);
+                let mut byte = [0u8; 1];
+                let random = getrandom::fill(&mut byte).map(|()| byte[0]).unwrap_or(128);
+                let wait = step / 2 + (step / 2).mul_f64(f64::from(random) / 255.0);
+                state.steps += 1;
+                state.until = Some(now + wait);
+                state.reason = e.to_string();
+                tracing::warn!(wait_s = wait.as_secs_f64(), error = %e, "ACME account backing off");
+            }
+            Err(IssueError::Paused { .. }) => {}
+            // The CA answered about the name (or issued): it works.
+            _ => *state = BackoffState::default(),
+        }
+    }
+}
+
+/// Whether a failure is the CA's or the account's, so every name would meet it.
+fn is_account_failure(e: &IssueError) -> bool {
+    match e {
+        IssueError::Ca(_) | IssueError::Setup(_) => true,
+        IssueError::Rejected { kind, .. } => [
+            "serverInternal",
+            "accountDoesNotExist",
+            "userActionRequired",
+            "externalAccountRequired",
+        ]
+        .iter()
+        .any(|k| kind.strip_prefix("urn:ietf:params:acme:error:") == Some(*k)),
+        _ => false,
     }
 }
 
@@ -135,6 +262,9 @@ impl AcmeIssuer {
                 .collect(),
             failures: std::sync::Mutex::new(std::collections::HashMap::new()),
             fallback_after: section.fallback_after_failures.max(1),
+            backoffs: (0..=section.fallback_directories.len())
+                .map(|_| AccountBackoff::default())
+                .collect(),
             order_lock: RwLock::new(()),
         })
     }
@@ -163,7 +293,7 @@ impl AcmeIssuer {
             let der = credentials.private_key().clone_key();
             let key = instant_acme::Key::from_pkcs8_der(der.clone_key())
                 .map_err(|e| setup(format!("the account key cannot be used: {e}")))?;
-            let (account, _) = Account::builder_with_http(Box::new(self.http.clone()))
+            let (account, _) = Account::builder_with_http(Box::new(CaHttp(self.http.clone())))
                 .create_from_key((key, der.into()), url.clone())
                 .await
                 .map_err(|e| IssueError::Ca(format!("registering the account at {url}: {e}")))?;
@@ -209,7 +339,7 @@ impl AcmeIssuer {
         };
         let credentials: AccountCredentials = serde_json::from_str(&stored.credentials_json)
             .map_err(|e| setup(format!("the stored ACME account does not parse: {e}")))?;
-        Account::builder_with_http(Box::new(self.http.clone()))
+        Account::builder_with_http(Box::new(CaHttp(self.http.clone())))
             .from_credentials(credentials)
             .await
             .map_err(|e| {
@@ -232,20 +362,21 @@ impl AcmeIssuer {
             }
             _ => None,
         };
-        let (account, credentials) = Account::builder_with_http(Box::new(self.http.clone()))
-            .create(
-                &NewAccount {
-                    contact: &contact,
-                    terms_of_service_agreed: true,
-                    only_return_existing: false,
-                },
-                directory_url.to_string(),
-                eab.as_ref(),
-            )
-            .await
-            .map_err(|e| {
-                IssueError::Ca(format!("creating the ACME account at {directory_url}: {e}"))
-            })?;
+        let (account, credentials) =
+            Account::builder_with_http(Box::new(CaHttp(self.http.clone())))
+                .create(
+                    &NewAccount {
+                        contact: &contact,
+                        terms_of_service_agreed: true,
+                        only_return_existing: false,
+                    },
+                    directory_url.to_string(),
+                    eab.as_ref(),
+                )
+                .await
+                .map_err(|e| {
+                    IssueError::Ca(format!("creating the ACME account at {directory_url}: {e}"))
+                })?;
         let record = AcmeAccount {
             directory_url: directory_url.to_string(),
             account_url: account.id().to_string(),
@@ -267,6 +398,7 @@ impl AcmeIssuer {
         domains: &[DomainName],
         replacing: Option<&str>,
         progress: &dyn Progress,
+        directory: usize,
     ) -> Result<Issued, IssueError> {
         progress.step(CertificateStatus::Ordering).await;
         let identifiers: Vec<Identifier> = domains
@@ -274,7 +406,6 @@ impl AcmeIssuer {
             .map(|d| Identifier::Dns(d.to_string()))
             .collect();
         let name = domains.first().map(|d| d.to_string()).unwrap_or_default();
-        let directory = self.directory_for(&name);
         let account = match directory {
             0 => self.account().await?,
             i => {
@@ -306,6 +437,7 @@ impl AcmeIssuer {
                         return Err(IssueError::Rejected {
                             kind: "urn:ietf:params:acme:error:unauthorized".into(),
                             detail: format!("authorization is {other:?}"),
+                            retry_after: None,
                         });
                     }
                 }
@@ -315,6 +447,7 @@ impl AcmeIssuer {
                         .ok_or_else(|| IssueError::Rejected {
                             kind: "urn:ietf:params:acme:error:unsupportedChallenge".into(),
                             detail: "the CA offers no http-01 challenge".into(),
+                            retry_after: None,
                         })?;
                 challenge.set_ready().await.map_err(api)?;
             }
@@ -357,6 +490,7 @@ impl AcmeIssuer {
         IssueError::Rejected {
             kind: "urn:ietf:params:acme:error:serverInternal".into(),
             detail: "the order became invalid and the CA gave no reason".into(),
+            retry_after: None,
         }
     }
 }
@@ -405,17 +539,21 @@ impl Issuer for AcmeIssuer {
         replacing: Option<&str>,
         progress: &dyn Progress,
     ) -> Result<Issued, IssueError> {
-        let order = self.order(domains, replacing, progress);
+        let name = domains.first().map(|d| d.as_str()).unwrap_or_default();
+        let directory = self.directory_for(name);
+        let backoff = &self.backoffs[directory];
+        backoff.check(OffsetDateTime::now_utc())?;
+        let order = self.order(domains, replacing, progress, directory);
         // Every issuance is bounded: a CA that stops answering must not hold a name forever.
-        let result = match tokio::time::timeout(Duration::from_secs(180), order).await {
+        let bounded = tokio::time::timeout(Duration::from_secs(180), order);
+        let result = match RETRY_AFTER.scope(Cell::new(None), bounded).await {
             Ok(result) => result,
             Err(_) => Err(IssueError::Ca(
                 "the order did not complete within 180 s".into(),
             )),
         };
-        if let Some(name) = domains.first() {
-            self.record_outcome(name.as_str(), result.is_ok());
-        }
+        backoff.record(&result, OffsetDateTime::now_utc());
+        self.record_outcome(name, result.is_ok());
         result
     }
 
@@ -458,5 +596,171 @@ impl Issuer for AcmeIssuer {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = httpdate::parse_http_date("Sun, 22 Nov 2026 08:00:00 GMT").unwrap();
+        assert_eq!(retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after("Sun, 22 Nov 2026 09:00:00 GMT", now),
+            Some(Duration::from_secs(3600))
+        );
+        // A date already past: ask again now.
+        assert_eq!(
+            retry_after("Sun, 22 Nov 2026 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
+        assert_eq!(retry_after("-5", now), None);
+    }
+
+    fn rejected(kind: &str) -> Result<Issued, IssueError> {
+        Err(IssueError::Rejected {
+            kind: format!("urn:ietf:params:acme:error:{kind}"),
+            detail: String::new(),
+            retry_after: None,
+        })
+    }
+
+    #[test]
+    fn the_account_backs_off_on_ca_failures_only() {
+        let backoff = AccountBackoff::default();
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        // A name the CA refuses says nothing about the account.
+        backoff.record(&rejected("rejectedIdentifier"), t0);
+        backoff.record(&rejected("rateLimited"), t0);
+        assert!(backoff.check(t0).is_ok());
+
+        // The CA fails: no order for the first step (2.5 to 5 s).
+        backoff.record(&Err(IssueError::Ca("connection refused".into())), t0);
+        let Err(IssueError::Paused { until, reason }) = backoff.check(t0) else {
+            panic!("not paused");
+        };
+        assert!(reason.contains("connection refused"), "{reason}");
+        let first = until - t0;
+        assert!(
+            first >= time::Duration::milliseconds(2500) && first <= time::Duration::seconds(5),
+            "{first}"
+        );
+        // Orders in flight when it began end inside it and do not lengthen it.
+        backoff.record(&rejected("serverInternal"), t0 + time::Duration::seconds(1));
+        assert!(
+            matches!(backoff.check(until - time::Duration::milliseconds(1)), Err(IssueError::Paused { until: u, .. }) if u == until)
+        );
+        assert!(backoff.check(until).is_ok());
+
+        // Failing again after it: the next step is longer (5 to 10 s).
+        backoff.record(&rejected("serverInternal"), until);
+        let Err(IssueError::Paused { until: second, .. }) = backoff.check(until) else {
+            panic!("not paused again");
+        };
+        assert!(
+            second - until >= time::Duration::seconds(5),
+            "{}",
+            second - until
+        );
+
+        // One success ends it, and the steps start over.
+        backoff.record(&rejected("unauthorized"), second);
+        assert!(backoff.check(second).is_ok());
+        backoff.record(&Err(IssueError::Setup("no account".into())), second);
+        let Err(IssueError::Paused { until: third, .. }) = backoff.check(second) else {
+            panic!("not paused");
+        };
+        assert!(third - second <= time::Duration::seconds(5));
+    }
+
+    /// A CA in memory: the directory, nonces, accounts, and new orders refused as rate limited
+    /// with a Retry-After.
+    struct RateLimitingCa;
+
+    impl instant_acme::HttpClient for RateLimitingCa {
+        fn request(
+            &self,
+            req: http::Request<BodyWrapper<bytes::Bytes>>,
+        ) -> std::pin::Pin<
+            Box<
+                dyn Future<Output = Result<instant_acme::BytesResponse, instant_acme::Error>>
+                    + Send,
+            >,
+        > {
+            let base = "http://ca.test";
+            let (status, headers, body): (u16, Vec<(&str, String)>, String) =
+                match req.uri().path() {
+                    "/dir" => (
+                        200,
+                        vec![],
+                        format!(
+                            r#"{{"newNonce":"{base}/nonce","newAccount":"{base}/account","newOrder":"{base}/order"}}"#
+                        ),
+                    ),
+                    "/nonce" => (200, vec![], String::new()),
+                    "/account" => (
+                        201,
+                        vec![("location", format!("{base}/account/1"))],
+                        r#"{"status":"valid"}"#.into(),
+                    ),
+                    _ => (
+                        429,
+                        vec![
+                            ("retry-after", "42".into()),
+                            ("content-type", "application/problem+json".into()),
+                        ],
+                        r#"{"type":"urn:ietf:params:acme:error:rateLimited","detail":"too many new orders"}"#.into(),
+                    ),
+                };
+            let mut response = http::Response::builder()
+                .status(status)
+                .header("replay-nonce", "bm9uY2U");
+            for (name, value) in headers {
+                response = response.header(name, value);
+            }
+            let (parts, ()) = response.body(()).unwrap().into_parts();
+            Box::pin(async move {
+                Ok(instant_acme::BytesResponse {
+                    parts,
+                    body: Box::new(bytes::Bytes::from(body)),
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cas_retry_after_reaches_the_orders_problem() {
+        let (account, _) = Account::builder_with_http(Box::new(CaHttp(RateLimitingCa)))
+            .create(
+                &NewAccount {
+                    contact: &[],
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                "http://ca.test/dir".into(),
+                None,
+            )
+            .await
+            .unwrap();
+        let identifiers = [Identifier::Dns("a.example.test".into())];
+        let order = async {
+            account
+                .new_order(&NewOrder::new(&identifiers))
+                .await
+                .map(|_| ())
+                .map_err(api)
+        };
+        let Err(IssueError::Rejected {
+            kind, retry_after, ..
+        }) = RETRY_AFTER.scope(Cell::new(None), order).await
+        else {
+            panic!("the order was not refused");
+        };
+        assert_eq!(kind, "urn:ietf:params:acme:error:rateLimited");
+        assert_eq!(retry_after, Some(Duration::from_secs(42)));
     }
 }

@@ -20,7 +20,19 @@ pub enum IssueError {
     #[error("certificate generation failed: {0}")]
     Generate(String),
     #[error("{kind}: {detail}")]
-    Rejected { kind: String, detail: String },
+    Rejected {
+        kind: String,
+        detail: String,
+        /// When the CA said to ask again (its `Retry-After`), if it did.
+        retry_after: Option<std::time::Duration>,
+    },
+    /// Nothing was asked of the CA: its account is backing off after failures that were not
+    /// this name's; the name waits without a failure of its own.
+    #[error("the ACME account is backing off until {until}: {reason}")]
+    Paused {
+        until: OffsetDateTime,
+        reason: String,
+    },
     /// The issuer cannot be set up (config, account); nothing will issue until it is fixed.
     #[error("{0}")]
     Setup(String),
@@ -36,7 +48,8 @@ impl IssueError {
     /// The problem as shown in a certificate's status.
     pub fn problem(&self) -> portcullis_config::model::Problem {
         let (kind, detail) = match self {
-            IssueError::Rejected { kind, detail } => (kind.clone(), detail.clone()),
+            IssueError::Rejected { kind, detail, .. } => (kind.clone(), detail.clone()),
+            IssueError::Paused { .. } => ("portcullis:account-backoff".into(), self.to_string()),
             IssueError::DevCa { .. } => ("portcullis:dev-ca".into(), self.to_string()),
             IssueError::Generate(_) => ("portcullis:generate".into(), self.to_string()),
             IssueError::Setup(_) => ("portcullis:issuer-setup".into(), self.to_string()),

@@ -1,5 +1,5 @@
 //! portcullis-acme keeps every name the platform serves covered by a valid certificate. It owns
-//! the [`Issuer`] seam (the local dev CA now, ACME next), and the [`CertificateManager`] loop
+//! the [`Issuer`] seam (the local dev CA, an ACME CA), and the [`CertificateManager`] loop
 //! that reads the Snapshot, finds names without a usable certificate, issues, and writes the
 //! result to the store. It knows nothing of TLS serving or DNS answering: the proxy and the DNS
 //! responder see its work only through the Snapshot.

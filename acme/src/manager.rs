@@ -1,10 +1,11 @@
 //! The loop that keeps certificates issued and renewed: it wakes on every new Snapshot and at
 //! the next renewal or retry time, and issues what is due.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration as StdDuration, Instant};
 
 use futures_util::StreamExt as _;
-use std::time::Duration as StdDuration;
 
 use portcullis_config::model::{Certificate, CertificateStatus, IssuerRef, RenewalWindow};
 use portcullis_config::{DomainName, ServiceId, SnapshotHandle, State, StateError, keys};
@@ -87,8 +88,10 @@ pub struct CertificateManager {
 
 /// Longest sleep with nothing due: a safety net should a wake-up be missed.
 const IDLE_WAKE: StdDuration = StdDuration::from_secs(3600);
-/// How long to wait for our own write to show in the Snapshot before looking again.
+/// How long a name just recorded is left alone for the Snapshot to show the record.
 const SNAPSHOT_CATCH_UP: StdDuration = StdDuration::from_secs(5);
+/// Looks over the Snapshot are at least this many times their own duration apart.
+const SCAN_SPACING: u32 = 4;
 
 #[derive(Debug, PartialEq)]
 enum Due {
@@ -155,109 +158,156 @@ fn due(
     }
 }
 
+/// What one look over the Snapshot found.
+struct Scan {
+    /// Names to work on now, in the order found; `true`: only the renewal window is due.
+    due: Vec<(ServiceId, bool)>,
+    /// When the next name falls due.
+    wake: OffsetDateTime,
+}
+
 impl CertificateManager {
+    /// Runs orders as a pool: up to `concurrent_orders` at once, each slot refilled as soon as
+    /// an order ends, and names found due on every Snapshot change join the queue at once
+    /// rather than waiting for the slowest order of a batch.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut changes = self.snapshot.subscribe();
+        let slots = self.policy.concurrent_orders.max(1);
+        let mut running = futures_util::stream::FuturesUnordered::new();
+        let mut in_flight: HashSet<ServiceId> = HashSet::new();
+        let mut queue: VecDeque<(ServiceId, bool)> = VecDeque::new();
+        // Names just recorded, until the Snapshot shows what was recorded (store revision):
+        // until then the Snapshot still shows them as due.
+        let mut settling: HashMap<ServiceId, (i64, Instant)> = HashMap::new();
+        // Names the issuer put off (its account is backing off), until when.
+        let mut deferred: HashMap<ServiceId, OffsetDateTime> = HashMap::new();
+        let mut wake = OffsetDateTime::now_utc();
+        let mut rescan = true;
+        // Looks are spaced by a multiple of what the last one took, so a burst of changes on a
+        // large platform costs a bounded share of a core.
+        let mut next_scan = Instant::now();
+        let this = &self;
         loop {
-            let snapshot = self.snapshot.load_full();
-            let zone = snapshot.zone().clone();
-            let now = OffsetDateTime::now_utc();
-            let mut wake = now + IDLE_WAKE;
-            let mut due = Vec::new();
-            let mut by_status = [0u64; 6];
-            let mut next_renewal: Option<OffsetDateTime> = None;
-            for service in snapshot.services() {
-                let domain = service.id.canonical_domain(&zone);
-                let cert = snapshot.certificate(&domain).map(|c| &**c);
-                if let Some(cert) = cert {
-                    by_status[status_index(cert.status)] += 1;
-                    if let Some(not_after) = cert.not_after {
-                        metrics::gauge!("portcullis_certificate_expiry_seconds", "domain" => domain.clone())
-                            .set((not_after - now).as_seconds_f64());
-                    }
+            if rescan && Instant::now() >= next_scan {
+                rescan = false;
+                let started = Instant::now();
+                let snapshot = self.snapshot.load_full();
+                let now = OffsetDateTime::now_utc();
+                settling.retain(|_, (revision, since)| {
+                    *revision > snapshot.revision() && since.elapsed() < SNAPSHOT_CATCH_UP
+                });
+                deferred.retain(|_, until| *until > now);
+                let scan = self.scan(&snapshot, now);
+                wake = scan.wake;
+                for until in deferred.values() {
+                    wake = wake.min(*until);
                 }
-                match self.due(cert, now) {
-                    Due::Now => due.push((service.id, false)),
-                    Due::Refresh => due.push((service.id, true)),
-                    Due::At(at) => {
-                        wake = wake.min(at);
-                        if let Some(renew) = cert
-                            .filter(|c| c.status == CertificateStatus::Active)
-                            .and_then(|c| self.policy.renew_at(c))
-                        {
-                            next_renewal = Some(next_renewal.map_or(renew, |n| n.min(renew)));
+                queue = scan
+                    .due
+                    .into_iter()
+                    .filter(|(id, _)| {
+                        !in_flight.contains(id)
+                            && !settling.contains_key(id)
+                            && !deferred.contains_key(id)
+                    })
+                    .collect();
+                next_scan = Instant::now() + started.elapsed() * SCAN_SPACING;
+            }
+            while running.len() < slots
+                && let Some((id, refresh)) = queue.pop_front()
+            {
+                in_flight.insert(id);
+                running.push(async move {
+                    let result = if refresh {
+                        this.refresh_window(&id).await.map(Outcome::Recorded)
+                    } else {
+                        this.issue_for(&id).await
+                    };
+                    (id, result)
+                });
+            }
+            let until_wake = (wake - OffsetDateTime::now_utc())
+                .try_into()
+                .unwrap_or(StdDuration::ZERO);
+            let sleep = if rescan {
+                next_scan.saturating_duration_since(Instant::now())
+            } else {
+                until_wake
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    rescan = true;
+                }
+                Some((id, result)) = running.next(), if !running.is_empty() => {
+                    in_flight.remove(&id);
+                    match result {
+                        Ok(Outcome::Recorded(Some(revision))) => {
+                            settling.insert(id, (revision, Instant::now()));
+                        }
+                        Ok(Outcome::Recorded(None)) => {} // the service went away meanwhile
+                        Ok(Outcome::Deferred(until)) => {
+                            deferred.insert(id, until);
+                            wake = wake.min(until);
+                        }
+                        Err(e) => {
+                            // The store failed: try again after the first backoff step.
+                            tracing::warn!(service = %id, error = %e, "cannot record a certificate");
+                            deferred.insert(id, OffsetDateTime::now_utc() + self.policy.first_retry);
+                            wake = wake.min(OffsetDateTime::now_utc() + self.policy.first_retry);
                         }
                     }
                 }
-            }
-            for (status, count) in STATUSES.iter().zip(by_status) {
-                metrics::gauge!("portcullis_certificates", "status" => status.to_string())
-                    .set(count as f64);
-            }
-            if let Some(at) = next_renewal {
-                metrics::gauge!("portcullis_certificate_next_renewal_timestamp_seconds")
-                    .set(at.unix_timestamp() as f64);
-            }
-            drop(snapshot);
-            let mut recorded = false;
-            let mut latest = None;
-            let (this, zone) = (&self, &zone);
-            let mut results = futures_util::stream::iter(due)
-                .map(|(id, refresh)| async move {
-                    let result = if refresh {
-                        this.refresh_window(&id, zone).await
-                    } else {
-                        this.issue_for(&id, zone).await
-                    };
-                    (id, result)
-                })
-                .buffer_unordered(self.policy.concurrent_orders.max(1));
-            loop {
-                let next = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    next = results.next() => next,
-                };
-                let Some((id, result)) = next else { break };
-                match result {
-                    Ok(Some(revision)) => {
-                        latest = latest.max(Some(revision));
-                        recorded = true;
-                    }
-                    Ok(None) => {} // the service went away meanwhile
-                    Err(e) => {
-                        // The store failed: try again after the first backoff step, not at once.
-                        tracing::warn!(service = %id, error = %e, "cannot record a certificate");
-                        wake = wake.min(OffsetDateTime::now_utc() + self.policy.first_retry);
-                    }
-                }
-            }
-            drop(results);
-            if let Some(revision) = latest {
-                self.snapshot.wait_for(revision, SNAPSHOT_CATCH_UP).await;
-            }
-            changes.borrow_and_update();
-            if recorded {
-                // What was just recorded has its own next time (a renewal, a retry): look again
-                // now rather than sleep until a time computed before it existed.
-                continue;
-            }
-            let sleep = (wake - OffsetDateTime::now_utc())
-                .try_into()
-                .unwrap_or(StdDuration::ZERO);
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                changed = changes.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(sleep) => {}
+                () = tokio::time::sleep(sleep) => rescan = true,
             }
         }
     }
 
-    async fn issue_for(
-        &self,
-        id: &ServiceId,
-        zone: &DomainName,
-    ) -> Result<Option<i64>, StateError> {
-        let name = id.canonical_domain(zone);
+    /// Finds the names due, the next time one falls due, and sets the status gauges.
+    fn scan(&self, snapshot: &portcullis_config::Snapshot, now: OffsetDateTime) -> Scan {
+        let zone = snapshot.zone();
+        let mut scan = Scan {
+            due: Vec::new(),
+            wake: now + IDLE_WAKE,
+        };
+        let mut by_status = [0u64; 6];
+        let mut next_renewal: Option<OffsetDateTime> = None;
+        for service in snapshot.services() {
+            let domain = service.id.canonical_domain(zone);
+            let cert = snapshot.certificate(&domain).map(|c| &**c);
+            if let Some(cert) = cert {
+                by_status[status_index(cert.status)] += 1;
+            }
+            match self.due(cert, now) {
+                Due::Now => scan.due.push((service.id, false)),
+                Due::Refresh => scan.due.push((service.id, true)),
+                Due::At(at) => {
+                    scan.wake = scan.wake.min(at);
+                    if let Some(renew) = cert
+                        .filter(|c| c.status == CertificateStatus::Active)
+                        .and_then(|c| self.policy.renew_at(c))
+                    {
+                        next_renewal = Some(next_renewal.map_or(renew, |n| n.min(renew)));
+                    }
+                }
+            }
+        }
+        for (status, count) in STATUSES.iter().zip(by_status) {
+            metrics::gauge!("portcullis_certificates", "status" => status.to_string())
+                .set(count as f64);
+        }
+        if let Some(at) = next_renewal {
+            metrics::gauge!("portcullis_certificate_next_renewal_timestamp_seconds")
+                .set(at.unix_timestamp() as f64);
+        }
+        scan
+    }
+
+    async fn issue_for(&self, id: &ServiceId) -> Result<Outcome, StateError> {
+        let name = id.canonical_domain(self.snapshot.load().zone());
         let domain = DomainName::validate("domain", &name)?;
         let previous = self.snapshot.load().certificate(&name).cloned();
         let mut domains = vec![domain];
@@ -324,15 +374,29 @@ impl CertificateManager {
                 return self
                     .state
                     .put_certificate(id, &cert, Some(&issued.private_key_pem))
-                    .await;
+                    .await
+                    .map(Outcome::Recorded);
+            }
+            Err(IssueError::Paused { until, reason }) => {
+                // Not this name's failure: the account waits, and the name with it.
+                tracing::debug!(domain = %name, %until, reason, "order put off");
+                return Ok(Outcome::Deferred(until));
             }
             Err(e) => {
                 let attempts = previous.as_ref().map_or(0, |p| p.attempts) + 1;
                 let mut retry = self.policy.retry_after(attempts);
                 let problem = e.problem();
-                if problem.kind.ends_with(":rateLimited") {
-                    // The CA says we ask too often (its Retry-After does not reach us through
-                    // instant-acme): wait at least an hour, the shortest Let's Encrypt window.
+                if let IssueError::Rejected {
+                    retry_after: Some(after),
+                    ..
+                } = &e
+                {
+                    // The CA said when to come back (Retry-After): no sooner, and no later than
+                    // our longest backoff.
+                    retry = retry.max((*after).min(self.policy.max_retry.max(RATE_LIMITED_RETRY)));
+                } else if problem.kind.ends_with(":rateLimited") {
+                    // Rate limited without a Retry-After: wait at least an hour, the shortest
+                    // Let's Encrypt window.
                     retry = retry.max(RATE_LIMITED_RETRY);
                 }
                 tracing::warn!(domain = %name, attempts, retry_in_s = retry.as_secs(), error = %e, "issuance failed");
@@ -354,8 +418,19 @@ impl CertificateManager {
                 cert
             }
         };
-        self.state.put_certificate(id, &cert, None).await
+        self.state
+            .put_certificate(id, &cert, None)
+            .await
+            .map(Outcome::Recorded)
     }
+}
+
+/// How an order (or a look at the renewal window) ended, for the pool.
+enum Outcome {
+    /// Written to the store at this revision; `None`: the service went away meanwhile.
+    Recorded(Option<i64>),
+    /// Nothing was asked of the CA: the issuer is backing off until then.
+    Deferred(OffsetDateTime),
 }
 
 const STATUSES: [CertificateStatus; 6] = [
@@ -373,12 +448,8 @@ fn status_index(status: CertificateStatus) -> usize {
 
 impl CertificateManager {
     /// Asks the CA for a certificate's renewal window again (its Retry-After has passed).
-    async fn refresh_window(
-        &self,
-        id: &ServiceId,
-        zone: &DomainName,
-    ) -> Result<Option<i64>, StateError> {
-        let name = id.canonical_domain(zone);
+    async fn refresh_window(&self, id: &ServiceId) -> Result<Option<i64>, StateError> {
+        let name = id.canonical_domain(self.snapshot.load().zone());
         let Some(current) = self.snapshot.load().certificate(&name).cloned() else {
             return Ok(None);
         };
@@ -591,56 +662,215 @@ mod tests {
         }
     }
 
+    /// A node's store, Snapshot and certificate manager over `issuer`, in a temporary dir.
+    struct Harness {
+        _dir: tempfile::TempDir,
+        state: State,
+        sync: portcullis_config::SnapshotSync,
+        zone: DomainName,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Harness {
+        async fn start(issuer: Arc<dyn Issuer>, preflight: Option<Preflight>) -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let store: Arc<dyn portcullis_config::Store> = Arc::new(
+                portcullis_config::EmbeddedStore::open(dir.path().join("state.redb"))
+                    .await
+                    .unwrap(),
+            );
+            let zone = DomainName::parse("app.example.test").unwrap();
+            let state = State::new(store.clone(), zone.clone());
+            let sync = portcullis_config::SnapshotSync::start(store, zone.clone())
+                .await
+                .unwrap();
+            let mut manager = CertificateManager::new(
+                state.clone(),
+                sync.handle.clone(),
+                issuer,
+                RenewalPolicy::default(),
+            );
+            if let Some(preflight) = preflight {
+                manager = manager.with_preflight(preflight);
+            }
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(manager.run(stop.clone()));
+            Harness {
+                _dir: dir,
+                state,
+                sync,
+                zone,
+                stop,
+                task,
+            }
+        }
+
+        /// Creates a service; its canonical name.
+        async fn service(&self) -> String {
+            let (service, _) = self
+                .state
+                .create_service(
+                    vec![portcullis_config::Backend::try_from("127.0.0.1:9".to_string()).unwrap()],
+                    portcullis_config::ServiceStatus::Active,
+                    Default::default(),
+                    IssuerRef::Dev,
+                )
+                .await
+                .unwrap();
+            service.id.canonical_domain(&self.zone)
+        }
+
+        /// Polls the Snapshot (10 s deadline) until `name`'s certificate has `status`; every
+        /// status seen on the way.
+        async fn wait_status(
+            &self,
+            name: &str,
+            status: CertificateStatus,
+        ) -> (Arc<Certificate>, Vec<CertificateStatus>) {
+            let deadline = std::time::Instant::now() + StdDuration::from_secs(10);
+            let mut seen = Vec::new();
+            loop {
+                if let Some(c) = self.sync.handle.load().certificate(name) {
+                    if seen.last() != Some(&c.status) {
+                        seen.push(c.status);
+                    }
+                    if c.status == status {
+                        return (c.clone(), seen);
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{name} never became {status:?}; seen {seen:?}"
+                );
+                tokio::time::sleep(StdDuration::from_millis(5)).await;
+            }
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn a_failed_preflight_spends_no_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn portcullis_config::Store> = Arc::new(
-            portcullis_config::EmbeddedStore::open(dir.path().join("state.redb"))
-                .await
-                .unwrap(),
-        );
-        let zone = DomainName::parse("app.example.test").unwrap();
-        let state = State::new(store.clone(), zone.clone());
-        let sync = portcullis_config::SnapshotSync::start(store, zone.clone())
-            .await
-            .unwrap();
         let issuer = Arc::new(CountingIssuer(Default::default()));
-        let manager = CertificateManager::new(
-            state.clone(),
-            sync.handle.clone(),
+        let node = Harness::start(
             issuer.clone(),
-            RenewalPolicy::default(),
+            Some(Arc::new(|name, _| {
+                Box::pin(async move { Err(format!("{name} points nowhere")) })
+            })),
         )
-        .with_preflight(Arc::new(|name, _| {
-            Box::pin(async move { Err(format!("{name} points nowhere")) })
-        }));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(manager.run(stop.clone()));
-        let (service, _) = state
-            .create_service(
-                vec![portcullis_config::Backend::try_from("127.0.0.1:9".to_string()).unwrap()],
-                portcullis_config::ServiceStatus::Active,
-                Default::default(),
-                IssuerRef::Dev,
-            )
-            .await
-            .unwrap();
-        let name = service.id.canonical_domain(&zone);
-        let deadline = std::time::Instant::now() + StdDuration::from_secs(10);
-        let cert = loop {
-            if let Some(c) = sync.handle.load().certificate(&name)
-                && c.status == CertificateStatus::Failed
-            {
-                break c.clone();
-            }
-            assert!(std::time::Instant::now() < deadline, "never failed");
-            tokio::time::sleep(StdDuration::from_millis(10)).await;
-        };
+        .await;
+        let name = node.service().await;
+        let (cert, _) = node.wait_status(&name, CertificateStatus::Failed).await;
         let problem = cert.last_error.clone().unwrap();
         assert_eq!(problem.kind, "portcullis:preflight");
         assert!(problem.detail.contains("points nowhere"), "{problem:?}");
         assert_eq!(issuer.0.load(std::sync::atomic::Ordering::SeqCst), 0);
-        stop.cancel();
-        task.await.unwrap();
+        node.stop().await;
+    }
+
+    /// The dev CA, except that orders for names in `held` wait until released (with
+    /// `hold_next`, the next order's name joins them), and the first `paused` orders are put
+    /// off as if the account were backing off.
+    struct ScriptedIssuer {
+        ca: crate::DevCa,
+        _dir: tempfile::TempDir,
+        hold_next: std::sync::atomic::AtomicBool,
+        held: std::sync::Mutex<HashSet<String>>,
+        release: tokio::sync::Notify,
+        paused: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ScriptedIssuer {
+        fn new() -> ScriptedIssuer {
+            let dir = tempfile::tempdir().unwrap();
+            ScriptedIssuer {
+                ca: crate::DevCa::open_or_create(dir.path(), "t").unwrap(),
+                _dir: dir,
+                hold_next: Default::default(),
+                held: Default::default(),
+                release: tokio::sync::Notify::new(),
+                paused: Default::default(),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Issuer for ScriptedIssuer {
+        fn reference(&self) -> IssuerRef {
+            IssuerRef::Dev
+        }
+        async fn issue(
+            &self,
+            domains: &[DomainName],
+            _: Option<&str>,
+            progress: &dyn crate::issuer::Progress,
+        ) -> Result<crate::issuer::Issued, IssueError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self
+                .paused
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(IssueError::Paused {
+                    until: OffsetDateTime::now_utc() + Duration::milliseconds(200),
+                    reason: "the CA failed".into(),
+                });
+            }
+            progress.step(CertificateStatus::Ordering).await;
+            let name = domains[0].to_string();
+            if self.hold_next.swap(false, SeqCst) {
+                self.held.lock().unwrap().insert(name.clone());
+            }
+            loop {
+                let released = self.release.notified();
+                if !self.held.lock().unwrap().contains(&name) {
+                    break;
+                }
+                released.await;
+            }
+            self.ca.issue_now(domains)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_order_does_not_hold_up_names_that_come_after_it() {
+        let issuer = Arc::new(ScriptedIssuer::new());
+        let node = Harness::start(issuer.clone(), None).await;
+        issuer
+            .hold_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // The first name's order hangs.
+        let slow = node.service().await;
+        node.wait_status(&slow, CertificateStatus::Ordering).await;
+        // Names created while it hangs are issued at once, each as it comes.
+        for _ in 0..3 {
+            let name = node.service().await;
+            node.wait_status(&name, CertificateStatus::Active).await;
+        }
+        assert_eq!(
+            node.sync.handle.load().certificate(&slow).unwrap().status,
+            CertificateStatus::Ordering
+        );
+        issuer.held.lock().unwrap().clear();
+        issuer.release.notify_waiters();
+        node.wait_status(&slow, CertificateStatus::Active).await;
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_order_put_off_by_the_account_is_no_failure_of_the_name() {
+        let issuer = Arc::new(ScriptedIssuer::new());
+        issuer.paused.store(2, std::sync::atomic::Ordering::SeqCst);
+        let node = Harness::start(issuer.clone(), None).await;
+        let name = node.service().await;
+        let (cert, seen) = node.wait_status(&name, CertificateStatus::Active).await;
+        assert!(!seen.contains(&CertificateStatus::Failed), "{seen:?}");
+        assert_eq!(cert.attempts, 0);
+        assert_eq!(issuer.paused.load(std::sync::atomic::Ordering::SeqCst), 0);
+        node.stop().await;
     }
 }
