@@ -359,12 +359,47 @@ impl Admin {
 // --- handlers ---------------------------------------------------------------------------------
 
 async fn render_metrics(AxumState(admin): AxumState<Admin>) -> Response {
-    let body = admin
+    let mut body = admin
         .metrics
         .as_ref()
         .map(|h| h.render())
         .unwrap_or_default();
+    certificate_expiry(
+        &admin.snapshot.load(),
+        time::OffsetDateTime::now_utc(),
+        &mut body,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Seconds until each certificate expires, made from the Snapshot at scrape time rather than
+/// kept as gauges: a deleted service's certificate then leaves the metrics with it, and the
+/// figure is exact when read.
+fn certificate_expiry(
+    snapshot: &portcullis_config::Snapshot,
+    now: time::OffsetDateTime,
+    out: &mut String,
+) {
+    use std::fmt::Write as _;
+    let mut header = false;
+    for cert in snapshot.certificates() {
+        let (Some(not_after), Some(domain)) = (cert.not_after, cert.domains.first()) else {
+            continue;
+        };
+        if !header {
+            out.push_str(
+                "# HELP portcullis_certificate_expiry_seconds Seconds until the certificate served for the domain expires.\n\
+                 # TYPE portcullis_certificate_expiry_seconds gauge\n",
+            );
+            header = true;
+        }
+        // Domain names are validated (letters, digits, '-', '.'), so no label escaping.
+        let _ = writeln!(
+            out,
+            "portcullis_certificate_expiry_seconds{{domain=\"{domain}\"}} {}",
+            (not_after - now).as_seconds_f64()
+        );
+    }
 }
 
 async fn ready(AxumState(admin): AxumState<Admin>) -> Response {

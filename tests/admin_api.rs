@@ -254,9 +254,27 @@ async fn crud_round_trip_with_tombstone_and_certificate() {
     }
     assert_eq!(seen, ids);
 
+    // The certificate's expiry is in the metrics while the service lives, and leaves with it.
+    let expiry =
+        format!("portcullis_certificate_expiry_seconds{{domain=\"{id}.app.example.test\"}} ");
+    let metrics = |reply: Reply| String::from_utf8(reply.body).unwrap();
+    let before = metrics(api.call(Method::GET, "/metrics", None).await);
+    let seconds: f64 = before
+        .lines()
+        .find_map(|l| l.strip_prefix(&expiry))
+        .unwrap_or_else(|| panic!("{expiry} missing:\n{before}"))
+        .parse()
+        .unwrap();
+    assert!(seconds > 3600.0, "{seconds}");
+
     // Delete leaves a tombstone: the id stays gone, with its own error code.
     let r = api.call(Method::DELETE, &path, None).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let after = metrics(api.call(Method::GET, "/metrics", None).await);
+    assert!(
+        !after.contains(&expiry),
+        "a deleted service's certificate stays in:\n{after}"
+    );
     for method in [Method::GET, Method::DELETE] {
         let r = api.call(method.clone(), &path, None).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{method}");
