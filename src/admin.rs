@@ -416,6 +416,9 @@ async fn ready(AxumState(admin): AxumState<Admin>) -> Response {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateService {
+    /// The id to create the service under; absent: a fresh one.
+    #[serde(default)]
+    id: Option<String>,
     backends: Vec<String>,
     #[serde(default)]
     status: Option<String>,
@@ -433,10 +436,22 @@ async fn create_service(
         None => ServiceStatus::Active,
     };
     body.options.validate()?;
-    let (service, revision) = admin
-        .state
-        .create_service(backends, status, body.options, admin.issuer.clone())
-        .await?;
+    let issuer = admin.issuer.clone();
+    let (service, revision) = match body.id.as_deref() {
+        Some(id) => {
+            let id: portcullis_config::ServiceId = id.parse()?;
+            admin
+                .state
+                .create_service_with_id(id, backends, status, body.options, issuer)
+                .await?
+        }
+        None => {
+            admin
+                .state
+                .create_service(backends, status, body.options, issuer)
+                .await?
+        }
+    };
     admin.live(revision).await;
     let location = format!("/v1/services/{}", service.id);
     let mut response = (StatusCode::CREATED, Json(admin.view(&service))).into_response();

@@ -91,6 +91,10 @@ enum ServiceCommand {
         /// `active` (default) or `suspended`
         #[arg(long)]
         status: Option<String>,
+        /// Create it under this id (a UUID) rather than a fresh one: the platform's own id, or
+        /// the same service on nodes that share no store
+        #[arg(long)]
+        id: Option<String>,
         /// Follow the first certificate's issuance, a line per step, until it is active (exit 0)
         /// or has failed (exit 69 with the CA's reason)
         #[arg(long)]
@@ -199,9 +203,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 }
             };
             crate::serve::init_logging(&config);
-            crate::serve::run(config, dev)
-                .await
-                .map_err(|e| CliError::new(EX_SOFTWARE, format!("{e:#}")))
+            crate::serve::run(config, dev).await.map_err(|e| {
+                // An issuer the config cannot set up is a config error, like any other.
+                let code = match e.downcast_ref::<portcullis_acme::IssueError>() {
+                    Some(portcullis_acme::IssueError::Setup(_)) => EX_USAGE,
+                    _ => EX_SOFTWARE,
+                };
+                CliError::new(code, format!("{e:#}"))
+            })
         }
         Command::DemoBackend { listen } => crate::demo::run(listen)
             .await
@@ -430,12 +439,16 @@ async fn service(cmd: ServiceCommand, client: &AdminClient, json: bool) -> Resul
         ServiceCommand::Create {
             backends,
             status,
+            id,
             wait,
             wait_timeout,
         } => {
             let mut body = json!({ "backends": backends });
             if let Some(status) = status {
                 body["status"] = json!(status);
+            }
+            if let Some(id) = id {
+                body["id"] = json!(id);
             }
             let id = service_reply(
                 client,

@@ -459,3 +459,95 @@ async fn a_refused_name_leaves_other_services_unaffected() {
         .await;
     assert_eq!(again["status"], "active");
 }
+
+/// `GET /.well-known/acme-challenge/<token>` on a node's HTTP listener for `host`: the body.
+async fn challenge_answer(node: &Node, host: &str, token: &str) -> String {
+    let http = node.listener("http").await;
+    let (out, err) = curl(&[
+        "--fail",
+        "--resolve",
+        &format!("{host}:{}:127.0.0.1", http.port()),
+        &format!(
+            "http://{host}:{}/.well-known/acme-challenge/{token}",
+            http.port()
+        ),
+    ]);
+    assert!(err.is_empty(), "{host} on {}: {err}", http);
+    out
+}
+
+/// Creates the service `id` on `node` (each node has its own store here).
+async fn service_with_id(node: &Node, id: &str, backend: std::net::SocketAddr) {
+    let body = serde_json::json!({ "id": id, "backends": [backend.to_string()] });
+    let created = support::http(
+        hyper::Method::POST,
+        &format!("{}/v1/services", node.admin),
+        Some(&node.token),
+        Some(("application/json", body.to_string().into_bytes())),
+    )
+    .await;
+    assert_eq!(
+        created.status,
+        hyper::StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    assert_eq!(created.json()["id"], id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_that_share_only_the_account_answer_each_others_challenges() {
+    // The operator's account key, given to both nodes; nothing else is shared.
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("account.pem");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let plan = PebblePlan::new();
+    let section = format!(
+        "{}account_key_file = \"{}\"\n",
+        plan.issuer_section(),
+        key_file.display()
+    );
+    let start = || Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", &section));
+    let (a, b) = (start(), start());
+    // Pebble asks node B's DNS and validates every challenge on node B's HTTP listener, so the
+    // orders node A places are answered by B.
+    let pebble = plan.start(b.dns_addr().await, b.listener("http").await.port(), "");
+
+    let backend = Backend::start("shared").await;
+    let id = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+    let host = format!("{id}.app.example.test");
+    service_with_id(&b, id, backend.addr).await;
+    service_with_id(&a, id, backend.addr).await;
+    for node in [&a, &b] {
+        node.wait_certificate(id, |c| c["status"] == "active").await;
+    }
+
+    // Both hold the one account: the same key authorization for any token, from either node.
+    for token in ["LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0", "x_Y-z"] {
+        let from_a = challenge_answer(&a, &host, token).await;
+        let from_b = challenge_answer(&b, &host, token).await;
+        assert_eq!(from_a, from_b);
+        let (echoed, thumbprint) = from_a.split_once('.').unwrap();
+        assert_eq!((echoed, thumbprint.len()), (token, 43), "{from_a}");
+    }
+
+    // And each serves its certificate, which Pebble issued after asking node B only.
+    let root = pebble.dir.path().join("issuing-root.pem");
+    std::fs::write(&root, pebble.issuing_root()).unwrap();
+    for node in [&a, &b] {
+        let https = node.listener("https").await;
+        let (code, err) = curl(&[
+            "--cacert",
+            root.to_str().unwrap(),
+            "--resolve",
+            &format!("{host}:{}:127.0.0.1", https.port()),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://{host}:{}/", https.port()),
+        ]);
+        assert_eq!(code, "200", "{err}");
+    }
+}

@@ -320,3 +320,56 @@ async fn crud_round_trip_with_tombstone_and_certificate() {
     let r = api.call(Method::GET, &path, None).await;
     assert_eq!(r.code(), "service_deleted");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_can_be_created_under_the_callers_id_once() {
+    let node = Node::start();
+    let api = Api { node: &node };
+    let id = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+    let body = json!({"id": id, "backends": ["127.0.0.1:3000"]});
+
+    let created = api.create(body.clone()).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(created.json()["id"], id);
+    assert_eq!(
+        created.json()["canonical_domain"],
+        format!("{id}.app.example.test")
+    );
+    let shown = api
+        .call(Method::GET, &format!("/v1/services/{id}"), None)
+        .await;
+    assert_eq!(shown.status, StatusCode::OK);
+
+    // The id is taken: a retry of the same request says so rather than make a second service.
+    let again = api.create(body.clone()).await;
+    assert_eq!(
+        (again.status, again.code().as_str()),
+        (StatusCode::CONFLICT, "conflict")
+    );
+    assert!(
+        again.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("PATCH")
+    );
+    let list = api.call(Method::GET, "/v1/services", None).await.json();
+    assert_eq!(list["services"].as_array().unwrap().len(), 1);
+
+    // A deleted id stays deleted.
+    let deleted = api
+        .call(Method::DELETE, &format!("/v1/services/{id}"), None)
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let again = api.create(body).await;
+    assert_eq!(
+        (again.status, again.code().as_str()),
+        (StatusCode::NOT_FOUND, "service_deleted")
+    );
+
+    // Not a UUID: the field is named.
+    let bad = api
+        .create(json!({"id": "web-1", "backends": ["127.0.0.1:3000"]}))
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.json()["error"]["field"], "id");
+}

@@ -81,3 +81,21 @@ fn missing_file_and_missing_mode_are_usage_errors() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dev"));
 }
+
+#[test]
+fn an_unusable_account_key_file_stops_serve_and_says_what_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("account.pem");
+    std::fs::write(&key, "not a key\n").unwrap();
+    let acme = format!(
+        "kind = \"acme\"\ndirectory_url = \"https://127.0.0.1:9/dir\"\naccount_key_file = \"{}\"",
+        key.display()
+    );
+    let bad = config_text(dir.path()).replacen("kind = \"dev\"", &acme, 1);
+    let (code, stderr) = serve_with(&bad);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("issuer.account_key_file") && stderr.contains("PRIVATE KEY"),
+        "{stderr}"
+    );
+}

@@ -35,6 +35,8 @@ pub struct AcmeIssuer {
     state: State,
     /// Made on first use, so a node starts (and serves what it has) while the CA is down.
     account: tokio::sync::OnceCell<Account>,
+    /// `issuer.account_key_file`, read at start: the account is this key's.
+    account_key: Option<rustls_pki_types::PrivatePkcs8KeyDer<'static>>,
     /// To the CA, shared by every account (clones share one connection pool).
     http: CaClient,
     directory_url: String,
@@ -249,10 +251,22 @@ impl AcmeIssuer {
         }
         // Built at start, so unreadable trust roots fail there rather than at the first order.
         let http = http_client(&section.trust_roots)?;
+        let account_key = section
+            .account_key_file
+            .as_deref()
+            .map(read_account_key)
+            .transpose()?;
+        if account_key.is_some() && section.eab_key_id.is_some() {
+            return Err(setup(
+                "issuer.account_key_file cannot be used with issuer.eab_key_id: the account is \
+                 registered from the key alone; drop one of them",
+            ));
+        }
         Ok(AcmeIssuer {
             section: section.clone(),
             state,
             account: tokio::sync::OnceCell::new(),
+            account_key,
             http,
             directory_url,
             fallbacks: section
@@ -333,9 +347,15 @@ impl AcmeIssuer {
             .get_account()
             .await
             .map_err(|e| IssueError::Ca(format!("reading the ACME account: {e}")))?;
-        let stored = match stored {
-            Some(account) if account.directory_url == *directory_url => account,
-            _ => self.create_account().await?,
+        let stored = match (stored, &self.account_key) {
+            (Some(account), None) if account.directory_url == *directory_url => account,
+            (Some(account), Some(key))
+                if account.directory_url == *directory_url && stored_key(&account)? == *key =>
+            {
+                account
+            }
+            (_, None) => self.create_account().await?,
+            (_, Some(key)) => self.register_key(key).await?,
         };
         let credentials: AccountCredentials = serde_json::from_str(&stored.credentials_json)
             .map_err(|e| setup(format!("the stored ACME account does not parse: {e}")))?;
@@ -347,6 +367,47 @@ impl AcmeIssuer {
                     "cannot reach the ACME directory {directory_url}: {e}"
                 ))
             })
+    }
+
+    /// Registers the operator's key at the directory (or finds the account it already has
+    /// there) and stores it, replacing any other: every node given the key does the same and
+    /// so holds the same account.
+    async fn register_key(
+        &self,
+        key: &rustls_pki_types::PrivatePkcs8KeyDer<'static>,
+    ) -> Result<AcmeAccount, IssueError> {
+        let directory_url = &self.directory_url;
+        let signing = instant_acme::Key::from_pkcs8_der(key.clone_key())
+            .map_err(|e| setup(format!("issuer.account_key_file cannot be used: {e}")))?;
+        let (account, credentials) =
+            Account::builder_with_http(Box::new(CaHttp(self.http.clone())))
+                .create_from_key((signing, key.clone_key().into()), directory_url.clone())
+                .await
+                .map_err(|e| {
+                    IssueError::Ca(format!(
+                        "registering the account key at {directory_url}: {e}"
+                    ))
+                })?;
+        if !self.section.contact.is_empty() {
+            let contact: Vec<&str> = self.section.contact.iter().map(String::as_str).collect();
+            if let Err(e) = account.update_contacts(&contact).await {
+                tracing::warn!(error = %e, "the CA did not take the account's contact addresses");
+            }
+        }
+        let record = AcmeAccount {
+            directory_url: directory_url.to_string(),
+            account_url: account.id().to_string(),
+            thumbprint: account.key_thumbprint().to_string(),
+            credentials_json: serde_json::to_string(&credentials)
+                .map_err(|e| setup(format!("serializing the ACME account: {e}")))?,
+            created_at: OffsetDateTime::now_utc(),
+        };
+        tracing::info!(account = %record.account_url, "ACME account registered from issuer.account_key_file");
+        self.state
+            .put_account(&record)
+            .await
+            .map_err(|e| IssueError::Ca(format!("storing the ACME account: {e}")))?;
+        Ok(record)
     }
 
     async fn create_account(&self) -> Result<AcmeAccount, IssueError> {
@@ -493,6 +554,37 @@ impl AcmeIssuer {
             retry_after: None,
         }
     }
+}
+
+/// The PKCS#8 key in `issuer.account_key_file`.
+fn read_account_key(
+    path: &std::path::Path,
+) -> Result<rustls_pki_types::PrivatePkcs8KeyDer<'static>, IssueError> {
+    use rustls_pki_types::pem::PemObject;
+    let what = || format!("issuer.account_key_file {}", path.display());
+    let key = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path).map_err(|e| {
+        setup(format!(
+            "{}: {e}; it must hold a PKCS#8 \"PRIVATE KEY\" (make one with \
+             `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256`)",
+            what()
+        ))
+    })?;
+    instant_acme::Key::from_pkcs8_der(key.clone_key()).map_err(|e| {
+        setup(format!(
+            "{}: not an ECDSA P-256 key the CA takes ({e})",
+            what()
+        ))
+    })?;
+    Ok(key)
+}
+
+/// The private key of a stored account.
+fn stored_key(
+    account: &AcmeAccount,
+) -> Result<rustls_pki_types::PrivatePkcs8KeyDer<'static>, IssueError> {
+    let credentials: AccountCredentials = serde_json::from_str(&account.credentials_json)
+        .map_err(|e| setup(format!("the stored ACME account does not parse: {e}")))?;
+    Ok(credentials.private_key().clone_key())
 }
 
 /// ARI answers are asked for again no sooner and no later than this, whatever Retry-After says.

@@ -459,6 +459,9 @@ pub struct IssuerSection {
     /// empty: the system's roots.
     #[serde(default)]
     pub trust_roots: Vec<PathBuf>,
+    /// The account's key (PEM, PKCS#8, ECDSA P-256), for nodes that must share one account
+    /// without sharing a store; absent: a key is made and kept in the store.
+    pub account_key_file: Option<PathBuf>,
     /// External account binding, when the CA asks for one (ZeroSSL, Google).
     pub eab_key_id: Option<String>,
     /// The EAB HMAC key, base64url as the CA hands it out.
@@ -482,6 +485,7 @@ impl Default for IssuerSection {
             directory_url: None,
             contact: Vec::new(),
             trust_roots: Vec::new(),
+            account_key_file: None,
             eab_key_id: None,
             eab_hmac_key: None,
             fallback_directories: Vec::new(),

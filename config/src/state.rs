@@ -77,47 +77,92 @@ impl State {
         options: ServiceOptions,
         issuer: IssuerRef,
     ) -> Result<(Service, Revision), StateError> {
-        let now = OffsetDateTime::now_utc();
         // A v4 collision is astronomically unlikely; the compare makes it impossible, even with
         // the id of a deleted service.
         for _ in 0..CAS_ATTEMPTS {
-            let service = Service {
-                id: ServiceId::new_v4(),
-                backends: backends.clone(),
-                status,
-                options: options.clone(),
-                created_at: now,
-                updated_at: now,
-            };
-            let key = keys::service(&service.id);
-            let domain = service.id.canonical_domain(&self.zone);
-            let cert_key = keys::certificate(&domain);
-            let cert = Certificate::pending(
-                DomainName::validate("domain", &domain)?,
-                issuer.clone(),
-                keys::private_key(&domain),
-            );
-            let out = self
-                .store
-                .txn(Txn {
-                    compare: vec![
-                        Compare::Absent(key.clone()),
-                        Compare::Absent(keys::tombstone(&service.id)),
-                    ],
-                    success: vec![
-                        Op::put(key.clone(), encode(&key, &service)?),
-                        Op::put(cert_key.clone(), encode(&cert_key, &cert)?),
-                    ],
-                    failure: vec![],
-                })
-                .await?;
-            if out.succeeded {
-                return Ok((service, out.revision));
+            let service = self.new_service(ServiceId::new_v4(), &backends, status, &options);
+            if let Some(created) = self.insert_service(service, &issuer).await? {
+                return Ok(created);
             }
         }
         Err(StateError::Conflict(
             "could not find an unused service id; try again".into(),
         ))
+    }
+
+    /// Creates a service with the id the caller chose (a platform keeping its own ids, or the
+    /// same service on nodes that share no store). Refused when the id is taken, or was.
+    pub async fn create_service_with_id(
+        &self,
+        id: ServiceId,
+        backends: Vec<Backend>,
+        status: ServiceStatus,
+        options: ServiceOptions,
+        issuer: IssuerRef,
+    ) -> Result<(Service, Revision), StateError> {
+        let service = self.new_service(id, &backends, status, &options);
+        if let Some(created) = self.insert_service(service, &issuer).await? {
+            return Ok(created);
+        }
+        if self.store.get(&keys::tombstone(&id)).await?.is_some() {
+            return Err(StateError::Deleted {
+                kind: "service",
+                id: id.to_string(),
+            });
+        }
+        Err(StateError::Conflict(format!(
+            "service `{id}` exists already; change it with PATCH /v1/services/{id}"
+        )))
+    }
+
+    fn new_service(
+        &self,
+        id: ServiceId,
+        backends: &[Backend],
+        status: ServiceStatus,
+        options: &ServiceOptions,
+    ) -> Service {
+        let now = OffsetDateTime::now_utc();
+        Service {
+            id,
+            backends: backends.to_vec(),
+            status,
+            options: options.clone(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Writes a new service and its pending certificate unless its id is taken or was;
+    /// `None` then.
+    async fn insert_service(
+        &self,
+        service: Service,
+        issuer: &IssuerRef,
+    ) -> Result<Option<(Service, Revision)>, StateError> {
+        let key = keys::service(&service.id);
+        let domain = service.id.canonical_domain(&self.zone);
+        let cert_key = keys::certificate(&domain);
+        let cert = Certificate::pending(
+            DomainName::validate("domain", &domain)?,
+            issuer.clone(),
+            keys::private_key(&domain),
+        );
+        let out = self
+            .store
+            .txn(Txn {
+                compare: vec![
+                    Compare::Absent(key.clone()),
+                    Compare::Absent(keys::tombstone(&service.id)),
+                ],
+                success: vec![
+                    Op::put(key.clone(), encode(&key, &service)?),
+                    Op::put(cert_key.clone(), encode(&cert_key, &cert)?),
+                ],
+                failure: vec![],
+            })
+            .await?;
+        Ok(out.succeeded.then_some((service, out.revision)))
     }
 
     pub async fn get_service(
@@ -357,6 +402,15 @@ impl State {
         self.get_account().await?.ok_or_else(|| {
             StateError::Conflict("the ACME account vanished while it was being stored".into())
         })
+    }
+
+    /// Stores the ACME account, replacing any: for an account whose key the operator gives
+    /// (`issuer.account_key_file`), which every node registers to the same account.
+    pub async fn put_account(&self, account: &crate::model::AcmeAccount) -> Result<(), StateError> {
+        let key = keys::ACME_ACCOUNT.to_string();
+        let value = encode(&key, account)?;
+        self.store.put(&key, value).await?;
+        Ok(())
     }
 
     pub async fn get_record(
