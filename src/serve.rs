@@ -166,7 +166,10 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         state.clone(),
         snapshot.clone(),
         issuer,
-        RenewalPolicy::default(),
+        RenewalPolicy {
+            concurrent_orders: config.issuer.max_concurrent_orders.max(1),
+            ..RenewalPolicy::default()
+        },
     );
     if config.issuer.kind == IssuerKind::Acme {
         let views = dns.views.clone();

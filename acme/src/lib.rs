@@ -12,4 +12,4 @@ mod manager;
 pub use acme::AcmeIssuer;
 pub use dev::DevCa;
 pub use issuer::{IssueError, Issued, Issuer, NoProgress, Progress};
-pub use manager::{CertificateManager, Preflight, RenewalPolicy};
+pub use manager::{CertificateManager, FleetSlots, Preflight, RenewalPolicy};

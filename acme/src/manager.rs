@@ -84,7 +84,19 @@ pub struct CertificateManager {
     issuer: Arc<dyn Issuer>,
     policy: RenewalPolicy,
     preflight: Option<Preflight>,
+    fleet_slots: Option<FleetSlots>,
 }
+
+/// The cap on orders in flight across every node sharing the store: each order holds one of
+/// `limit` slots in the store, with the node's lease, so a node that dies frees its slots.
+pub struct FleetSlots {
+    pub store: Arc<dyn portcullis_config::Store>,
+    pub limit: usize,
+    /// The node's lease, replaced when the node announces itself again.
+    pub lease: tokio::sync::watch::Receiver<portcullis_config::store::LeaseId>,
+}
+
+const ORDER_SLOTS: &str = "acme-orders";
 
 /// Longest sleep with nothing due: a safety net should a wake-up be missed.
 const IDLE_WAKE: StdDuration = StdDuration::from_secs(3600);
@@ -114,7 +126,15 @@ impl CertificateManager {
             issuer,
             policy,
             preflight: None,
+            fleet_slots: None,
         }
+    }
+
+    /// Caps orders fleet-wide, for nodes that share a store; alone, the node's own pool
+    /// (`RenewalPolicy::concurrent_orders`) is the cap.
+    pub fn with_fleet_slots(mut self, slots: FleetSlots) -> Self {
+        self.fleet_slots = Some(slots);
+        self
     }
 
     pub fn with_preflight(mut self, preflight: Preflight) -> Self {
@@ -344,9 +364,32 @@ impl CertificateManager {
         }
         let outcome = match preflight {
             Ok(()) => {
-                self.issuer
+                let slot = match &self.fleet_slots {
+                    Some(slots) => {
+                        let lease = *slots.lease.borrow();
+                        Some(
+                            portcullis_config::store::semaphore::acquire(
+                                slots.store.as_ref(),
+                                ORDER_SLOTS,
+                                slots.limit,
+                                lease,
+                            )
+                            .await?,
+                        )
+                    }
+                    None => None,
+                };
+                let outcome = self
+                    .issuer
                     .issue(&domains, replacing.as_deref(), &steps)
-                    .await
+                    .await;
+                if let (Some(slot), Some(slots)) = (slot, &self.fleet_slots)
+                    && let Err(e) = slot.release(slots.store.as_ref()).await
+                {
+                    // Its lease frees it in the end.
+                    tracing::warn!(error = %e, "cannot release an order slot");
+                }
+                outcome
             }
             Err(reason) => Err(IssueError::Preflight(reason)),
         };
@@ -674,6 +717,15 @@ mod tests {
 
     impl Harness {
         async fn start(issuer: Arc<dyn Issuer>, preflight: Option<Preflight>) -> Harness {
+            Self::start_with(issuer, preflight, None).await
+        }
+
+        /// With `fleet_limit`, orders also hold slots in the store, as nodes of a fleet do.
+        async fn start_with(
+            issuer: Arc<dyn Issuer>,
+            preflight: Option<Preflight>,
+            fleet_limit: Option<usize>,
+        ) -> Harness {
             let dir = tempfile::tempdir().unwrap();
             let store: Arc<dyn portcullis_config::Store> = Arc::new(
                 portcullis_config::EmbeddedStore::open(dir.path().join("state.redb"))
@@ -693,6 +745,18 @@ mod tests {
             );
             if let Some(preflight) = preflight {
                 manager = manager.with_preflight(preflight);
+            }
+            if let Some(limit) = fleet_limit {
+                let lease = state
+                    .store()
+                    .grant_lease(StdDuration::from_secs(30))
+                    .await
+                    .unwrap();
+                manager = manager.with_fleet_slots(FleetSlots {
+                    store: state.store().clone(),
+                    limit,
+                    lease: tokio::sync::watch::channel(lease).1,
+                });
             }
             let stop = CancellationToken::new();
             let task = tokio::spawn(manager.run(stop.clone()));
@@ -743,7 +807,7 @@ mod tests {
                     std::time::Instant::now() < deadline,
                     "{name} never became {status:?}; seen {seen:?}"
                 );
-                tokio::time::sleep(StdDuration::from_millis(5)).await;
+                tokio::time::sleep(StdDuration::from_millis(20)).await;
             }
         }
 
@@ -780,6 +844,9 @@ mod tests {
         _dir: tempfile::TempDir,
         hold_next: std::sync::atomic::AtomicBool,
         held: std::sync::Mutex<HashSet<String>>,
+        /// Orders in the CA now, and the most at once.
+        running: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
         release: tokio::sync::Notify,
         paused: std::sync::atomic::AtomicUsize,
     }
@@ -792,6 +859,8 @@ mod tests {
                 _dir: dir,
                 hold_next: Default::default(),
                 held: Default::default(),
+                running: Default::default(),
+                most: Default::default(),
                 release: tokio::sync::Notify::new(),
                 paused: Default::default(),
             }
@@ -821,6 +890,10 @@ mod tests {
                 });
             }
             progress.step(CertificateStatus::Ordering).await;
+            let now = self.running.fetch_add(1, SeqCst) + 1;
+            self.most.fetch_max(now, SeqCst);
+            // A CA's round trips, so orders overlap.
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
             let name = domains[0].to_string();
             if self.hold_next.swap(false, SeqCst) {
                 self.held.lock().unwrap().insert(name.clone());
@@ -832,6 +905,7 @@ mod tests {
                 }
                 released.await;
             }
+            self.running.fetch_sub(1, SeqCst);
             self.ca.issue_now(domains)
         }
     }
@@ -858,6 +932,26 @@ mod tests {
         issuer.held.lock().unwrap().clear();
         issuer.release.notify_waiters();
         node.wait_status(&slow, CertificateStatus::Active).await;
+        node.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fleet_slots_cap_the_orders_in_flight() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let issuer = Arc::new(ScriptedIssuer::new());
+        let node = Harness::start_with(issuer.clone(), None, Some(2)).await;
+        let names = futures_util::future::join_all((0..8).map(|_| node.service())).await;
+        for name in &names {
+            node.wait_status(name, CertificateStatus::Active).await;
+        }
+        let most = issuer.most.load(SeqCst);
+        assert!(
+            (1..=2).contains(&most),
+            "{most} orders at once under a cap of 2"
+        );
+        // Every slot was given back.
+        let (held, _) = node.state.store().list_all("semaphores/").await.unwrap();
+        assert!(held.is_empty(), "{held:?}");
         node.stop().await;
     }
 

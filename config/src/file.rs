@@ -472,6 +472,13 @@ pub struct IssuerSection {
     /// Consecutive failures for a name before its next order goes to the next directory.
     #[serde(default = "default_fallback_after")]
     pub fallback_after_failures: u32,
+    /// Orders in flight at once: on this node alone, across the fleet on a shared store.
+    #[serde(default = "default_max_concurrent_orders")]
+    pub max_concurrent_orders: usize,
+}
+
+fn default_max_concurrent_orders() -> usize {
+    32
 }
 
 fn default_fallback_after() -> u32 {
@@ -490,6 +497,7 @@ impl Default for IssuerSection {
             eab_hmac_key: None,
             fallback_directories: Vec::new(),
             fallback_after_failures: default_fallback_after(),
+            max_concurrent_orders: default_max_concurrent_orders(),
         }
     }
 }

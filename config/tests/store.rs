@@ -1,5 +1,5 @@
 //! The embedded store against the Store contract: CRUD, paging, compare-and-swap, ordered
-//! watches, leases, locks, and crash safety under SIGKILL.
+//! watches, leases, locks, semaphores, and crash safety under SIGKILL.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use portcullis_config::model::{Backend, IssuerRef, ServiceStatus};
 use portcullis_config::store::{
-    Compare, EmbeddedStore, EventKind, Op, PageRequest, Store, Txn, lock,
+    Compare, EmbeddedStore, EventKind, Op, PageRequest, Store, Txn, lock, semaphore,
 };
 use portcullis_config::{DomainName, ServiceId, State, StoreError};
 
@@ -364,6 +364,76 @@ async fn lock_is_exclusive_and_fencing_tokens_grow() {
         .unwrap()
         .unwrap();
     assert!(third.fencing_token > second.fencing_token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_caps_holders_across_leases_and_frees_a_dead_holders_slots() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(open(&dir).await);
+    // Two nodes, each with its lease, share a cap of 3.
+    let nodes = [
+        store.grant_lease(Duration::from_secs(30)).await.unwrap(),
+        store.grant_lease(Duration::from_secs(30)).await.unwrap(),
+    ];
+    let holding = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let (store, holding, most) = (store.clone(), holding.clone(), most.clone());
+            let lease = nodes[i % 2];
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    let slot = semaphore::acquire(store.as_ref(), "orders", 3, lease)
+                        .await
+                        .unwrap();
+                    let now = holding.fetch_add(1, SeqCst) + 1;
+                    most.fetch_max(now, SeqCst);
+                    assert!(now <= 3, "{now} holders of 3 slots");
+                    // Work done under the slot, long enough for holders to overlap.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    holding.fetch_sub(1, SeqCst);
+                    slot.release(store.as_ref()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+    }
+    assert!(most.load(SeqCst) <= 3);
+    assert!(
+        store
+            .list_all("semaphores/orders/")
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
+
+    // The cap is reached, not just respected: node 0 takes every slot. When it dies, node 1's
+    // waiter gets one as node 0's lease ends.
+    for _ in 0..3 {
+        semaphore::acquire(store.as_ref(), "orders", 3, nodes[0])
+            .await
+            .unwrap();
+    }
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            semaphore::acquire(store.as_ref(), "orders", 3, nodes[1])
+                .await
+                .unwrap()
+        })
+    };
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished(), "a fourth holder of 3 slots");
+    store.revoke_lease(nodes[0]).await.unwrap();
+    let slot = tokio::time::timeout(DEADLINE, waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(slot.key.starts_with("semaphores/orders/"));
 }
 
 #[tokio::test]

@@ -1,10 +1,12 @@
 //! The state store: the one place platform state is written, shaped after etcd v3 so the fleet
 //! backend is a thin adapter. A global revision orders every change; a prefix can be watched from
 //! any revision still kept; leases expire keys; transactions compare revisions and apply several
-//! operations atomically; locks are built on those primitives and carry a fencing token.
+//! operations atomically; locks and semaphores are built on those primitives, and locks carry a
+//! fencing token.
 
 mod embedded;
 mod lock;
+pub mod semaphore;
 
 use std::time::Duration;
 
