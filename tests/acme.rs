@@ -24,6 +24,30 @@ fn curl(args: &[&str]) -> (String, String) {
     )
 }
 
+/// `GET https://<host><path>` on the node's HTTPS listener by a client that trusts only
+/// Pebble's root: the status code, and curl's complaint.
+async fn https_status(
+    node: &Node,
+    pebble: &support::pebble::Pebble,
+    host: &str,
+    path: &str,
+) -> (String, String) {
+    let root = pebble.dir.path().join("issuing-root.pem");
+    std::fs::write(&root, pebble.issuing_root()).unwrap();
+    let https = node.listener("https").await;
+    curl(&[
+        "--cacert",
+        root.to_str().unwrap(),
+        "--resolve",
+        &format!("{host}:{}:127.0.0.1", https.port()),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("https://{host}:{}{path}", https.port()),
+    ])
+}
+
 /// A node whose issuer is the Pebble of `plan`, and that Pebble, started on the node's ports.
 async fn node_with_pebble(extra_pebble: &str) -> (Node, support::pebble::Pebble) {
     let plan = PebblePlan::new();
@@ -55,20 +79,7 @@ async fn a_new_service_gets_a_certificate_from_pebble_and_serves_it() {
         assert_eq!(mode & 0o077, 0, "state.redb mode {mode:o}");
     }
 
-    let root = pebble.dir.path().join("issuing-root.pem");
-    std::fs::write(&root, pebble.issuing_root()).unwrap();
-    let https = node.listener("https").await;
-    let (code, err) = curl(&[
-        "--cacert",
-        root.to_str().unwrap(),
-        "--resolve",
-        &format!("{host}:{}:127.0.0.1", https.port()),
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        &format!("https://{host}:{}/echo", https.port()),
-    ]);
+    let (code, err) = https_status(&node, &pebble, &host, "/echo").await;
     assert_eq!(code, "200", "{err}\nPebble log:\n{}", pebble.log());
     assert!(backend.hits() >= 1);
 
@@ -533,21 +544,8 @@ async fn two_nodes_that_share_only_the_account_answer_each_others_challenges() {
     }
 
     // And each serves its certificate, which Pebble issued after asking node B only.
-    let root = pebble.dir.path().join("issuing-root.pem");
-    std::fs::write(&root, pebble.issuing_root()).unwrap();
     for node in [&a, &b] {
-        let https = node.listener("https").await;
-        let (code, err) = curl(&[
-            "--cacert",
-            root.to_str().unwrap(),
-            "--resolve",
-            &format!("{host}:{}:127.0.0.1", https.port()),
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("https://{host}:{}/", https.port()),
-        ]);
+        let (code, err) = https_status(node, &pebble, &host, "/").await;
         assert_eq!(code, "200", "{err}");
     }
 }

@@ -394,14 +394,7 @@ impl AcmeIssuer {
                 tracing::warn!(error = %e, "the CA did not take the account's contact addresses");
             }
         }
-        let record = AcmeAccount {
-            directory_url: directory_url.to_string(),
-            account_url: account.id().to_string(),
-            thumbprint: account.key_thumbprint().to_string(),
-            credentials_json: serde_json::to_string(&credentials)
-                .map_err(|e| setup(format!("serializing the ACME account: {e}")))?,
-            created_at: OffsetDateTime::now_utc(),
-        };
+        let record = account_record(directory_url, &account, &credentials)?;
         tracing::info!(account = %record.account_url, "ACME account registered from issuer.account_key_file");
         self.state
             .put_account(&record)
@@ -438,14 +431,7 @@ impl AcmeIssuer {
                 .map_err(|e| {
                     IssueError::Ca(format!("creating the ACME account at {directory_url}: {e}"))
                 })?;
-        let record = AcmeAccount {
-            directory_url: directory_url.to_string(),
-            account_url: account.id().to_string(),
-            thumbprint: account.key_thumbprint().to_string(),
-            credentials_json: serde_json::to_string(&credentials)
-                .map_err(|e| setup(format!("serializing the ACME account: {e}")))?,
-            created_at: OffsetDateTime::now_utc(),
-        };
+        let record = account_record(directory_url, &account, &credentials)?;
         tracing::info!(account = %record.account_url, "ACME account created");
         // Another node may have stored one first: then everyone uses that one.
         state
@@ -554,6 +540,22 @@ impl AcmeIssuer {
             retry_after: None,
         }
     }
+}
+
+/// An account as the store keeps it.
+fn account_record(
+    directory_url: &str,
+    account: &Account,
+    credentials: &AccountCredentials,
+) -> Result<AcmeAccount, IssueError> {
+    Ok(AcmeAccount {
+        directory_url: directory_url.to_string(),
+        account_url: account.id().to_string(),
+        thumbprint: account.key_thumbprint().to_string(),
+        credentials_json: serde_json::to_string(credentials)
+            .map_err(|e| setup(format!("serializing the ACME account: {e}")))?,
+        created_at: OffsetDateTime::now_utc(),
+    })
 }
 
 /// The PKCS#8 key in `issuer.account_key_file`.

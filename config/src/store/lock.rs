@@ -5,7 +5,7 @@
 //! writes guarded by the lock carry.
 
 use crate::error::StoreError;
-use crate::store::{Compare, EventKind, LeaseId, Op, Revision, Store, Txn};
+use crate::store::{EventKind, LeaseId, Revision, Store, Txn};
 
 /// A held lock. Release it with [`LockGuard::unlock`]; if the holder dies, its lease expires and
 /// the lock passes on.
@@ -27,17 +27,7 @@ impl LockGuard {
 pub async fn lock(store: &dyn Store, name: &str, lease: LeaseId) -> Result<LockGuard, StoreError> {
     let prefix = format!("locks/{name}/");
     let key = format!("{prefix}{:016x}", lease.0);
-    store
-        .txn(Txn {
-            compare: vec![Compare::Absent(key.clone())],
-            success: vec![Op::Put {
-                key: key.clone(),
-                value: Vec::new(),
-                lease: Some(lease),
-            }],
-            failure: vec![],
-        })
-        .await?;
+    store.txn(Txn::claim(&key, lease)).await?;
     loop {
         let (contenders, revision) = store.list_all(&prefix).await?;
         let Some(mine) = contenders.iter().find(|kv| kv.key == key) else {

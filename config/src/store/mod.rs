@@ -83,6 +83,22 @@ pub struct Txn {
     pub failure: Vec<Op>,
 }
 
+impl Txn {
+    /// Puts an empty `key` held by `lease`, unless the key exists: how a lease claims a lock's
+    /// queue place or a semaphore's slot.
+    pub fn claim(key: &str, lease: LeaseId) -> Txn {
+        Txn {
+            compare: vec![Compare::Absent(key.to_string())],
+            success: vec![Op::Put {
+                key: key.to_string(),
+                value: Vec::new(),
+                lease: Some(lease),
+            }],
+            failure: vec![],
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxnOutcome {
     pub succeeded: bool,

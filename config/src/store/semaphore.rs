@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use crate::error::StoreError;
-use crate::store::{Compare, EventKind, LeaseId, Op, Store, Txn};
+use crate::store::{EventKind, LeaseId, Store, Txn};
 
 /// A held slot. Release it with [`SlotGuard::release`]; if the holder dies, its lease expires
 /// and the slot frees itself.
@@ -41,18 +41,7 @@ pub async fn acquire(
             if taken.contains(key.as_str()) {
                 continue;
             }
-            let out = store
-                .txn(Txn {
-                    compare: vec![Compare::Absent(key.clone())],
-                    success: vec![Op::Put {
-                        key: key.clone(),
-                        value: Vec::new(),
-                        lease: Some(lease),
-                    }],
-                    failure: vec![],
-                })
-                .await?;
-            if out.succeeded {
+            if store.txn(Txn::claim(&key, lease)).await?.succeeded {
                 return Ok(SlotGuard { key });
             }
         }
