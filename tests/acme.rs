@@ -549,3 +549,47 @@ async fn two_nodes_that_share_only_the_account_answer_each_others_challenges() {
         assert_eq!(code, "200", "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_ordered_while_the_ca_is_down_are_issued_once_it_is_up() {
+    let plan = PebblePlan::new();
+    let section = plan.issuer_section();
+    let node = Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", &section));
+    // Nothing listens at the directory yet.
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let created = node
+            .api(
+                hyper::Method::POST,
+                "/v1/services",
+                Some(serde_json::json!({ "backends": ["127.0.0.1:9"] })),
+            )
+            .await;
+        assert_eq!(created.status, hyper::StatusCode::CREATED);
+        ids.push(created.json()["id"].as_str().unwrap().to_string());
+    }
+    let failed = node
+        .wait_certificate(&ids[0], |c| c["status"] == "failed")
+        .await;
+    assert_eq!(
+        failed["last_error"]["type"], "portcullis:ca-unreachable",
+        "{failed}"
+    );
+    // The node serves on, and its account backs off rather than retry each name at once.
+    let dns = node.dns_addr().await;
+    let a = support::dns::q(
+        dns,
+        &format!("{}.app.example.test", ids[0]),
+        hickory_proto::rr::RecordType::A,
+    );
+    assert_eq!(support::dns::rdata(&a), ["127.0.0.1"]);
+
+    let pebble = plan.start(dns, node.listener("http").await.port(), "");
+    for id in &ids {
+        node.wait_certificate(id, |c| c["status"] == "active").await;
+    }
+    let host = format!("{}.app.example.test", ids[3]);
+    let (code, err) = https_status(&node, &pebble, &host, "/").await;
+    // The backend (port 9) is down: the proxy says so, over TLS with Pebble's certificate.
+    assert_eq!(code, "502", "{err}");
+}
