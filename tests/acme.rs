@@ -48,11 +48,30 @@ async fn https_status(
     ])
 }
 
+/// A node whose `[issuer]` section is `section` (an ACME one).
+fn acme_node(section: &str) -> Node {
+    Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", section))
+}
+
+/// Creates a service with a backend nothing listens on, without waiting for its certificate;
+/// its id.
+async fn service_pending(node: &Node) -> String {
+    let created = node
+        .api(
+            hyper::Method::POST,
+            "/v1/services",
+            Some(serde_json::json!({ "backends": ["127.0.0.1:9"] })),
+        )
+        .await;
+    assert_eq!(created.status, hyper::StatusCode::CREATED);
+    created.json()["id"].as_str().unwrap().to_string()
+}
+
 /// A node whose issuer is the Pebble of `plan`, and that Pebble, started on the node's ports.
 async fn node_with_pebble(extra_pebble: &str) -> (Node, support::pebble::Pebble) {
     let plan = PebblePlan::new();
     let section = plan.issuer_section();
-    let node = Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", &section));
+    let node = acme_node(&section);
     let dns = node.dns_addr().await;
     let http = node.listener("http").await;
     let pebble = plan.start(dns, http.port(), extra_pebble);
@@ -152,15 +171,7 @@ async fn the_challenge_responder_answers_managed_hosts_with_the_key_authorizatio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_the_ca_refuses_is_failed_with_the_problem_and_retried_later() {
     let (node, _pebble) = node_with_pebble(r#", "domainBlocklist": ["app.example.test"]"#).await;
-    let created = node
-        .api(
-            hyper::Method::POST,
-            "/v1/services",
-            Some(serde_json::json!({ "backends": ["127.0.0.1:9"] })),
-        )
-        .await;
-    assert_eq!(created.status, hyper::StatusCode::CREATED);
-    let id = created.json()["id"].as_str().unwrap().to_string();
+    let id = service_pending(&node).await;
     let cert = node
         .wait_certificate(&id, |c| c["status"] == "failed")
         .await;
@@ -390,7 +401,7 @@ async fn after_failures_at_the_primary_ca_the_fallback_ca_issues() {
         primary.tls_ca.display(),
         fallback.tls_ca.display()
     );
-    let node = Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", &section));
+    let node = acme_node(&section);
     let dns = node.dns_addr().await;
     let http = node.listener("http").await;
     let _primary = primary.start(
@@ -431,19 +442,9 @@ async fn after_failures_at_the_primary_ca_the_fallback_ca_issues() {
 async fn a_refused_name_leaves_other_services_unaffected() {
     let plan = PebblePlan::new();
     let section = plan.issuer_section();
-    let node = Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", &section));
-    let create = || async {
-        let r = node
-            .api(
-                hyper::Method::POST,
-                "/v1/services",
-                Some(serde_json::json!({ "backends": ["127.0.0.1:9"] })),
-            )
-            .await;
-        r.json()["id"].as_str().unwrap().to_string()
-    };
+    let node = acme_node(&section);
     // Created before the CA is up: its first attempt fails and is retried later.
-    let refused = create().await;
+    let refused = service_pending(&node).await;
     node.wait_certificate(&refused, |c| c["status"] == "failed")
         .await;
     // The CA comes up refusing exactly that name.
@@ -454,7 +455,7 @@ async fn a_refused_name_leaves_other_services_unaffected() {
         http.port(),
         &format!(r#", "domainBlocklist": ["{refused}.app.example.test"]"#),
     );
-    let fine = create().await;
+    let fine = service_pending(&node).await;
     let cert = node
         .wait_certificate(&fine, |c| c["status"] == "active")
         .await;
@@ -519,8 +520,7 @@ async fn two_nodes_that_share_only_the_account_answer_each_others_challenges() {
         plan.issuer_section(),
         key_file.display()
     );
-    let start = || Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", &section));
-    let (a, b) = (start(), start());
+    let (a, b) = (acme_node(&section), acme_node(&section));
     // Pebble asks node B's DNS and validates every challenge on node B's HTTP listener, so the
     // orders node A places are answered by B.
     let pebble = plan.start(b.dns_addr().await, b.listener("http").await.port(), "");
@@ -554,19 +554,11 @@ async fn two_nodes_that_share_only_the_account_answer_each_others_challenges() {
 async fn names_ordered_while_the_ca_is_down_are_issued_once_it_is_up() {
     let plan = PebblePlan::new();
     let section = plan.issuer_section();
-    let node = Node::start_edited(|t| t.replace("[issuer]\nkind = \"dev\"\n", &section));
+    let node = acme_node(&section);
     // Nothing listens at the directory yet.
     let mut ids = Vec::new();
     for _ in 0..4 {
-        let created = node
-            .api(
-                hyper::Method::POST,
-                "/v1/services",
-                Some(serde_json::json!({ "backends": ["127.0.0.1:9"] })),
-            )
-            .await;
-        assert_eq!(created.status, hyper::StatusCode::CREATED);
-        ids.push(created.json()["id"].as_str().unwrap().to_string());
+        ids.push(service_pending(&node).await);
     }
     let failed = node
         .wait_certificate(&ids[0], |c| c["status"] == "failed")
