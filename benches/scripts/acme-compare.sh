@@ -16,33 +16,16 @@ RUNS=${RUNS:-20}
 BURST=${BURST:-200}
 CADDY_RUNS=${CADDY_RUNS:-5}
 ZONE=app.bench.test
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-WORK=$(mktemp -d /tmp/portcullis-acme-bench.XXXXXX)
+. "$(dirname "$0")/common.sh"
+bench_start acme
 DNS=25453 HTTP=25480 HTTPS=25443 ADMIN=25490
 P_ACME=25401 P_MGMT=25402 P_TLS=25403
 C_ACME=25411 C_MGMT=25412 C_TLS=25413 C_HTTP=25481 C_HTTPS=25444 C_ADMIN=25491
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 "$ROOT/scripts/deps.sh" pebble:pebble caddy:caddy curl:curl openssl:openssl
-(cd "$ROOT" && cargo build --release --quiet --bin portcullis)
-BIN=$TARGET/release/portcullis
+build_portcullis
 
 now_ms() { date +%s%3N; }
-wait_port() { # port
-  for _ in $(seq 1 400); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.025
-  done
-  echo "nothing listens on port $1" >&2
-  exit 1
-}
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 # --- Pebble's own TLS: a CA and a certificate for 127.0.0.1 -----------------------------------

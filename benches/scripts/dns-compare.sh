@@ -13,21 +13,12 @@ set -euo pipefail
 N=${N:-10000}
 RUN=${SECONDS_PER_RUN:-10}
 ZONE=app.bench.test
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-WORK=$(mktemp -d /tmp/portcullis-dns-bench.XXXXXX)
+. "$(dirname "$0")/common.sh"
+bench_start dns
 PORT_P=25353 PORT_K=25354 PORT_N=25355 ADMIN=25380
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 "$ROOT/scripts/deps.sh" dnsperf:dnsperf knotd:knot nsd:nsd curl:curl
-(cd "$ROOT" && cargo build --release --quiet --bin portcullis)
-BIN=$TARGET/release/portcullis
+build_portcullis
 
 wait_udp() { # port
   for _ in $(seq 1 200); do

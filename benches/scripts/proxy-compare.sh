@@ -23,37 +23,20 @@ LOAD_CPU=${LOAD_CPU:-1}
 
 scripts/deps.sh nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl unshare:util-linux
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/portcullis-target}
-cargo build --release --bin portcullis >/dev/null
-bin=$CARGO_TARGET_DIR/release/portcullis
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. benches/scripts/common.sh
+bench_start proxy
+build_portcullis
 
 BACKEND=127.0.0.1:18080
 P_HTTPS=18443 N_HTTPS=18444 H_HTTPS=18445
 
-wait_port() {
-  for _ in $(seq 200); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "error: nothing listens on port $1" >&2
-  exit 1
-}
-
 # --- the backend -----------------------------------------------------------------------------
-mkdir -p "$work/backend"
-cat >"$work/backend/nginx.conf" <<CONF
+mkdir -p "$WORK/backend"
+cat >"$WORK/backend/nginx.conf" <<CONF
 worker_processes 1;
 daemon off;
-pid $work/backend/nginx.pid;
-error_log $work/backend/error.log;
+pid $WORK/backend/nginx.pid;
+error_log $WORK/backend/error.log;
 events { worker_connections 4096; }
 http {
   access_log off;
@@ -64,13 +47,13 @@ http {
   }
 }
 CONF
-taskset -c "$LOAD_CPU" nginx -c "$work/backend/nginx.conf" -p "$work/backend" &
+taskset -c "$LOAD_CPU" nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" &
 pids+=($!)
 wait_port 18080
 
 # --- Portcullis ------------------------------------------------------------------------------
-mkdir -p "$work/portcullis"
-cat >"$work/portcullis/portcullis.toml" <<CONF
+mkdir -p "$WORK/portcullis"
+cat >"$WORK/portcullis/portcullis.toml" <<CONF
 [node]
 id = "bench"
 public_ipv4 = ["127.0.0.1"]
@@ -83,37 +66,37 @@ admin = "127.0.0.1:18090"
 [zone]
 name = "bench.test"
 [store]
-path = "$work/portcullis/state"
+path = "$WORK/portcullis/state"
 [log]
 level = "warn"
 access = false
 CONF
-taskset -c "$PROXY_CPU" "$bin" serve --config "$work/portcullis/portcullis.toml" >"$work/portcullis/out.log" 2>&1 &
+taskset -c "$PROXY_CPU" "$BIN" serve --config "$WORK/portcullis/portcullis.toml" >"$WORK/portcullis/out.log" 2>&1 &
 portcullis_pid=$!
 pids+=("$portcullis_pid")
 wait_port 18090
-domain=$("$bin" --state-dir "$work/portcullis/state" service create --backend "$BACKEND" --json |
+domain=$("$BIN" --state-dir "$WORK/portcullis/state" service create --backend "$BACKEND" --json |
   sed -n 's/.*"canonical_domain": "\([^"]*\)".*/\1/p')
 [ -n "$domain" ] || { echo "error: could not create the bench service" >&2; exit 1; }
 # The health checks would add their own requests to the backend: off for the benchmark.
 id=${domain%%.*}
-curl -sf -X PATCH -H "Authorization: Bearer $(cat "$work/portcullis/state/admin.token")" \
+curl -sf -X PATCH -H "Authorization: Bearer $(cat "$WORK/portcullis/state/admin.token")" \
   -H 'content-type: application/json' -d '{"options":{"health_check":{"enabled":false}}}' \
   "http://127.0.0.1:18090/v1/services/$id" >/dev/null
 
 # --- one certificate for nginx and HAProxy, same kind as Portcullis's (ECDSA P-256) ----------
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -subj "/CN=$domain" -addext "subjectAltName=DNS:$domain" \
-  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
-cat "$work/cert.pem" "$work/key.pem" >"$work/combined.pem"
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/combined.pem"
 
 # --- nginx -----------------------------------------------------------------------------------
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<CONF
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<CONF
 worker_processes 1;
 daemon off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log;
 events { worker_connections 4096; }
 http {
   access_log off;
@@ -123,8 +106,8 @@ http {
   server {
     listen 127.0.0.1:$N_HTTPS ssl http2;
     server_name $domain;
-    ssl_certificate $work/cert.pem;
-    ssl_certificate_key $work/key.pem;
+    ssl_certificate $WORK/cert.pem;
+    ssl_certificate_key $WORK/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3;
     location / {
       proxy_pass http://backend;
@@ -136,12 +119,12 @@ http {
   }
 }
 CONF
-taskset -c "$PROXY_CPU" nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" &
+taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
 nginx_pid=$!
 pids+=("$nginx_pid")
 
 # --- HAProxy ---------------------------------------------------------------------------------
-cat >"$work/haproxy.cfg" <<CONF
+cat >"$WORK/haproxy.cfg" <<CONF
 global
   nbthread 1
   maxconn 8192
@@ -153,23 +136,23 @@ defaults
   option forwardfor
   http-reuse always
 frontend fe
-  bind 127.0.0.1:$H_HTTPS ssl crt $work/combined.pem alpn h2,http/1.1
+  bind 127.0.0.1:$H_HTTPS ssl crt $WORK/combined.pem alpn h2,http/1.1
   default_backend be
 backend be
   server b1 $BACKEND
 CONF
-taskset -c "$PROXY_CPU" haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
+taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 haproxy_pid=$!
 pids+=("$haproxy_pid")
 wait_port "$N_HTTPS"
 wait_port "$H_HTTPS"
 
 # --- measuring -------------------------------------------------------------------------------
-printf '127.0.0.1 localhost\n127.0.0.1 %s\n' "$domain" >"$work/hosts"
+printf '127.0.0.1 localhost\n127.0.0.1 %s\n' "$domain" >"$WORK/hosts"
 # Runs a load generator pinned to the load CPU, resolving $domain to loopback.
 load() {
   unshare -m sh -c 'mount --bind "$0" /etc/hosts && cpu=$1 && shift && exec taskset -c "$cpu" "$@"' \
-    "$work/hosts" "$LOAD_CPU" "$@"
+    "$WORK/hosts" "$LOAD_CPU" "$@"
 }
 
 # CPU seconds (user + system) used so far by a process and its children threads/processes.

@@ -1,0 +1,34 @@
+# Sourced by the compare scripts: the repository root, a work directory removed on exit with
+# every process the script started, the release binary, and waiting for a port.
+#
+#   . "$(dirname "$0")/common.sh"; bench_start NAME
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET/release/portcullis
+pids=()
+
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+
+# Makes $WORK and arranges the cleanup.
+bench_start() { # name
+  WORK=$(mktemp -d "/tmp/portcullis-$1-bench.XXXXXX")
+  trap bench_cleanup EXIT
+}
+
+build_portcullis() {
+  (cd "$ROOT" && cargo build --release --quiet --bin portcullis)
+}
+
+wait_port() { # port
+  for _ in $(seq 1 400); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.025
+  done
+  echo "nothing listens on port $1" >&2
+  exit 1
+}
