@@ -104,18 +104,10 @@ impl Drop for Knot {
     }
 }
 
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Knot serving `ZONE` from a zone file, or as a secondary of `primary` when no file is given.
 fn start_knot(zone_file: Option<&str>, primary: Option<SocketAddr>) -> Knot {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = support::free_port();
     if let Some(zone_file) = zone_file {
         std::fs::write(dir.path().join(format!("{ZONE}.zone")), zone_file).unwrap();
     }
@@ -142,7 +134,7 @@ database:
     storage: "{d}/db"
 log:
   - target: stderr
-    any: warning
+    any: info
 {remote}zone:
   - domain: {ZONE}
     storage: "{d}"
@@ -174,13 +166,22 @@ log:
         .unwrap();
     let request = query_message(ZONE, RecordType::SOA).to_vec().unwrap();
     let mut buf = [0u8; 4096];
-    support::poll("knotd to answer", || {
-        probe.send_to(&request, addr).ok()?;
-        let n = probe.recv(&mut buf).ok()?;
-        let m = Message::from_vec(&buf[..n]).ok()?;
-        (!m.answers.is_empty()).then_some(())
-    });
-    knot
+    let start = std::time::Instant::now();
+    loop {
+        let answered = probe.send_to(&request, addr).is_ok()
+            && probe
+                .recv(&mut buf)
+                .ok()
+                .is_some_and(|n| Message::from_vec(&buf[..n]).is_ok_and(|m| !m.answers.is_empty()));
+        if answered {
+            return knot;
+        }
+        assert!(
+            start.elapsed() < support::DEADLINE,
+            "timed out waiting for knotd to answer on {addr}; its log:\n{}",
+            std::fs::read_to_string(knot._dir.path().join("knot.log")).unwrap_or_default()
+        );
+    }
 }
 
 /// A record in presentation form, lowercased: Knot compresses names in RDATA against the

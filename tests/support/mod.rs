@@ -40,6 +40,28 @@ pub fn poll<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// A loopback port free for both TCP and UDP, for a peer (Knot, Pebble) that takes its port
+/// from a config file. Taken below the kernel's ephemeral range (`ip_local_port_range` starts
+/// at 32768), because a port the kernel hands out is one it may also give, a moment later, to
+/// any outgoing connection of the tests, and the peer then fails to bind it.
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::net::{TcpListener, UdpSocket};
+    // Different in each test process, so concurrent tests rarely try the same ports.
+    let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
+    seed.write_u32(std::process::id());
+    let start = seed.finish();
+    for i in 0..10_000u64 {
+        let port = 20_000 + ((start.wrapping_add(i.wrapping_mul(7_919))) % 12_000) as u16;
+        let both_free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if both_free {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-31999");
+}
+
 /// A node started from a config file whose listeners all use port 0.
 pub struct Node {
     child: Option<Child>,

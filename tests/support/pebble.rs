@@ -23,14 +23,6 @@ impl Drop for Pebble {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// Pebble's TLS: a CA, and a certificate for 127.0.0.1 and localhost signed by it.
 fn tls_files(dir: &std::path::Path) -> PathBuf {
     let ca_key = rcgen::KeyPair::generate().expect("key");
@@ -69,11 +61,11 @@ impl PebblePlan {
     pub fn new() -> PebblePlan {
         let dir = tempfile::tempdir().expect("temp dir");
         let tls_ca = tls_files(dir.path());
-        let listen = free_port();
+        let listen = super::free_port();
         PebblePlan {
             dir,
             listen,
-            management: free_port(),
+            management: super::free_port(),
             directory: format!("https://127.0.0.1:{listen}/dir"),
             tls_ca,
         }
@@ -110,7 +102,7 @@ impl PebblePlan {
   "externalAccountBindingRequired": false{extra}
 }}}}"#,
             d = dir.path().display(),
-            tls = free_port(),
+            tls = super::free_port(),
         );
         let config_path = dir.path().join("pebble.json");
         std::fs::write(&config_path, config).expect("write");
