@@ -181,6 +181,7 @@ log:
             "timed out waiting for knotd to answer on {addr}; its log:\n{}",
             std::fs::read_to_string(knot._dir.path().join("knot.log")).unwrap_or_default()
         );
+        std::thread::sleep(support::POLL);
     }
 }
 
