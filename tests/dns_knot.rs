@@ -203,17 +203,23 @@ fn summary(m: &Message) -> String {
     )
 }
 
+/// The zone both tests compare: three services and the custom `RECORDS`. Returns the ids.
+async fn fill_zone(node: &support::Node) -> Vec<String> {
+    let mut services = Vec::new();
+    for _ in 0..3 {
+        services.push(create_service(node).await);
+    }
+    for (name, rtype, values) in RECORDS {
+        add(node, name, rtype, values).await;
+    }
+    services
+}
+
 #[tokio::test]
 async fn answers_match_knot_on_the_same_zone() {
     let node = dns_node();
     let ours = node.dns_addr().await;
-    let mut services = Vec::new();
-    for _ in 0..3 {
-        services.push(create_service(&node).await);
-    }
-    for (name, rtype, values) in RECORDS {
-        add(&node, name, rtype, values).await;
-    }
+    let services = fill_zone(&node).await;
     let serial = match &q(ours, ZONE, RecordType::SOA).answers[0].data {
         RData::SOA(soa) => soa.serial,
         other => panic!("not an SOA: {other:?}"),
@@ -228,13 +234,7 @@ async fn answers_match_knot_on_the_same_zone() {
 async fn knot_as_secondary_transfers_the_zone_and_answers_the_same() {
     let node = support::dns::dns_node_with("transfer_from = [\"127.0.0.1/32\"]\n");
     let ours = node.dns_addr().await;
-    let mut services = Vec::new();
-    for _ in 0..3 {
-        services.push(create_service(&node).await);
-    }
-    for (name, rtype, values) in RECORDS {
-        add(&node, name, rtype, values).await;
-    }
+    let services = fill_zone(&node).await;
     // Enough records for several transfer messages.
     for i in 0..250 {
         add(&node, &format!("bulk{i}.{ZONE}"), "TXT", &["\"bulk\""]).await;
