@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
-use hickory_proto::rr::{DNSClass, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RecordType};
 
 use crate::zone::{Rcode, ZoneView};
 
@@ -17,6 +17,16 @@ pub enum Transport {
     Tcp,
 }
 
+/// What an answer was made from besides its question, for the answer cache to know when a
+/// change makes it stale.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Provenance {
+    /// The answer holds the zone's SOA, so its serial: every change to the zone moves it.
+    pub has_soa: bool,
+    /// Other names whose records the answer carries (CNAME targets, glue owners), lowercase.
+    pub depends_on: Vec<Name>,
+}
+
 /// The response to `request` from `client`, or `None` when nothing must be sent (the request
 /// was a response).
 pub fn respond(
@@ -25,6 +35,16 @@ pub fn respond(
     udp_payload: u16,
     client: IpAddr,
 ) -> Option<Message> {
+    respond_with_provenance(view, request, udp_payload, client).map(|(m, _)| m)
+}
+
+/// [`respond`], with what the answer was made from.
+pub fn respond_with_provenance(
+    view: &ZoneView,
+    request: &Message,
+    udp_payload: u16,
+    client: IpAddr,
+) -> Option<(Message, Provenance)> {
     if request.metadata.message_type != MessageType::Query {
         return None;
     }
@@ -40,20 +60,20 @@ pub fn respond(
         if edns.version() > 0 {
             // RFC 6891 §6.1.3: we speak version 0 only.
             response.metadata.response_code = ResponseCode::BADVERS;
-            return Some(response);
+            return Some((response, Provenance::default()));
         }
     }
     if request.metadata.op_code != OpCode::Query {
         response.metadata.response_code = ResponseCode::NotImp;
-        return Some(response);
+        return Some((response, Provenance::default()));
     }
     let [query] = request.queries.as_slice() else {
         response.metadata.response_code = ResponseCode::FormErr;
-        return Some(response);
+        return Some((response, Provenance::default()));
     };
     if query.query_class() != DNSClass::IN {
         response.metadata.response_code = ResponseCode::Refused;
-        return Some(response);
+        return Some((response, Provenance::default()));
     }
     let subnet = client_subnet(request);
     let (group, scope) = match subnet {
@@ -62,7 +82,7 @@ pub fn respond(
             .classify(subnet.addr(), subnet.source_prefix()),
         Some(Err(())) => {
             response.metadata.response_code = ResponseCode::FormErr;
-            return Some(response);
+            return Some((response, Provenance::default()));
         }
         None => (view.clients().group_of(client), 0),
     };
@@ -84,10 +104,14 @@ pub fn respond(
         Rcode::Refused => ResponseCode::Refused,
     };
     response.metadata.authoritative = lookup.authoritative;
+    let provenance = Provenance {
+        has_soa: lookup.has_soa(),
+        depends_on: lookup.depends_on,
+    };
     response.answers = lookup.answers;
     response.authorities = lookup.authorities;
     response.additionals = lookup.additionals;
-    Some(response)
+    Some((response, provenance))
 }
 
 /// The request's EDNS Client Subnet; `Err` when it is malformed (address bits set past the
@@ -149,8 +173,9 @@ pub fn fast_nxdomain(
     if lookup.rcode != Rcode::NxDomain || !lookup.answers.is_empty() {
         return None;
     }
-    let soa = zone.negative_soa_wire(&name)?;
-    let reply = crate::wire::nxdomain(request, fast, soa, udp_payload);
+    let soa = zone.negative_soa(&name)?;
+    let qname = crate::wire::key_name(key);
+    let reply = crate::wire::nxdomain(request, fast, qname, soa, udp_payload);
     (reply.len() <= usize::from(fast.limit)).then_some(reply)
 }
 
@@ -215,23 +240,46 @@ pub fn answer_bytes(
         Ok(m) => m,
         Err(_) => return formerr(request),
     };
-    answer_message(view, &message, transport, udp_payload, client)
+    answer_message(view, message, transport, udp_payload, client).map(|(bytes, _)| bytes)
 }
 
-/// [`answer_bytes`] for a request already parsed.
+/// [`answer_bytes`] for a request already parsed, with what the answer was made from.
+///
+/// The answer is made for the question in lowercase and then given the question's own case
+/// back, as the answer cache patches its answers: so names compress the same whatever case a
+/// client asks in (0x20 randomization), and a cached answer is byte for byte a fresh one.
 pub fn answer_message(
     view: &ZoneView,
-    message: &Message,
+    mut message: Message,
     transport: Transport,
     udp_payload: u16,
     client: IpAddr,
-) -> Option<Vec<u8>> {
-    let response = respond(view, message, udp_payload, client)?;
+) -> Option<(Vec<u8>, Provenance)> {
+    let asked = message.queries.first_mut().map(|q| {
+        let name = q.name().clone();
+        q.set_name(name.to_lowercase());
+        name
+    });
+    let (response, provenance) = respond_with_provenance(view, &message, udp_payload, client)?;
     let limit = match transport {
-        Transport::Udp => Some(udp_limit(message, udp_payload)),
+        Transport::Udp => Some(udp_limit(&message, udp_payload)),
         Transport::Tcp => None,
     };
-    encode(&response, limit)
+    let mut bytes = encode(&response, limit)?;
+    if let Some(asked) = asked
+        && bytes.get(4..6).is_some_and(|qd| qd != [0, 0])
+    {
+        // The question is the message's first name, written out at offset 12.
+        let mut at = 12;
+        for label in asked.iter() {
+            let Some(slot) = bytes.get_mut(at + 1..at + 1 + label.len()) else {
+                break;
+            };
+            slot.copy_from_slice(label);
+            at += 1 + label.len();
+        }
+    }
+    Some((bytes, provenance))
 }
 
 /// FORMERR for a request whose header at least parses and is a query (RFC 1035 §4.1.1).

@@ -14,6 +14,7 @@ pub mod forward;
 pub mod ratelimit;
 pub mod records;
 pub mod server;
+pub mod text;
 pub mod view;
 pub mod wire;
 pub mod zone;

@@ -3,13 +3,16 @@
 
 use std::collections::HashSet;
 
-use hickory_proto::rr::rdata::CNAME;
+use hickory_proto::op::{Message, OpCode, Query};
 use hickory_proto::rr::rdata::svcb::SVCB;
+use hickory_proto::rr::rdata::{CNAME, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecoder, Restrict};
 use portcullis_config::Snapshot;
 use portcullis_config::ValidationError;
 use portcullis_config::model::{Record as StoredRecord, RecordType as StoredType};
 
+use crate::text;
 use crate::zone::ZoneSettings;
 
 /// Longest TTL accepted for a custom record: a week, as most providers cap it.
@@ -54,12 +57,11 @@ fn hickory_type(t: StoredType) -> RecordType {
 /// SvcParams are put in key order, without which the whole answer would fail to encode.
 pub fn parse_record(stored: &StoredRecord) -> Result<Vec<Record>, String> {
     let owner = to_name(&stored.name)?;
-    let rtype = hickory_type(stored.rtype);
     stored
         .data
         .iter()
         .map(|text| {
-            let rdata = RData::try_from_str(rtype, text)
+            let rdata = parse_rdata(stored.rtype, text)
                 .map_err(|e| format!("`{text}` is not valid {} data: {e}", stored.rtype))?;
             Ok(Record::from_rdata(
                 owner.clone(),
@@ -68,6 +70,47 @@ pub fn parse_record(stored: &StoredRecord) -> Result<Vec<Record>, String> {
             ))
         })
         .collect()
+}
+
+/// One value in zone-file form. Character-strings (TXT, the CAA value) are read by [`text`],
+/// since hickory's lexer decodes `\DDD` wrongly; other types have no escapes worth having, so
+/// a backslash there is refused rather than misread.
+fn parse_rdata(rtype: StoredType, value: &str) -> Result<RData, String> {
+    match rtype {
+        StoredType::Txt => {
+            let strings = text::txt_strings(value)?;
+            Ok(RData::TXT(TXT::from_bytes(
+                strings.iter().map(Vec::as_slice).collect(),
+            )))
+        }
+        StoredType::Caa => parse_caa(value),
+        _ if value.contains('\\') => Err(format!(
+            "escapes (`\\`) are not accepted in {rtype} data; write the value plainly"
+        )),
+        _ => RData::try_from_str(hickory_type(rtype), value).map_err(|e| e.to_string()),
+    }
+}
+
+/// `flags tag value` (RFC 8659 §4.1.1), decoded from its wire form by hickory so that the value
+/// is checked the way hickory reads it from anyone else.
+fn parse_caa(value: &str) -> Result<RData, String> {
+    let tokens = text::tokens(value)?;
+    let [flags, tag, value] = tokens.as_slice() else {
+        return Err("CAA is `flags tag value`, e.g. `0 issue \"letsencrypt.org\"`".into());
+    };
+    let flags = std::str::from_utf8(flags)
+        .ok()
+        .and_then(|f| f.parse::<u8>().ok())
+        .ok_or("CAA flags are a number from 0 to 255")?;
+    if tag.is_empty() || tag.len() > 15 || !tag.iter().all(u8::is_ascii_alphanumeric) {
+        return Err("a CAA tag is 1 to 15 letters and digits (issue, issuewild, iodef)".into());
+    }
+    let mut wire = vec![flags, tag.len() as u8];
+    wire.extend_from_slice(tag);
+    wire.extend_from_slice(value);
+    let length = u16::try_from(wire.len()).map_err(|_| "the CAA value is too long")?;
+    let mut decoder = BinDecoder::new(&wire);
+    RData::read(&mut decoder, RecordType::CAA, Restrict::new(length)).map_err(|e| e.to_string())
 }
 
 fn fqdn(mut name: Name) -> Name {
@@ -99,6 +142,23 @@ fn sorted(svcb: SVCB) -> SVCB {
     let mut params = svcb.svc_params;
     params.sort_by_key(|(k, _)| u16::from(*k));
     SVCB::new(svcb.svc_priority, fqdn(svcb.target_name), params)
+}
+
+/// Whether the record set goes out in an answer: what hickory parses is not always what it can
+/// encode (`alpn=` with no value), and a set past 64 KiB fits no message.
+fn encodable(owner: &Name, rtype: StoredType, records: &[Record]) -> Result<(), String> {
+    let mut message = Message::response(0, OpCode::Query);
+    message.add_query(Query::query(owner.clone(), hickory_type(rtype)));
+    message.answers = records.to_vec();
+    match message.to_vec() {
+        Ok(bytes) if bytes.len() <= usize::from(u16::MAX) => Ok(()),
+        Ok(bytes) => Err(format!(
+            "the record set takes {} bytes in an answer, over the 65535 a DNS message can hold; \
+             use fewer or shorter values",
+            bytes.len()
+        )),
+        Err(e) => Err(format!("the record set cannot be sent in an answer: {e}")),
+    }
 }
 
 /// Checks a record before it is stored: its name inside a zone we serve, its TTL and values,
@@ -164,6 +224,7 @@ pub fn check_record(
             .unwrap_or(0);
         ValidationError::new(format!("data[{index}]"), m)
     })?;
+    encodable(&owner, record.rtype, &parsed).map_err(|m| ValidationError::new("data", m))?;
     if record.rtype == StoredType::Cname && parsed.len() > 1 {
         return Err(ValidationError::new("data", "a CNAME has exactly one target").into());
     }
@@ -184,11 +245,13 @@ pub fn check_record(
     if is_wildcard && record.rtype == StoredType::Ns {
         return Err(ValidationError::new("name", "a wildcard cannot be a delegation").into());
     }
-    let managed_types = matches!(
+    // Types that would hide or replace what the node answers at a name it manages: its
+    // addresses and HTTPS record, a CNAME in their place, or an NS that delegates the name away.
+    let shadowing = matches!(
         record.rtype,
-        StoredType::A | StoredType::Aaaa | StoredType::Https | StoredType::Cname
+        StoredType::A | StoredType::Aaaa | StoredType::Https | StoredType::Cname | StoredType::Ns
     );
-    if managed_types {
+    if shadowing {
         // The Snapshot's own Host lookup knows canonical names and alias domains alike.
         let text = owner.to_ascii();
         let text = text.trim_end_matches('.');
@@ -203,6 +266,25 @@ pub fn check_record(
         if settings.nameservers.contains(&owner) && record.rtype != StoredType::Https {
             return Err(RecordError::Conflict(format!(
                 "`{}` is a nameserver of the zone; its addresses are the nodes'",
+                record.name
+            )));
+        }
+    }
+    if record.rtype == StoredType::Ns {
+        // A delegation hides everything below it. Services sit right under the apex, where no
+        // delegation can be above them; alias domains may be deeper.
+        let hidden = snapshot
+            .domains()
+            .find(|d| to_name(d.name.as_str()).is_ok_and(|n| n != owner && owner.zone_of(&n)));
+        if let Some(domain) = hidden {
+            return Err(RecordError::Conflict(format!(
+                "an NS at `{}` would delegate away `{}`, a domain the node serves",
+                record.name, domain.name
+            )));
+        }
+        if let Some(ns) = settings.nameservers.iter().find(|n| owner.zone_of(n)) {
+            return Err(RecordError::Conflict(format!(
+                "an NS at `{}` would delegate away `{ns}`, a nameserver of the zone",
                 record.name
             )));
         }

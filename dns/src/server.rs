@@ -23,7 +23,7 @@ use std::os::fd::AsRawFd;
 use crate::answer::{self, Transport};
 use crate::forward::Forwarder;
 use crate::ratelimit::{self, RateLimiter, Verdict};
-use crate::view::{Invalidation, ViewHandle};
+use crate::view::{Invalidation, PublishedView, ViewHandle};
 use crate::wire;
 
 /// How often a blocked UDP thread looks up from its socket to see whether to stop.
@@ -65,13 +65,31 @@ impl Policies {
     }
 }
 
-/// One UDP worker: its own answer cache, valid for the view generation it last saw.
+/// A finished answer, with what it was made from.
+struct Cached {
+    answer: Box<[u8]>,
+    /// The view generation it was made at.
+    generation: u64,
+    /// The SOA serial it holds, if it holds the SOA.
+    serial: Option<u32>,
+    /// Names besides the question's whose records it carries, lowercase wire form.
+    depends_on: Box<[Box<[u8]>]>,
+}
+
+/// One UDP worker: its own answer cache, checked against the changes since each answer was
+/// made, so that an answer from the cache is always the one a lookup would make now.
 struct UdpWorker {
     socket: Arc<UdpSocket>,
     views: ViewHandle,
     policies: Arc<Policies>,
-    cache: HashMap<Box<[u8]>, Box<[u8]>, FixedState>,
+    cache: HashMap<Box<[u8]>, Cached, FixedState>,
+    /// Names whose records changed (lowercase wire form), with the generation that first
+    /// showed it. Kept only while the cache holds answers older than that; emptied with it.
+    changed: HashMap<Box<[u8]>, u64, FixedState>,
+    /// Fewest labels of a name in `changed`: no shorter name needs a look.
+    changed_min_labels: usize,
     capacity: usize,
+    /// The view generation the cache has caught up with.
     generation: u64,
     udp_payload: u16,
 }
@@ -171,21 +189,79 @@ impl UdpWorker {
         }
     }
 
+    /// Takes in the changes that made the views since the last one seen.
+    fn catch_up(&mut self, view: &PublishedView) {
+        let changes = view.changes_since(self.generation).filter(|changes| {
+            !changes
+                .iter()
+                .any(|c| matches!(c.invalidation, Invalidation::All))
+        });
+        match changes {
+            Some(changes) if !self.cache.is_empty() => {
+                for change in changes {
+                    let Invalidation::Names(names) = &change.invalidation else {
+                        continue;
+                    };
+                    for name in names {
+                        self.changed_min_labels = self.changed_min_labels.min(wire::labels(name));
+                        self.changed
+                            .insert(name.as_slice().into(), change.generation);
+                    }
+                }
+                // Many changes since the cache was last empty: start over, which bounds both.
+                if self.changed.len() > self.capacity.max(1024) {
+                    self.forget_all();
+                }
+            }
+            _ => self.forget_all(),
+        }
+        self.generation = view.generation;
+    }
+
+    fn forget_all(&mut self) {
+        self.cache.clear();
+        self.changed.clear();
+        self.changed_min_labels = usize::MAX;
+    }
+
+    /// Whether a cached answer still holds: its serial is current, and no name it was made from
+    /// (the question's, or one it carries records of) nor a name above one changed since.
+    fn holds(&self, cached: &Cached, qname: &[u8], serial: u32) -> bool {
+        if cached.serial.is_some_and(|s| s != serial) {
+            return false;
+        }
+        if self.changed.is_empty() {
+            return true;
+        }
+        std::iter::once(qname)
+            .chain(cached.depends_on.iter().map(|n| &**n))
+            .all(|name| !self.changed_under(name, cached.generation))
+    }
+
+    /// Whether `name` or a name above it changed after `generation`.
+    fn changed_under(&self, name: &[u8], generation: u64) -> bool {
+        let mut remaining = wire::labels(name);
+        let mut at = 0;
+        while remaining >= self.changed_min_labels && remaining > 0 {
+            let Some(suffix) = name.get(at..) else {
+                return true;
+            };
+            if self.changed.get(suffix).is_some_and(|g| *g > generation) {
+                return true;
+            }
+            let Some(&len) = suffix.first() else {
+                return false;
+            };
+            at += 1 + usize::from(len);
+            remaining -= 1;
+        }
+        false
+    }
+
     fn answer(&mut self, request: &[u8], peer: SocketAddr, key: &mut Vec<u8>) -> Option<Vec<u8>> {
         let view = self.views.load();
         if view.generation != self.generation {
-            match &view.invalidation {
-                Invalidation::Names(names)
-                    if view.generation == self.generation.wrapping_add(1) =>
-                {
-                    if !names.is_empty() {
-                        self.cache.retain(|k, _| !names.contains(wire::key_name(k)));
-                    }
-                }
-                Invalidation::Names(_) if self.cache.is_empty() => {}
-                _ => self.cache.clear(),
-            }
-            self.generation = view.generation;
+            self.catch_up(&view);
         }
         let clients = view.zone.clients();
         let group = if clients.is_empty() {
@@ -197,7 +273,10 @@ impl UdpWorker {
         if let Some(fast) = &fast
             && let Some(cached) = self.cache.get(key.as_slice())
         {
-            return Some(wire::patch(cached, request, fast));
+            if self.holds(cached, wire::key_name(key), view.zone.serial()) {
+                return Some(wire::patch(&cached.answer, request, fast));
+            }
+            self.cache.remove(key.as_slice());
         }
         if let Some(fast) = &fast
             && let Some(reply) =
@@ -214,9 +293,9 @@ impl UdpWorker {
             self.forward(message, query, peer);
             return None;
         }
-        let reply = answer::answer_message(
+        let (reply, provenance) = answer::answer_message(
             &view.zone,
-            &message,
+            message,
             Transport::Udp,
             self.udp_payload,
             peer.ip(),
@@ -227,10 +306,20 @@ impl UdpWorker {
         {
             if self.cache.len() >= self.capacity {
                 // A flood of distinct names: start over rather than keep an LRU on the hot path.
-                self.cache.clear();
+                self.forget_all();
             }
-            self.cache
-                .insert(key.as_slice().into(), reply.as_slice().into());
+            let cached = Cached {
+                answer: reply.as_slice().into(),
+                generation: self.generation,
+                serial: provenance.has_soa.then(|| view.zone.serial()),
+                depends_on: provenance
+                    .depends_on
+                    .iter()
+                    .filter_map(wire::name_wire)
+                    .map(Vec::into_boxed_slice)
+                    .collect(),
+            };
+            self.cache.insert(key.as_slice().into(), cached);
         }
         Some(reply)
     }
@@ -279,6 +368,8 @@ impl UdpServer {
                 views: views.clone(),
                 policies: policies.clone(),
                 cache: HashMap::with_hasher(FixedState::default()),
+                changed: HashMap::with_hasher(FixedState::default()),
+                changed_min_labels: usize::MAX,
                 capacity,
                 generation: u64::MAX,
                 udp_payload,

@@ -17,16 +17,46 @@ use crate::zone::{AddressBook, CustomRecords, ZoneSettings, ZoneView};
 /// What changed since the view one generation earlier.
 #[derive(Debug)]
 pub enum Invalidation {
-    /// Answers for these names (lowercase wire form) are stale; every other one still holds.
+    /// The node's own records changed at these names (services and alias domains; lowercase
+    /// wire form): answers for them, for names below them, and answers that carry their
+    /// records (see [`crate::answer::Provenance`]) are stale. So is every answer holding the
+    /// SOA, whose serial moved. Every other answer still holds.
     Names(HashSet<Vec<u8>>),
     All,
 }
+
+/// The invalidation that made one generation.
+#[derive(Debug)]
+pub struct Change {
+    pub generation: u64,
+    pub invalidation: Invalidation,
+}
+
+/// Generations of changes a view carries, so that a cache that slept through a few catches up
+/// instead of starting over.
+const HISTORY: usize = 64;
 
 #[derive(Debug)]
 pub struct PublishedView {
     pub zone: ZoneView,
     pub generation: u64,
-    pub invalidation: Invalidation,
+    /// The latest changes, oldest first, ending with this generation's.
+    pub changes: Arc<[Arc<Change>]>,
+}
+
+impl PublishedView {
+    /// The changes after generation `since` up to this view's, oldest first; `None` when they
+    /// are no longer all known (then a cache must start over).
+    pub fn changes_since(&self, since: u64) -> Option<&[Arc<Change>]> {
+        if since == self.generation {
+            return Some(&[]);
+        }
+        let first = self
+            .changes
+            .iter()
+            .position(|c| c.generation == since.wrapping_add(1))?;
+        Some(&self.changes[first..])
+    }
 }
 
 #[derive(Clone)]
@@ -61,6 +91,7 @@ struct Builder {
     serial: u32,
     revision: Revision,
     generation: u64,
+    history: std::collections::VecDeque<Arc<Change>>,
 }
 
 impl Builder {
@@ -74,10 +105,18 @@ impl Builder {
             serial: serial_of(snapshot.revision()),
             revision: snapshot.revision(),
             generation: 0,
+            history: std::collections::VecDeque::with_capacity(HISTORY),
         }
     }
 
-    fn view(&self, snapshot: Arc<Snapshot>, invalidation: Invalidation) -> PublishedView {
+    fn view(&mut self, snapshot: Arc<Snapshot>, invalidation: Invalidation) -> PublishedView {
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(Arc::new(Change {
+            generation: self.generation,
+            invalidation,
+        }));
         PublishedView {
             zone: ZoneView::new(
                 snapshot,
@@ -87,7 +126,7 @@ impl Builder {
                 self.serial,
             ),
             generation: self.generation,
-            invalidation,
+            changes: self.history.iter().cloned().collect(),
         }
     }
 
@@ -134,12 +173,8 @@ impl Builder {
         }
         if zone_changed {
             self.serial = serial_of(snapshot.revision());
-            for apex in &self.apexes {
-                names.insert(wire::name_key(&apex.to_ascii()));
-            }
         }
-        // A CNAME's answer carries its target's records, whatever name the target has.
-        let invalidation = if all || (self.custom.has_cnames && !names.is_empty()) {
+        let invalidation = if all {
             Invalidation::All
         } else {
             Invalidation::Names(names)
@@ -185,7 +220,7 @@ pub fn follow(
 
 /// A view of one Snapshot, for tests, benchmarks and the fuzz target.
 pub fn fixed(snapshot: Arc<Snapshot>, settings: Arc<ZoneSettings>) -> ViewHandle {
-    let builder = Builder::new(settings, &snapshot);
+    let mut builder = Builder::new(settings, &snapshot);
     let (_, revisions) = watch::channel(snapshot.revision());
     ViewHandle(
         Arc::new(ArcSwap::from_pointee(

@@ -121,6 +121,20 @@ pub fn question_end(request: &[u8]) -> Option<usize> {
     (request.len() >= i + 4).then_some(i + 4)
 }
 
+/// Labels in a name in wire form (the root not counted).
+pub fn labels(name: &[u8]) -> usize {
+    let mut count = 0;
+    let mut at = 0;
+    while let Some(&len) = name.get(at) {
+        if len == 0 {
+            break;
+        }
+        count += 1;
+        at += 1 + usize::from(len);
+    }
+    count
+}
+
 /// The question name inside a cache key.
 pub fn key_name(key: &[u8]) -> &[u8] {
     &key[..key.len().saturating_sub(KEY_TAIL)]
@@ -171,19 +185,133 @@ pub fn key_to_name(key: &[u8]) -> Option<hickory_proto::rr::Name> {
     Some(name)
 }
 
-/// An NXDOMAIN answer written directly: the request's header and question, the zone's SOA
-/// (`soa`: the record in wire form, owner uncompressed) in the authority section, and an OPT
-/// when the request had one. What hickory would make, without parsing and building messages:
-/// random-name floods are all misses and take this path.
-pub fn nxdomain(request: &[u8], query: &FastQuery, soa: &[u8], udp_payload: u16) -> Vec<u8> {
+/// A zone's negative-answer SOA in parts, for [`nxdomain`] to write with its names compressed.
+#[derive(Debug, Clone)]
+pub struct SoaParts {
+    /// Owner, MNAME and RNAME, lowercase wire form.
+    owner: Vec<u8>,
+    mname: Vec<u8>,
+    rname: Vec<u8>,
+    ttl: u32,
+    /// SERIAL, REFRESH, RETRY, EXPIRE and MINIMUM.
+    numbers: [u8; 20],
+}
+
+impl SoaParts {
+    pub fn new(record: &hickory_proto::rr::Record) -> Option<Self> {
+        let hickory_proto::rr::RData::SOA(soa) = &record.data else {
+            return None;
+        };
+        let mut numbers = [0u8; 20];
+        for (i, n) in [
+            soa.serial,
+            soa.refresh as u32,
+            soa.retry as u32,
+            soa.expire as u32,
+            soa.minimum,
+        ]
+        .iter()
+        .enumerate()
+        {
+            numbers[i * 4..i * 4 + 4].copy_from_slice(&n.to_be_bytes());
+        }
+        Some(SoaParts {
+            owner: name_wire(&record.name)?,
+            mname: name_wire(&soa.mname)?,
+            rname: name_wire(&soa.rname)?,
+            ttl: record.ttl,
+            numbers,
+        })
+    }
+}
+
+/// Lowercase wire form of a name, uncompressed.
+pub fn name_wire(name: &hickory_proto::rr::Name) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(usize::from(name.len()) + 1);
+    for label in name.iter() {
+        out.push(u8::try_from(label.len()).ok().filter(|l| *l <= 63)?);
+        out.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    out.push(0);
+    (out.len() <= 255).then_some(out)
+}
+
+/// A name already in a message, for compression: its wire form, where it starts, and how many
+/// of its octets are labels written out there (after them a pointer, or the end).
+type Written<'a> = (&'a [u8], usize, usize);
+
+/// Writes `name` with its longest suffix found in `known` replaced by a pointer, trying
+/// suffixes and names in the order hickory's encoder does, so both make the same bytes.
+/// Returns how many octets of labels it wrote out.
+fn write_name(out: &mut Vec<u8>, name: &[u8], known: &[Written<'_>]) -> usize {
+    let mut i = 0;
+    while let Some(&len) = name.get(i) {
+        if len == 0 {
+            break;
+        }
+        if let Some(at) = find_suffix(&name[i..], known) {
+            out.extend_from_slice(&name[..i]);
+            out.extend_from_slice(&(0xc000 | at).to_be_bytes());
+            return i;
+        }
+        i += 1 + usize::from(len);
+    }
+    out.extend_from_slice(name);
+    i
+}
+
+fn find_suffix(suffix: &[u8], known: &[Written<'_>]) -> Option<u16> {
+    for &(name, at, literal) in known {
+        let mut j = 0;
+        while j < literal {
+            let Some(&len) = name.get(j) else { break };
+            if len == 0 {
+                break;
+            }
+            if name.get(j..) == Some(suffix) {
+                // Pointers reach 14 bits; hickory stores no candidate past that either.
+                return u16::try_from(at + j).ok().filter(|p| *p < 0x3fff);
+            }
+            j += 1 + usize::from(len);
+        }
+    }
+    None
+}
+
+/// An NXDOMAIN answer written directly: the request's header and question, the zone's SOA in
+/// the authority section with its names compressed against the question (`qname`: the
+/// question's name, lowercase wire form), and an OPT when the request had one. The bytes
+/// hickory makes for the same answer, without parsing and building messages: random-name
+/// floods are all misses and take this path.
+pub fn nxdomain(
+    request: &[u8],
+    query: &FastQuery,
+    qname: &[u8],
+    soa: &SoaParts,
+    udp_payload: u16,
+) -> Vec<u8> {
     let question_end = query.qname_end + 4;
-    let mut out = Vec::with_capacity(question_end + soa.len() + 11);
+    let mut out = Vec::with_capacity(question_end + 64 + 11);
     out.extend_from_slice(&request[..question_end]);
     // QR, opcode QUERY, AA, RD echoed; RA clear; CD echoed; RCODE 3.
     out[2] = 0x80 | 0x04 | (request[2] & 0x01);
     out[3] = (request[3] & 0x10) | 0x03;
     out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 1, 0, u8::from(query.edns)]);
-    out.extend_from_slice(soa);
+    let question = (qname, HEADER, qname.len());
+    let owner_at = out.len();
+    let owner_literal = write_name(&mut out, &soa.owner, &[question]);
+    out.extend_from_slice(&[0, 6, 0, 1]);
+    out.extend_from_slice(&soa.ttl.to_be_bytes());
+    let rdlength_at = out.len();
+    out.extend_from_slice(&[0, 0]);
+    let owner = (soa.owner.as_slice(), owner_at, owner_literal);
+    let mname_at = out.len();
+    let mname_literal = write_name(&mut out, &soa.mname, &[question, owner]);
+    let mname = (soa.mname.as_slice(), mname_at, mname_literal);
+    write_name(&mut out, &soa.rname, &[question, owner, mname]);
+    out.extend_from_slice(&soa.numbers);
+    let rdlength = u16::try_from(out.len() - rdlength_at - 2).unwrap_or(u16::MAX);
+    out[rdlength_at..rdlength_at + 2].copy_from_slice(&rdlength.to_be_bytes());
     if query.edns {
         let payload = udp_payload.max(512).to_be_bytes();
         let flags = if query.dnssec_ok { 0x80 } else { 0 };

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use hickory_proto::rr::rdata::svcb::{Alpn, IpHint, SVCB, SvcParamKey, SvcParamValue};
 use hickory_proto::rr::rdata::{A, AAAA, HTTPS, NS, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 use portcullis_config::Snapshot;
 use portcullis_config::file::{AnswerPolicy, DnsSection, NodeConfig};
 use portcullis_config::model::{RecordType as StoredType, VerificationStatus};
@@ -21,6 +20,7 @@ use portcullis_config::names::uuid_bits;
 
 use crate::clients::{ClientTable, Group};
 use crate::records::{parse_record, to_name};
+use crate::wire::SoaParts;
 
 /// CNAME links followed inside our zones before giving up (a chain this long is a mistake).
 pub const MAX_CNAME_CHAIN: usize = 8;
@@ -116,8 +116,8 @@ struct Apex {
     soa: Record,
     /// TTL of negative answers: min(SOA TTL, MINIMUM), RFC 2308 §3.
     negative_soa: Record,
-    /// `negative_soa` in wire form, owner uncompressed: for NXDOMAIN answers written directly.
-    negative_soa_wire: Vec<u8>,
+    /// `negative_soa` in parts, for NXDOMAIN answers written directly.
+    negative_soa_parts: Option<SoaParts>,
     ns: Vec<Record>,
     caa: Vec<Record>,
     platform: bool,
@@ -144,15 +144,12 @@ pub struct CustomRecords {
     owners: HashMap<Name, Owner>,
     /// Owners with an NS set below a zone apex: a delegation to check on the way down.
     has_delegations: bool,
-    /// A CNAME exists: answers for one name may then carry another name's records.
-    pub has_cnames: bool,
 }
 
 impl CustomRecords {
     pub fn build(snapshot: &Snapshot, apexes: &[Name]) -> Self {
         let mut owners: HashMap<Name, Owner> = HashMap::new();
         let mut has_delegations = false;
-        let mut has_cnames = false;
         for stored in snapshot.records() {
             let records = match parse_record(stored) {
                 Ok(r) => r,
@@ -172,13 +169,12 @@ impl CustomRecords {
             else {
                 continue;
             };
-            has_cnames |= stored.rtype == StoredType::Cname;
             if stored.rtype == StoredType::Ns && owner != *apex {
                 has_delegations = true;
             }
             // Empty non-terminals: every name between the owner and its apex exists.
             let mut parent = owner.base_name();
-            while parent.num_labels() > apex.num_labels() {
+            while label_count(&parent) > label_count(apex) {
                 owners.entry(parent.clone()).or_default();
                 parent = parent.base_name();
             }
@@ -192,7 +188,6 @@ impl CustomRecords {
         CustomRecords {
             owners,
             has_delegations,
-            has_cnames,
         }
     }
 }
@@ -294,6 +289,7 @@ pub struct ZoneView {
     custom: Arc<CustomRecords>,
     addresses: Arc<AddressBook>,
     settings: Arc<ZoneSettings>,
+    serial: u32,
 }
 
 /// Where a lookup ended, before it becomes a message.
@@ -306,6 +302,19 @@ pub struct Lookup {
     pub additionals: Vec<Record>,
     /// The answer depends on the client's group (by-client policy).
     pub tailored: bool,
+    /// Names besides the question's whose records the answer carries (CNAME targets, glue
+    /// owners): a cached answer is stale when one of them, or a name above one, changes.
+    pub depends_on: Vec<Name>,
+}
+
+impl Lookup {
+    /// Whether the answer holds the zone's SOA, and with it the serial that every change moves.
+    pub fn has_soa(&self) -> bool {
+        self.answers
+            .iter()
+            .chain(&self.authorities)
+            .any(|r| r.record_type() == RecordType::SOA)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -357,15 +366,7 @@ impl ZoneView {
             let soa_record = Record::from_rdata(zone.clone(), soa_cfg.ttl, RData::SOA(soa));
             let mut negative_soa = soa_record.clone();
             negative_soa.ttl = soa_cfg.ttl.min(soa_cfg.minimum);
-            let mut negative_soa_wire = Vec::new();
-            {
-                let mut encoder = BinEncoder::new(&mut negative_soa_wire);
-                encoder.set_name_encoding(NameEncoding::Uncompressed);
-                if let Err(e) = negative_soa.emit(&mut encoder) {
-                    // Then negative answers take the general path, which reports it too.
-                    tracing::warn!(error = %e, zone = %zone, "the zone's SOA does not encode");
-                }
-            }
+            let negative_soa_parts = SoaParts::new(&negative_soa);
             let ns = settings
                 .nameservers
                 .iter()
@@ -385,7 +386,7 @@ impl ZoneView {
                 labels: zone.num_labels(),
                 soa: soa_record,
                 negative_soa,
-                negative_soa_wire,
+                negative_soa_parts,
                 ns,
                 caa,
                 platform,
@@ -397,7 +398,13 @@ impl ZoneView {
             custom,
             addresses,
             settings,
+            serial,
         }
+    }
+
+    /// The SOA serial of every zone served.
+    pub fn serial(&self) -> u32 {
+        self.serial
     }
 
     pub fn apex_names(settings: &ZoneSettings) -> Vec<Name> {
@@ -439,11 +446,9 @@ impl ZoneView {
         &self.settings.clients
     }
 
-    /// The negative-answer SOA of the zone holding `name`, in wire form (owner uncompressed).
-    pub fn negative_soa_wire(&self, name: &Name) -> Option<&[u8]> {
-        self.apex_for(name)
-            .map(|a| a.negative_soa_wire.as_slice())
-            .filter(|w| !w.is_empty())
+    /// The negative-answer SOA of the zone holding `name`, in parts for a direct writer.
+    pub fn negative_soa(&self, name: &Name) -> Option<&SoaParts> {
+        self.apex_for(name)?.negative_soa_parts.as_ref()
     }
 
     /// Whether a name is outside every zone we serve (a question for a forwarder, if any).
@@ -466,13 +471,14 @@ impl ZoneView {
         let mut apex = apex;
         let mut seen: Vec<Name> = Vec::new();
         loop {
-            if let Some(referral) = self.delegation(apex, &name) {
+            if let Some(referral) = self.delegation(apex, &name, qtype) {
                 // Below a zone cut we are not authoritative: a referral, unless the CNAME chain
                 // already gave an authoritative answer.
                 if out.answers.is_empty() {
                     out.authoritative = false;
                 }
-                out.additionals.extend(self.glue(&referral, ctx));
+                out.additionals
+                    .extend(self.glue(&referral, ctx, &mut out.depends_on));
                 out.authorities.extend(referral);
                 return out;
             }
@@ -496,8 +502,9 @@ impl ZoneView {
             if let Some(set) = wanted.and_then(|t| sets.iter().find(|(st, _)| *st == t)) {
                 out.answers
                     .extend(set.1.iter().map(|r| with_owner(r, &owner_name)));
-                if qtype == RecordType::NS && name.num_labels() == apex.labels {
-                    out.additionals.extend(self.glue(&set.1, ctx));
+                if qtype == RecordType::NS && label_count(&name) == apex.labels {
+                    out.additionals
+                        .extend(self.glue(&set.1, ctx, &mut out.depends_on));
                 }
                 return out;
             }
@@ -522,6 +529,7 @@ impl ZoneView {
             }
             match self.apex_for(&target) {
                 Some(next) => {
+                    out.depends_on.push(target.to_lowercase());
                     apex = next;
                     name = target;
                 }
@@ -581,18 +589,23 @@ impl ZoneView {
             .max_by_key(|a| a.labels)
     }
 
-    /// NS records of a zone cut between the apex (excluded) and `name` (included).
-    fn delegation(&self, apex: &Apex, name: &Name) -> Option<Vec<Record>> {
+    /// NS records of a zone cut between the apex (excluded) and `name` (included; excluded for
+    /// DS, which lives on the parent side of a cut, RFC 4035 §3.1.4.1). A name the node manages
+    /// (a service, an alias, a nameserver) is never a cut: the records API refuses an NS there,
+    /// and one written before the name came into use must not take it away.
+    fn delegation(&self, apex: &Apex, name: &Name, qtype: RecordType) -> Option<Vec<Record>> {
         if !self.custom.has_delegations {
             return None;
         }
-        for labels in apex.labels + 1..=name.num_labels() {
+        let last = label_count(name) - u8::from(qtype == RecordType::DS);
+        for labels in apex.labels + 1..=last {
             let cut = name.trim_to(labels as usize);
             if let Some(ns) = self
                 .custom
                 .owners
                 .get(&cut)
                 .and_then(|o| o.get(RecordType::NS))
+                && !self.is_managed(apex, &cut)
             {
                 return Some(ns.to_vec());
             }
@@ -600,8 +613,8 @@ impl ZoneView {
         None
     }
 
-    /// A/AAAA for the in-zone targets of NS records.
-    fn glue(&self, ns: &[Record], ctx: &Ctx) -> Vec<Record> {
+    /// A/AAAA for the in-zone targets of NS records; the targets are noted in `depends_on`.
+    fn glue(&self, ns: &[Record], ctx: &Ctx, depends_on: &mut Vec<Name>) -> Vec<Record> {
         let mut glue = Vec::new();
         for record in ns {
             let RData::NS(target) = &record.data else {
@@ -610,6 +623,7 @@ impl ZoneView {
             let Some(apex) = self.apex_for(&target.0) else {
                 continue;
             };
+            depends_on.push(target.0.to_lowercase());
             if let Found::Sets(sets, custom) = self.find(apex, &target.0, ctx) {
                 for (t, set) in merge(sets, custom) {
                     if matches!(t, RecordType::A | RecordType::AAAA) {
@@ -625,7 +639,7 @@ impl ZoneView {
     fn find<'a>(&'a self, apex: &Apex, name: &Name, ctx: &Ctx) -> Found<'a> {
         let custom = self.custom.owners.get(name);
         let mut made = Vec::new();
-        if name.num_labels() == apex.labels {
+        if label_count(name) == apex.labels {
             made.push((RecordType::SOA, vec![apex.soa.clone()]));
             if !apex.ns.is_empty() {
                 made.push((RecordType::NS, apex.ns.clone()));
@@ -658,6 +672,14 @@ impl ZoneView {
         }
     }
 
+    /// Whether the node makes the records at `name`: the apex, a service, an alias, a nameserver.
+    fn is_managed(&self, apex: &Apex, name: &Name) -> bool {
+        label_count(name) == apex.labels
+            || (apex.platform && self.is_service(apex, name))
+            || self.is_alias(name)
+            || self.is_nameserver(name)
+    }
+
     /// RFC 4592: the source of synthesis is `*.<closest encloser>` and nothing else.
     fn wildcard(
         &self,
@@ -670,7 +692,7 @@ impl ZoneView {
             return None;
         }
         let mut encloser = name.base_name();
-        while encloser.num_labels() > apex.labels {
+        while label_count(&encloser) > apex.labels {
             if !matches!(self.find(apex, &encloser, ctx), Found::Missing) {
                 break;
             }
@@ -682,7 +704,7 @@ impl ZoneView {
     }
 
     fn is_service(&self, apex: &Apex, name: &Name) -> bool {
-        if name.num_labels() != apex.labels + 1 {
+        if label_count(name) != apex.labels + 1 {
             return false;
         }
         let Some(label) = name.iter().next() else {
@@ -764,14 +786,16 @@ impl ZoneView {
     }
 }
 
-/// Made records first, then custom sets of other types (a custom TXT beside a service's A).
+/// Made records first, then custom sets of other types (a custom TXT beside a service's A). At
+/// a name the node makes records for, a custom NS is no delegation, and is not served either.
 fn merge(
     mut made: Vec<(RecordType, Vec<Record>)>,
     custom: Option<&Owner>,
 ) -> Vec<(RecordType, Vec<Record>)> {
+    let managed = !made.is_empty();
     if let Some(owner) = custom {
         for (t, set) in &owner.sets {
-            if !made.iter().any(|(mt, _)| mt == t) {
+            if !made.iter().any(|(mt, _)| mt == t) && !(managed && *t == RecordType::NS) {
                 made.push((*t, set.clone()));
             }
         }
@@ -787,6 +811,12 @@ fn with_owner(record: &Record, owner: &Name) -> Record {
 
 fn prepend(zone: &Name, label: &str) -> Name {
     zone.prepend_label(label).unwrap_or_else(|_| zone.clone())
+}
+
+/// Labels in a name, a leading `*` included: hickory's `num_labels` leaves it out (for RRSIG
+/// label counts), which would make `*.<zone>` look like the apex.
+pub(crate) fn label_count(name: &Name) -> u8 {
+    name.num_labels() + u8::from(name.is_wildcard())
 }
 
 fn clamp_i32(v: u32) -> i32 {
