@@ -624,11 +624,15 @@ impl ZoneView {
                 continue;
             };
             depends_on.push(target.0.to_lowercase());
-            if let Found::Sets(sets, custom) = self.find(apex, &target.0, ctx) {
-                for (t, set) in merge(sets, custom) {
-                    if matches!(t, RecordType::A | RecordType::AAAA) {
-                        glue.extend(set);
-                    }
+            // A target that only a wildcard covers gets the synthesized addresses, as Knot
+            // and BIND give them.
+            let sets = match self.find(apex, &target.0, ctx) {
+                Found::Sets(sets, custom) => merge(sets, custom),
+                Found::Missing => self.wildcard(apex, &target.0, ctx).unwrap_or_default(),
+            };
+            for (t, set) in sets {
+                if matches!(t, RecordType::A | RecordType::AAAA) {
+                    glue.extend(set.iter().map(|r| with_owner(r, &target.0)));
                 }
             }
         }
