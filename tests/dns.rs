@@ -469,3 +469,255 @@ async fn records_cli_adds_lists_and_removes() {
     assert!(out.status.success());
     assert!(dig_short(dns, "web-server.internal", "A").is_empty());
 }
+
+/// A UDP answer twice (the second from the answer cache) and the TCP answer (never cached):
+/// all three must say the same.
+fn udp_twice_and_tcp(dns: SocketAddr, name: &str, rtype: RecordType) -> Message {
+    let first = q(dns, name, rtype);
+    let second = q(dns, name, rtype);
+    let over_tcp = tcp(dns, &query_message(name, rtype));
+    assert_eq!(
+        first.answers, second.answers,
+        "{name} {rtype}: cached answer"
+    );
+    assert_eq!(first.authorities, second.authorities, "{name} {rtype}");
+    assert_eq!(first.additionals, second.additionals, "{name} {rtype}");
+    assert_eq!(
+        first.metadata.response_code,
+        over_tcp.metadata.response_code
+    );
+    assert_eq!(
+        first.answers, over_tcp.answers,
+        "{name} {rtype}: UDP vs TCP"
+    );
+    assert_eq!(first.authorities, over_tcp.authorities, "{name} {rtype}");
+    assert_eq!(first.additionals, over_tcp.additionals, "{name} {rtype}");
+    second
+}
+
+async fn create_service_with_id(node: &support::Node, id: &str) {
+    let r = node
+        .api(
+            Method::POST,
+            "/v1/services",
+            Some(json!({ "id": id, "backends": ["127.0.0.1:9"] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
+}
+
+/// RFC 4592: once `<id>` exists it is the closest encloser of `x.<id>`, and `*.<zone>` no
+/// longer applies there. A cached wildcard answer must not outlive the service's creation.
+#[tokio::test]
+async fn cached_wildcard_answer_gives_way_to_a_new_service() {
+    let node = dns_node();
+    let dns = node.dns_addr().await;
+    add(&node, &format!("*.{ZONE}"), "TXT", &["\"wild\""]).await;
+    let id = "5f0e8c2a-6f7d-4b1e-9a3c-2d4e6f8a0b1c";
+    let below = format!("x.{id}.{ZONE}");
+    let before = udp_twice_and_tcp(dns, &below, RecordType::TXT);
+    assert_eq!(rdata(&before), ["wild"]);
+    create_service_with_id(&node, id).await;
+    let after = udp_twice_and_tcp(dns, &below, RecordType::TXT);
+    assert_eq!(after.metadata.response_code, ResponseCode::NXDomain);
+}
+
+/// A delegation whose nameserver is a service's name: its glue goes when the service does.
+#[tokio::test]
+async fn referral_glue_leaves_with_a_deleted_service() {
+    let node = dns_node();
+    let dns = node.dns_addr().await;
+    let id = create_service(&node).await;
+    add(
+        &node,
+        &format!("sub.{ZONE}"),
+        "NS",
+        &[&format!("{id}.{ZONE}.")],
+    )
+    .await;
+    let name = format!("x.sub.{ZONE}");
+    let referral = udp_twice_and_tcp(dns, &name, RecordType::A);
+    assert!(!referral.metadata.authoritative);
+    assert_eq!(referral.additionals.len(), 2, "A and AAAA glue");
+    let r = node
+        .api(Method::DELETE, &format!("/v1/services/{id}"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let referral = udp_twice_and_tcp(dns, &name, RecordType::A);
+    assert_eq!(referral.authorities.len(), 1, "still a referral");
+    assert!(referral.additionals.is_empty(), "{referral:?}");
+}
+
+fn soa_serial(records: &[hickory_proto::rr::Record]) -> u32 {
+    match records.first().map(|r| &r.data) {
+        Some(hickory_proto::rr::RData::SOA(soa)) => soa.serial,
+        other => panic!("not an SOA: {other:?}"),
+    }
+}
+
+/// Negative answers carry the SOA, whose serial every change moves: a cached NODATA must too.
+#[tokio::test]
+async fn cached_negative_answers_carry_the_current_serial() {
+    let node = dns_node();
+    let dns = node.dns_addr().await;
+    let id = create_service(&node).await;
+    let name = format!("{id}.{ZONE}");
+    let before = udp_twice_and_tcp(dns, &name, RecordType::TXT);
+    create_service(&node).await;
+    add(&node, "w.internal", "A", &["10.0.0.1"]).await;
+    let after = udp_twice_and_tcp(dns, &name, RecordType::TXT);
+    let current = soa_serial(&q(dns, ZONE, RecordType::SOA).answers);
+    assert!(soa_serial(&after.authorities) > soa_serial(&before.authorities));
+    assert_eq!(soa_serial(&after.authorities), current);
+}
+
+/// `*.<zone>` asked literally is a name like any other (RFC 4592 §2.1.1), never the apex.
+#[tokio::test]
+async fn literal_wildcard_owner_is_not_the_apex() {
+    let node = dns_node();
+    let dns = node.dns_addr().await;
+    let star = format!("*.{ZONE}");
+    for rtype in [
+        RecordType::SOA,
+        RecordType::NS,
+        RecordType::CAA,
+        RecordType::A,
+    ] {
+        let m = udp_twice_and_tcp(dns, &star, rtype);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{rtype}");
+        assert!(m.answers.is_empty() && m.additionals.is_empty(), "{rtype}");
+    }
+    add(&node, &star, "TXT", &["\"any\""]).await;
+    let soa = udp_twice_and_tcp(dns, &star, RecordType::SOA);
+    assert_eq!(soa.metadata.response_code, ResponseCode::NoError);
+    assert!(
+        soa.answers.is_empty(),
+        "NODATA: the name exists, with TXT only"
+    );
+    assert_eq!(
+        rdata(&udp_twice_and_tcp(dns, &star, RecordType::TXT)),
+        ["any"]
+    );
+    // The apex is untouched.
+    assert_eq!(q(dns, ZONE, RecordType::SOA).answers.len(), 1);
+}
+
+/// Every zone-file escape form in TXT, read as RFC 1035 §5.1 says and as Knot and dig do.
+#[tokio::test]
+async fn txt_escapes_are_served_as_written() {
+    let node = dns_node();
+    let dns = node.dns_addr().await;
+    add(
+        &node,
+        "e.internal",
+        "TXT",
+        &[r#""caf\195\169" "say \"hi\"" "back\\slash" "" a\ b "\065\066""#],
+    )
+    .await;
+    let m = udp_twice_and_tcp(dns, "e.internal", RecordType::TXT);
+    let Some(hickory_proto::rr::RData::TXT(txt)) = m.answers.first().map(|r| &r.data) else {
+        panic!("no TXT: {m:?}");
+    };
+    let strings: Vec<&[u8]> = txt.txt_data.iter().map(|s| &**s).collect();
+    assert_eq!(
+        strings,
+        [
+            "café".as_bytes(),
+            b"say \"hi\"",
+            b"back\\slash",
+            b"",
+            b"a b",
+            b"AB"
+        ]
+    );
+    assert_eq!(
+        dig_short(dns, "e.internal", "TXT"),
+        [r#""caf\195\169" "say \"hi\"" "back\\slash" "" "a b" "AB""#]
+    );
+    // CAA values are character-strings too.
+    add(
+        &node,
+        "e.internal",
+        "CAA",
+        &[r#"0 issue "ca.example\059 account=1""#],
+    )
+    .await;
+    assert_eq!(
+        dig_short(dns, "e.internal", "CAA"),
+        [r#"0 issue "ca.example; account=1""#]
+    );
+}
+
+/// What the records API accepts, the server serves: a long TXT string is split into strings
+/// of 255 octets; what cannot be encoded is refused with a 400 naming the data; an NS cannot
+/// delegate a service's name away.
+#[tokio::test]
+async fn records_the_server_cannot_serve_are_refused() {
+    let node = dns_node();
+    let dns = node.dns_addr().await;
+    let post = |body: serde_json::Value| node.api(Method::POST, "/v1/records", Some(body));
+    let long = "x".repeat(300);
+    add(&node, "long.internal", "TXT", &[&format!("\"{long}\"")]).await;
+    let m = udp_twice_and_tcp(dns, "long.internal", RecordType::TXT);
+    let Some(hickory_proto::rr::RData::TXT(txt)) = m.answers.first().map(|r| &r.data) else {
+        panic!("no TXT: {m:?}");
+    };
+    assert_eq!(
+        txt.txt_data.iter().map(|s| s.len()).collect::<Vec<_>>(),
+        [255, 45]
+    );
+    for (rtype, value) in [
+        ("HTTPS", "1 . alpn="),
+        ("TXT", "\"unclosed"),
+        ("TXT", "\"\\300\""),
+        ("A", "10.0.0.\\049"),
+        ("CAA", "0 issue"),
+    ] {
+        let r = post(json!({ "name": "bad.internal", "type": rtype, "data": [value] })).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{rtype} {value}");
+        assert!(
+            r.json()["error"]["field"]
+                .as_str()
+                .is_some_and(|f| f.starts_with("data")),
+            "{}",
+            r.json()
+        );
+    }
+    // A TXT set too big for any DNS message (65,699 bytes), in a body under the API's 64 KiB.
+    let huge: Vec<String> = (0..64)
+        .map(|i| format!("\"{i:02}{}\"", "z".repeat(1008)))
+        .collect();
+    let r = post(json!({ "name": "huge.internal", "type": "TXT", "data": huge })).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json()["error"]);
+    // The node's names cannot be delegated away.
+    let id = create_service(&node).await;
+    let r =
+        post(json!({ "name": format!("{id}.{ZONE}"), "type": "NS", "data": ["ns.example.net."] }))
+            .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.json());
+    let r =
+        post(json!({ "name": format!("ns1.{ZONE}"), "type": "NS", "data": ["ns.example.net."] }))
+            .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.json());
+    assert_eq!(
+        rdata(&q(dns, &format!("{id}.{ZONE}"), RecordType::A)),
+        ["192.0.2.10"]
+    );
+}
+
+/// DS lives on the parent side of a zone cut (RFC 4035 §3.1.4.1): NODATA with AA, not a
+/// referral; below the cut, a referral still.
+#[tokio::test]
+async fn ds_at_a_delegation_is_answered_by_the_parent() {
+    let node = dns_node();
+    let dns = node.dns_addr().await;
+    add(&node, &format!("sub.{ZONE}"), "NS", &["ns.example.net."]).await;
+    let ds = udp_twice_and_tcp(dns, &format!("sub.{ZONE}"), RecordType::DS);
+    assert_eq!(ds.metadata.response_code, ResponseCode::NoError);
+    assert!(ds.metadata.authoritative);
+    assert!(ds.answers.is_empty());
+    assert_eq!(ds.authorities[0].record_type(), RecordType::SOA);
+    let below = udp_twice_and_tcp(dns, &format!("x.sub.{ZONE}"), RecordType::DS);
+    assert!(!below.metadata.authoritative);
+    assert_eq!(below.authorities[0].record_type(), RecordType::NS);
+}

@@ -260,6 +260,20 @@ async fn answers_match_knot_on_the_same_zone() {
     };
     let knot = start_knot(Some(&knot_zone_file(serial, &services)), None);
     compare_with_knot(ours, &knot, &services);
+    // Negative answers are as small as Knot's: the SOA's names are compressed.
+    for (name, rtype) in [
+        ("nothing.app.example.test", RecordType::A),
+        ("x.y.nothing.app.example.test", RecordType::TXT),
+        ("mail.app.example.test", RecordType::TXT),
+    ] {
+        let request = query_message(name, rtype).to_vec().unwrap();
+        let size = |server| support::dns::udp_raw(server, &request).unwrap().len();
+        assert_eq!(
+            size(ours),
+            size(knot.addr),
+            "{name} {rtype}: bytes against Knot's"
+        );
+    }
 }
 
 /// Knot transfers the zone from the node (AXFR over TCP, in several messages) and, as a

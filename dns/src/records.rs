@@ -151,12 +151,18 @@ fn encodable(owner: &Name, rtype: StoredType, records: &[Record]) -> Result<(), 
     message.add_query(Query::query(owner.clone(), hickory_type(rtype)));
     message.answers = records.to_vec();
     match message.to_vec() {
-        Ok(bytes) if bytes.len() <= usize::from(u16::MAX) => Ok(()),
-        Ok(bytes) => Err(format!(
-            "the record set takes {} bytes in an answer, over the 65535 a DNS message can hold; \
-             use fewer or shorter values",
-            bytes.len()
-        )),
+        // hickory stops at 65535 bytes and sets TC rather than fail: every record must be in.
+        Ok(bytes)
+            if bytes.get(2).is_some_and(|flags| flags & 0x02 == 0)
+                && bytes.get(6..8) == Some(&(records.len() as u16).to_be_bytes()[..]) =>
+        {
+            Ok(())
+        }
+        Ok(_) => Err(
+            "the record set does not fit the 65535 bytes of a DNS message; use fewer or \
+             shorter values"
+                .into(),
+        ),
         Err(e) => Err(format!("the record set cannot be sent in an answer: {e}")),
     }
 }
