@@ -452,8 +452,40 @@ async fn routing_follows_changes_without_restart() {
     );
 }
 
+/// Sends `request` as it is on a new HTTP/1.1 TLS connection, and reads the answer until the
+/// node closes the connection.
+async fn raw_https(client: &TlsClient, https: SocketAddr, sni: &str, request: &[u8]) -> String {
+    let mut stream = client.connect(https, sni).await.expect("TLS handshake");
+    stream.write_all(request).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut answer = Vec::new();
+    // The node may close without close_notify once it has answered; what was read is kept.
+    let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the node never closed the connection");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A page for the public names nothing inside the platform.
+fn assert_no_internals(page: &str, backend: SocketAddr) {
+    for leak in [
+        backend.to_string().as_str(),
+        "127.0.0.1",
+        "os error",
+        "hyper",
+        "client error",
+        "Connection refused",
+    ] {
+        assert!(!page.contains(leak), "the page tells `{leak}`: {page}");
+    }
+}
+
+async fn metrics_text(node: &Node) -> String {
+    let reply = support::http(Method::GET, &format!("{}/metrics", node.admin), None, None).await;
+    String::from_utf8(reply.body).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn backend_failures_become_502_and_504() {
+async fn backend_failure_pages_tell_visitors_what_happened_and_nothing_inside() {
     let Edge {
         node: _node,
         backend: a,
@@ -470,20 +502,81 @@ async fn backend_failures_become_502_and_504() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let page = body_text(response).await;
+    assert!(page.contains("took too long to answer"), "{page}");
+    assert!(page.contains(&format!("Request id: {id}")), "{page}");
+    assert_no_internals(&page, a.addr);
 
     a.stop();
     let response = conn
-        .send(get(&host, "/").body(empty()).unwrap())
+        .send(
+            get(&host, "/")
+                .header("x-request-id", "visitor-quotes-this")
+                .body(empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     let page = body_text(response).await;
-    // Refused on a new connection, or closed under a pooled one the stop raced with: either
-    // way the page names the cause.
+    // Refused on a new connection, or closed under a pooled one the stop raced with.
     assert!(
-        page.contains("refused") || page.contains("connection closed"),
-        "the page says why: {page}"
+        page.contains("could not be reached") || page.contains("failed while answering"),
+        "the page says what happened: {page}"
     );
+    assert!(page.contains("Request id: visitor-quotes-this"), "{page}");
+    assert_no_internals(&page, a.addr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_chunked_body_is_a_400_not_held_against_the_backend() {
+    let Edge {
+        node,
+        backend: a,
+        id,
+        host,
+        https,
+        client,
+    } = Edge::start("a", b"http/1.1").await;
+    let bad = format!(
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+    );
+    // More times than the passive ejection threshold (3), so an ejection would show.
+    for _ in 0..4 {
+        let answer = raw_https(&client, https, &host, bad.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("malformed or ended early"), "{answer}");
+        assert_no_internals(&answer, a.addr);
+    }
+
+    // Counted as the client's: a 4xx of the service, no 5xx, no upstream error.
+    let text = metrics_text(&node).await;
+    assert!(
+        text.contains(&format!("service=\"{id}\",class=\"4xx\"")),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&format!("service=\"{id}\",class=\"5xx\"")),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("portcullis_upstream_connect_errors_total") && l.contains(&id)),
+        "{text}"
+    );
+    assert!(
+        !node.log().contains("upstream request failed"),
+        "{}",
+        node.log()
+    );
+    // The backend was not ejected: a good request still reaches it.
+    let (mut conn, _) = open(&client, https, &host).await;
+    assert_eq!(echo(&mut conn, &host).await["backend"], "a");
 }
 
 #[tokio::test(flavor = "multi_thread")]

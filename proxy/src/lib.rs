@@ -5,6 +5,7 @@
 
 mod challenge;
 mod conn;
+mod failure;
 mod health;
 mod proxy_protocol;
 mod router;

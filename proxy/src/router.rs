@@ -4,8 +4,8 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -25,6 +25,7 @@ use portcullis_config::names::{MAX_NAME_LEN, host_name, normalize_host};
 use portcullis_config::{ServiceId, SnapshotHandle};
 
 use crate::Limits;
+use crate::failure::{Failure, Fault};
 use crate::health::{BackendState, Health};
 use crate::tls::SnapshotResolver;
 
@@ -147,7 +148,18 @@ impl RequestIds {
     }
 }
 
-fn page(status: StatusCode, text: String) -> Response<ProxyBody> {
+/// A text page. Every page the HTTPS side makes carries the request id, so a visitor can quote
+/// it and an operator can find the request's log lines.
+fn page(
+    status: StatusCode,
+    mut text: String,
+    request_id: Option<&HeaderValue>,
+) -> Response<ProxyBody> {
+    if let Some(id) = request_id.and_then(|id| id.to_str().ok()) {
+        text.push_str("Request id: ");
+        text.push_str(id);
+        text.push('\n');
+    }
     let mut response = Response::new(
         Full::new(Bytes::from(text))
             .map_err(|never| match never {})
@@ -190,12 +202,13 @@ pub async fn plain(
     {
         let host = request_host(&req).and_then(host_name);
         let (status, body) = crate::challenge::respond(&shared.snapshot.load(), host, token);
-        return Ok(page(status, body));
+        return Ok(page(status, body, None));
     }
     let Some(name) = request_host(&req).and_then(host_name) else {
         return Ok(page(
             StatusCode::BAD_REQUEST,
             "The request has no Host header; send one naming the site you want.\n".into(),
+            None,
         ));
     };
     let plain_http = shared
@@ -221,6 +234,7 @@ pub async fn plain(
         Err(_) => Ok(page(
             StatusCode::BAD_REQUEST,
             "Invalid Host header.\n".into(),
+            None,
         )),
     }
 }
@@ -319,7 +333,11 @@ async fn route_inner(
         } else {
             format!("`{host}` is not a host name.\n")
         };
-        return (page(StatusCode::BAD_REQUEST, text), None, None);
+        return (
+            page(StatusCode::BAD_REQUEST, text, Some(request_id)),
+            None,
+            None,
+        );
     };
     if let Some(sni) = &conn.sni
         && !covered_by_sni(shared, sni, name)
@@ -327,18 +345,26 @@ async fn route_inner(
         let text = format!(
             "This connection was opened for {sni}, not {name}: open a new connection for {name}.\n"
         );
-        return (page(StatusCode::MISDIRECTED_REQUEST, text), None, None);
+        return (
+            page(StatusCode::MISDIRECTED_REQUEST, text, Some(request_id)),
+            None,
+            None,
+        );
     }
     let snapshot = shared.snapshot.load();
     let Some(service) = snapshot.service_for_host(name).cloned() else {
         let text = format!("No site is served at {name}.\n");
-        return (page(StatusCode::NOT_FOUND, text), None, None);
+        return (
+            page(StatusCode::NOT_FOUND, text, Some(request_id)),
+            None,
+            None,
+        );
     };
     drop(snapshot);
     if req.method() == Method::CONNECT && !is_h2_websocket(&req) {
         let text = "CONNECT is only served for WebSocket over HTTP/2 (RFC 8441) here.\n";
         return (
-            page(StatusCode::NOT_IMPLEMENTED, text.into()),
+            page(StatusCode::NOT_IMPLEMENTED, text.into(), Some(request_id)),
             Some(service.id),
             None,
         );
@@ -346,12 +372,29 @@ async fn route_inner(
     if service.status == ServiceStatus::Suspended {
         let text = format!("The site at {name} is suspended by its platform.\n");
         return (
-            page(StatusCode::SERVICE_UNAVAILABLE, text),
+            page(StatusCode::SERVICE_UNAVAILABLE, text, Some(request_id)),
             Some(service.id),
             None,
         );
     }
-    let (mut response, upstream) = forward(shared, conn, &service, req, name, request_id).await;
+    let (mut response, upstream) =
+        match forward(shared, conn, &service, req, name, request_id).await {
+            Ok((response, backend)) => (response, Some(backend)),
+            Err(failure) => {
+                log_failure(&failure, name, request_id);
+                let mut response = page(
+                    failure.status(),
+                    failure.page_text().into(),
+                    Some(request_id),
+                );
+                if matches!(failure, Failure::NoneAvailable) {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                }
+                (response, failure.backend().map(str::to_string))
+            }
+        };
     if let Some(sni) = &conn.sni
         && wants_hsts(shared, &service, sni)
     {
@@ -361,6 +404,18 @@ async fn route_inner(
         );
     }
     (response, Some(service.id), upstream)
+}
+
+/// The whole story goes to the log, at the level of whoever is at fault: a client's broken
+/// request is its own business, a backend's failure is the operator's.
+fn log_failure(failure: &Failure, host: &str, request_id: &HeaderValue) {
+    let request_id = request_id.to_str().unwrap_or("-");
+    let error = portcullis_config::error::chain(failure);
+    match failure.fault() {
+        Fault::Client => tracing::debug!(host, request_id, error, "client request failed"),
+        Fault::Upstream => tracing::warn!(host, request_id, error, "upstream request failed"),
+        Fault::Internal => tracing::error!(host, request_id, error, "request failed"),
+    }
 }
 
 /// HSTS as the service asks; by default only once a publicly trusted certificate serves it
@@ -473,11 +528,10 @@ async fn forward(
     mut req: Request<Incoming>,
     host: &str,
     request_id: &HeaderValue,
-) -> (Response<ProxyBody>, Option<String>) {
+) -> Result<(Response<ProxyBody>, String), Failure> {
     let backends = &service.backends;
     if backends.is_empty() {
-        let text = format!("The site at {host} has no backend to serve it.\n");
-        return (page(StatusCode::SERVICE_UNAVAILABLE, text), None);
+        return Err(Failure::NoBackend);
     }
     // WebSocket over HTTP/2 (RFC 8441) goes to the backend as an HTTP/1.1 Upgrade: the frames
     // are the same on both, so once both sides switched the bytes are tunnelled as they are.
@@ -505,14 +559,7 @@ async fn forward(
         .collect();
     let candidates = pick(service.options.load_balancing, &states, start);
     if candidates[0].is_none() {
-        let mut response = page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("No backend of the site at {host} is healthy right now; retry shortly.\n"),
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        return (response, None);
+        return Err(Failure::NoneAvailable);
     }
 
     let (parts, body) = req.into_parts();
@@ -565,9 +612,10 @@ async fn forward(
     headers.insert("x-request-id", request_id.clone());
     let path_and_query = parts.uri.path_and_query().cloned();
 
-    let mut body = Some(body.boxed());
+    let client_body = ClientBody::new(body);
+    let client_failed = client_body.failed.clone();
+    let mut body = Some(client_body.boxed());
     let attempts = if retryable { 2 } else { 1 };
-    let mut last_error = String::new();
     for (attempt, index) in candidates.into_iter().take(attempts).enumerate() {
         let Some(index) = index else { break };
         let backend = &backends[index];
@@ -582,8 +630,9 @@ async fn forward(
                 .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
         );
         let Ok(uri) = Uri::from_parts(uri_parts) else {
-            let text = format!("The backend address {backend} cannot be used in a request.\n");
-            return (page(StatusCode::BAD_GATEWAY, text), None);
+            return Err(Failure::BadBackendAddress {
+                backend: backend_text,
+            });
         };
         let mut up = Request::new(
             body.take()
@@ -646,19 +695,22 @@ async fn forward(
                     parts
                         .headers
                         .insert("via", HeaderValue::from_static("1.1 portcullis"));
-                    return (
+                    return Ok((
                         Response::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed()),
-                        Some(backend_text),
-                    );
+                        backend_text,
+                    ));
                 }
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers, false);
                 append(&mut parts.headers, "via", "1.1 portcullis");
                 let body = Watched::new(body.boxed(), inflight);
-                return (
-                    Response::from_parts(parts, body.boxed()),
-                    Some(backend_text),
-                );
+                return Ok((Response::from_parts(parts, body.boxed()), backend_text));
+            }
+            // The client broke its own request (bad chunked framing, a body cut short): hyper's
+            // client reports that as a failed send, but the backend did nothing wrong.
+            Ok(Err(_)) if client_failed.get().is_some() => {
+                let why = client_failed.get().cloned().unwrap_or_default();
+                return Err(Failure::ClientBody(why));
             }
             Ok(Err(e)) => {
                 let connect = e.is_connect();
@@ -672,25 +724,36 @@ async fn forward(
                 {
                     tracing::warn!(backend = %backend_text, host, "backend ejected after repeated connect failures");
                 }
-                tracing::warn!(backend = %backend_text, error = %e, connect, "upstream request failed");
-                last_error = format!("{backend_text}: {}", portcullis_config::error::chain(&e));
                 if connect && attempt + 1 < attempts && candidates[1].is_some() {
+                    tracing::warn!(
+                        backend = %backend_text,
+                        error = portcullis_config::error::chain(&e),
+                        "cannot connect to backend; trying another"
+                    );
                     continue;
                 }
-                let text = format!("The site's backend failed to answer ({last_error}).\n");
-                return (page(StatusCode::BAD_GATEWAY, text), Some(backend_text));
+                return Err(if connect {
+                    Failure::Connect {
+                        backend: backend_text,
+                        source: e,
+                    }
+                } else {
+                    Failure::Upstream {
+                        backend: backend_text,
+                        source: e,
+                    }
+                });
             }
             Err(_) => {
-                let text = format!(
-                    "The site's backend {backend_text} did not answer within {}s.\n",
-                    shared.limits.response_timeout.0.as_secs()
-                );
-                return (page(StatusCode::GATEWAY_TIMEOUT, text), Some(backend_text));
+                return Err(Failure::Timeout {
+                    backend: backend_text,
+                    after: shared.limits.response_timeout.0,
+                });
             }
         }
     }
-    let text = format!("The site's backend failed to answer ({last_error}).\n");
-    (page(StatusCode::BAD_GATEWAY, text), None)
+    // Every candidate was tried (the loop returns on all other paths), or none was left.
+    Err(Failure::NoneAvailable)
 }
 
 async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
@@ -756,6 +819,45 @@ impl Drop for Inflight {
 impl BodyEnd for Inflight {
     // Dropping the guard with the body is the whole job.
     fn finished(&mut self, _bytes: u64) {}
+}
+
+/// The client's request body on its way to the backend, noting why it failed if it does.
+struct ClientBody {
+    inner: Incoming,
+    failed: Arc<OnceLock<String>>,
+}
+
+impl ClientBody {
+    fn new(inner: Incoming) -> Self {
+        ClientBody {
+            inner,
+            failed: Arc::default(),
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(e))) = &poll {
+            let _ = self.failed.set(portcullis_config::error::chain(e));
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Something to do once a response body has ended, or was dropped unfinished.

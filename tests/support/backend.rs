@@ -113,8 +113,9 @@ async fn handle(
             // Count the body as it streams in, holding one frame at a time.
             let mut body = req.into_body();
             let (mut bytes, mut sum) = (0u64, 0u64);
-            while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame.unwrap().into_data() {
+            // A body the proxy gave up on (the client broke it) ends the count.
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
                     bytes += data.len() as u64;
                     sum = data.iter().fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
                 }
