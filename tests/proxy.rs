@@ -580,6 +580,134 @@ async fn malformed_chunked_body_is_a_400_not_held_against_the_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn two_host_headers_or_a_disagreeing_authority_are_400_and_the_target_wins() {
+    let Edge {
+        node,
+        backend: a,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"http/1.1").await;
+
+    // RFC 9112 §3.2: more than one Host is a 400, whichever comes first.
+    for (first, second) in [
+        (host.as_str(), "other.example"),
+        ("other.example", host.as_str()),
+    ] {
+        let request = format!(
+            "GET /echo HTTP/1.1\r\nHost: {first}\r\nHost: {second}\r\nConnection: close\r\n\r\n"
+        );
+        let answer = raw_https(&client, https, &host, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("more than one Host"), "{answer}");
+    }
+    assert_eq!(a.hits(), 0, "nothing reached the backend");
+
+    // RFC 9112 §3.2.2: an absolute-form target's authority wins over Host.
+    let request = format!(
+        "GET https://{host}/echo HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw_https(&client, https, &host, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(seen["headers"]["host"], host.as_str(), "{seen}");
+
+    // RFC 9113 §8.3.1: in HTTP/2, `:authority` and a Host naming another site are refused.
+    let h2 = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&h2, https, &host).await;
+    let response = conn
+        .send(
+            Request::builder()
+                .uri(format!("https://{host}/echo"))
+                .header("host", "other.example")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(body_text(response).await.contains("name different sites"));
+    // The same site written differently (case, the default port) is the same site.
+    let response = conn
+        .send(
+            Request::builder()
+                .uri(format!("https://{host}/echo"))
+                .header("host", format!("{}:443", host.to_uppercase()))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(a.hits(), 2);
+}
+
+/// Sends `request` as it is to the plain HTTP listener, and reads the answer to the close.
+async fn raw_http(addr: SocketAddr, request: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the node never closed the connection");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_redirects_only_to_hosts_the_platform_serves() {
+    let Edge {
+        node, host, https, ..
+    } = Edge::start("a", b"http/1.1").await;
+    let http = node.listener("http").await;
+    let get = |host: &str, path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+
+    for bad in [
+        "D@evil.example",
+        "evil.example/phish?",
+        "evil..example",
+        "-x.example",
+    ] {
+        let answer = raw_http(http, &get(bad, "/x")).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{bad}: {answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("location:"),
+            "{answer}"
+        );
+    }
+    for stranger in [
+        "evil.example",
+        "evil.example:8080",
+        "192.0.2.1",
+        "[2001:db8::1]:80",
+    ] {
+        let answer = raw_http(http, &get(stranger, "/x")).await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{stranger}: {answer}");
+        assert!(answer.contains("No site is served at"), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("location:"),
+            "{answer}"
+        );
+    }
+
+    // A served name, in any case and with a port, goes to its HTTPS URL.
+    let answer = raw_http(http, &get(&format!("{}:80", host.to_uppercase()), "/x?y=1")).await;
+    assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+    let location = format!("location: https://{host}:{}/x?y=1\r\n", https.port());
+    assert!(answer.to_ascii_lowercase().contains(&location), "{answer}");
+
+    // The ACME challenge path answers as it always has (no ACME account with the dev CA).
+    let answer = raw_http(
+        http,
+        &get("D@evil.example", "/.well-known/acme-challenge/abc"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("no ACME account"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn idempotent_request_is_retried_on_another_backend() {
     let node = Node::start();
     let live = Backend::start("live").await;

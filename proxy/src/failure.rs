@@ -26,6 +26,15 @@ pub enum Failure {
     /// Content-Length) while it was being passed on.
     #[error("the client's request body failed: {0}")]
     ClientBody(String),
+    /// More than one Host header (RFC 9112 §3.2: a 400).
+    #[error("the request has more than one Host header")]
+    RepeatedHost,
+    /// A Host header that is not visible ASCII.
+    #[error("the request's Host header is not text")]
+    MalformedHost,
+    /// HTTP/2 `:authority` and Host naming different sites (RFC 9113 §8.3.1).
+    #[error("the request's :authority and Host header disagree")]
+    ConflictingHost,
     #[error("the service has no backends")]
     NoBackend,
     #[error("no backend is available (health checks or passive ejection took them out)")]
@@ -51,7 +60,10 @@ pub enum Failure {
 impl Failure {
     pub fn fault(&self) -> Fault {
         match self {
-            Failure::ClientBody(_) => Fault::Client,
+            Failure::ClientBody(_)
+            | Failure::RepeatedHost
+            | Failure::MalformedHost
+            | Failure::ConflictingHost => Fault::Client,
             Failure::NoBackend | Failure::BadBackendAddress { .. } => Fault::Internal,
             Failure::NoneAvailable
             | Failure::Connect { .. }
@@ -62,7 +74,10 @@ impl Failure {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Failure::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Failure::ClientBody(_)
+            | Failure::RepeatedHost
+            | Failure::MalformedHost
+            | Failure::ConflictingHost => StatusCode::BAD_REQUEST,
             Failure::NoBackend | Failure::NoneAvailable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::BadBackendAddress { .. }
             | Failure::Connect { .. }
@@ -77,6 +92,13 @@ impl Failure {
             Failure::ClientBody(_) => {
                 "The request's body was malformed or ended early, so it was not passed on to \
                  the site. Send the request again.\n"
+            }
+            Failure::RepeatedHost => {
+                "The request has more than one Host header; send exactly one.\n"
+            }
+            Failure::MalformedHost => "The request's Host header is not a host name.\n",
+            Failure::ConflictingHost => {
+                "The request's :authority and Host header name different sites; name one.\n"
             }
             Failure::NoBackend => "The site has no servers set up to answer it yet.\n",
             Failure::NoneAvailable => {
@@ -101,7 +123,7 @@ impl Failure {
             | Failure::Connect { backend, .. }
             | Failure::Upstream { backend, .. }
             | Failure::Timeout { backend, .. } => Some(backend),
-            Failure::ClientBody(_) | Failure::NoBackend | Failure::NoneAvailable => None,
+            _ => None,
         }
     }
 }

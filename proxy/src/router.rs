@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_config::model::{
     IssuerRef, LoadBalancing, Service, ServiceStatus, UpstreamProtocol,
 };
-use portcullis_config::names::{MAX_NAME_LEN, host_name, normalize_host};
+use portcullis_config::names::{DomainName, MAX_NAME_LEN, host_name, normalize_host};
 use portcullis_config::{ServiceId, SnapshotHandle};
 
 use crate::Limits;
@@ -179,8 +179,51 @@ fn empty(status: StatusCode) -> Response<ProxyBody> {
     response
 }
 
-/// The request's host: `:authority` in HTTP/2, else the Host header.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
+/// The host a request is for. One Host header at most (RFC 9112 §3.2); a target with an
+/// authority (HTTP/1.1's absolute form, HTTP/2's `:authority`) wins over Host (RFC 9112
+/// §3.2.2), and in HTTP/2 the two must name the same site (RFC 9113 §8.3.1). `Ok(None)`: the
+/// request names no host.
+fn request_host(req: &Request<Incoming>) -> Result<Option<&str>, Failure> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Failure::RepeatedHost);
+    }
+    let host = match host {
+        Some(h) => Some(h.to_str().map_err(|_| Failure::MalformedHost)?),
+        None => None,
+    };
+    let Some(authority) = req.uri().authority() else {
+        return Ok(host);
+    };
+    if req.version() == Version::HTTP_2
+        && let Some(host) = host
+        && !same_site(authority, host, req.uri().scheme_str())
+    {
+        return Err(Failure::ConflictingHost);
+    }
+    Ok(Some(authority.as_str()))
+}
+
+/// True when the Host header `host` names the same site as `authority`: the same host,
+/// compared case-insensitively and without a trailing dot, and the same port, an absent one
+/// being the scheme's default (RFC 3986 §6.2.3).
+fn same_site(authority: &hyper::http::uri::Authority, host: &str, scheme: Option<&str>) -> bool {
+    let Ok(other) = host.parse::<hyper::http::uri::Authority>() else {
+        return false;
+    };
+    let default = if scheme == Some("http") { 80 } else { 443 };
+    let name = |a: &hyper::http::uri::Authority| {
+        let h = a.host();
+        h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase()
+    };
+    name(authority) == name(&other)
+        && authority.port_u16().unwrap_or(default) == other.port_u16().unwrap_or(default)
+}
+
+/// The host as the ACME challenge path has always taken it: `:authority`, else Host. Kept
+/// apart from [`request_host`] so a CA's validation requests are answered exactly as before.
+fn challenge_host(req: &Request<Incoming>) -> Option<&str> {
     req.uri().authority().map(|a| a.as_str()).or_else(|| {
         req.headers()
             .get(header::HOST)
@@ -200,25 +243,51 @@ pub async fn plain(
         .path()
         .strip_prefix("/.well-known/acme-challenge/")
     {
-        let host = request_host(&req).and_then(host_name);
+        let host = challenge_host(&req).and_then(host_name);
         let (status, body) = crate::challenge::respond(&shared.snapshot.load(), host, token);
         return Ok(page(status, body, None));
     }
-    let Some(name) = request_host(&req).and_then(host_name) else {
+    let host = match request_host(&req) {
+        Ok(Some(host)) => host,
+        Ok(None) => {
+            return Ok(page(
+                StatusCode::BAD_REQUEST,
+                "The request has no Host header; send one naming the site you want.\n".into(),
+                None,
+            ));
+        }
+        Err(failure) => return Ok(page(failure.status(), failure.page_text().into(), None)),
+    };
+    // Only a name this platform serves goes into Location: anything else taken from Host
+    // (`a@evil.example`, `evil.example/phish?`) would send the visitor elsewhere.
+    let mut buf = [0u8; MAX_NAME_LEN];
+    let Some(name) = normalize_host(host, &mut buf).filter(|n| DomainName::parse(n).is_ok()) else {
+        let (status, text) = if is_ip_literal(host) {
+            (
+                StatusCode::NOT_FOUND,
+                format!("No site is served at {host}.\n"),
+            )
+        } else {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("`{host}` is not a host name.\n"),
+            )
+        };
+        return Ok(page(status, text, None));
+    };
+    let snapshot = shared.snapshot.load();
+    let Some(service) = snapshot.service_for_host(name) else {
         return Ok(page(
-            StatusCode::BAD_REQUEST,
-            "The request has no Host header; send one naming the site you want.\n".into(),
+            StatusCode::NOT_FOUND,
+            format!("No site is served at {name}.\n"),
             None,
         ));
     };
-    let plain_http = shared
-        .snapshot
-        .load()
-        .service_for_host(name)
-        .is_some_and(|s| s.options.plain_http);
-    if plain_http {
+    if service.options.plain_http {
+        drop(snapshot);
         return route(shared, conn, req).await;
     }
+    drop(snapshot);
     let port = match shared.https_port {
         443 => String::new(),
         port => format!(":{port}"),
@@ -231,12 +300,25 @@ pub async fn plain(
             response.headers_mut().insert(header::LOCATION, v);
             Ok(response)
         }
+        // The name is checked and the path came through hyper's parser: not reached.
         Err(_) => Ok(page(
             StatusCode::BAD_REQUEST,
-            "Invalid Host header.\n".into(),
+            "The request's target cannot be redirected.\n".into(),
             None,
         )),
     }
+}
+
+/// An IP address as a Host (`192.0.2.1`, `[2001:db8::1]:80`): well formed, but never a site.
+fn is_ip_literal(host: &str) -> bool {
+    host.parse::<hyper::http::uri::Authority>().is_ok_and(|a| {
+        !host.contains('@')
+            && a.host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_ok()
+    })
 }
 
 /// Answers a request on the HTTPS listener.
@@ -254,8 +336,12 @@ pub async fn route(
         Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
         _ => shared.request_ids.next(),
     };
-    let host = request_host(&req).unwrap_or("").to_string();
-    let (response, service, upstream) = route_inner(&shared, &conn, req, &host, &request_id).await;
+    let host = request_host(&req).map(|h| h.unwrap_or("").to_string());
+    let logged_host = match (&host, shared.access_log) {
+        (Ok(host), true) => host.clone(),
+        _ => String::new(),
+    };
+    let (response, service, upstream) = route_inner(&shared, &conn, req, host, &request_id).await;
     let mut response = response;
     response
         .headers_mut()
@@ -272,7 +358,7 @@ pub async fn route(
     // $body_bytes_sent and $request_time do.
     let record = AccessRecord {
         service: service.map(|s| s.to_string()).unwrap_or_default(),
-        host,
+        host: logged_host,
         method,
         path,
         status: response.status().as_u16(),
@@ -323,9 +409,17 @@ async fn route_inner(
     shared: &Shared,
     conn: &ConnInfo,
     req: Request<Incoming>,
-    host: &str,
+    host: Result<String, Failure>,
     request_id: &HeaderValue,
 ) -> (Response<ProxyBody>, Option<ServiceId>, Option<String>) {
+    let host = match host {
+        Ok(host) => host,
+        Err(failure) => {
+            let text = failure.page_text().into();
+            return (page(failure.status(), text, Some(request_id)), None, None);
+        }
+    };
+    let host = host.as_str();
     let mut buf = [0u8; MAX_NAME_LEN];
     let Some(name) = normalize_host(host, &mut buf) else {
         let text = if host.is_empty() {
@@ -917,6 +1011,24 @@ impl<E: BodyEnd> Drop for Watched<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_site_ignores_case_trailing_dot_and_default_port() {
+        let authority: hyper::http::uri::Authority = "a.example".parse().unwrap();
+        assert!(same_site(&authority, "A.Example.:443", Some("https")));
+        assert!(!same_site(&authority, "a.example:8443", Some("https")));
+        assert!(!same_site(&authority, "b.example", Some("https")));
+        assert!(!same_site(&authority, "a.example/x", Some("https")));
+        assert!(same_site(&authority, "a.example:80", Some("http")));
+    }
+
+    #[test]
+    fn ip_literals_are_told_apart_from_bad_names() {
+        assert!(is_ip_literal("192.0.2.1"));
+        assert!(is_ip_literal("[2001:db8::1]:80"));
+        assert!(!is_ip_literal("a@192.0.2.1"));
+        assert!(!is_ip_literal("evil.example"));
+    }
 
     #[test]
     fn picks_only_available_backends_in_order() {
