@@ -99,3 +99,22 @@ fn an_unusable_account_key_file_stops_serve_and_says_what_it_needs() {
         "{stderr}"
     );
 }
+
+#[test]
+fn max_headers_of_zero_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = config_text(dir.path()).replacen("[proxy]\n", "[proxy]\nmax_headers = 0\n", 1);
+    let (code, stderr) = serve_with(&bad);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("proxy.max_headers") && stderr.contains("at least 1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "portcullis.toml:{}:",
+            line_of(&bad, "max_headers")
+        )),
+        "{stderr}"
+    );
+}

@@ -708,6 +708,53 @@ async fn plain_http_redirects_only_to_hosts_the_platform_serves() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn max_headers_is_one_limit_for_http1_and_http2() {
+    let node = Node::start_edited(|text| text.replace("[proxy]\n", "[proxy]\nmax_headers = 30\n"));
+    let a = Backend::start("a").await;
+    let (_, host) = node.service(&[a.addr]).await;
+    let https = node.listener("https").await;
+
+    // HTTP/1.1: Host and n - 1 more lines.
+    let h1 = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+    let head = |n: usize| {
+        let mut head = format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+        for i in 2..n {
+            head.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        head + "\r\n"
+    };
+    let answer = raw_https(&h1, https, &host, head(30).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = raw_https(&h1, https, &host, head(31).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // HTTP/2: n fields besides the pseudo-headers.
+    let h2 = TlsClient::new(&node.root_pem(), &[b"h2"]);
+    let (mut conn, _) = open(&h2, https, &host).await;
+    let request = |n: usize| {
+        let mut request = Request::builder().uri(format!("https://{host}/echo"));
+        for i in 0..n {
+            request = request.header(format!("x-h{i}"), "v");
+        }
+        request.body(empty()).unwrap()
+    };
+    let response = conn.send(request(30)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = conn.send(request(31)).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    let page = body_text(response).await;
+    assert!(page.contains("at most 30"), "{page}");
+    assert_eq!(
+        a.hits(),
+        2,
+        "only the requests within the limit reached the backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn idempotent_request_is_retried_on_another_backend() {
     let node = Node::start();
     let live = Backend::start("live").await;

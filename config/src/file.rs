@@ -82,6 +82,9 @@ pub struct ProxySection {
     pub header_read_timeout: Duration,
     /// Largest request head in bytes; nginx: 4 x 8 KiB.
     pub max_header_bytes: usize,
+    /// Most header fields in a request, over HTTP/1 and HTTP/2 alike; hyper, Envoy, HAProxy: 100.
+    #[serde(deserialize_with = "at_least_one")]
+    pub max_headers: usize,
     /// HTTP/2 streams per connection; nginx: 128.
     pub max_concurrent_streams: u32,
     /// Connecting to a backend.
@@ -97,12 +100,27 @@ pub struct ProxySection {
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
+/// hyper's own limit on HTTP/1 header lines, which Envoy and HAProxy share.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// A count where 0 would refuse every request.
+fn at_least_one<'de, D: serde::Deserializer<'de>>(de: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(de)?;
+    if n == 0 {
+        return Err(serde::de::Error::custom(
+            "must be at least 1: a request always has a Host header",
+        ));
+    }
+    Ok(n)
+}
+
 impl Default for ProxySection {
     fn default() -> Self {
         ProxySection {
             tls_hello_timeout: secs(10),
             header_read_timeout: secs(60),
             max_header_bytes: 32 * 1024,
+            max_headers: DEFAULT_MAX_HEADERS,
             max_concurrent_streams: 128,
             connect_timeout: secs(5),
             response_timeout: secs(60),
@@ -726,6 +744,20 @@ mod tests {
         let minimal =
             "[node]\nid = \"a\"\npublic_ipv4 = [\"192.0.2.1\"]\n[zone]\nname = \"z.test\"\n";
         assert_eq!(parse(minimal).unwrap().proxy, ProxySection::default());
+    }
+
+    #[test]
+    fn max_headers_must_be_at_least_one() {
+        let set = |n: &str| {
+            let text = EXAMPLE.replacen("max_headers = 100", &format!("max_headers = {n}"), 1);
+            assert_ne!(text, EXAMPLE, "max_headers not in the example");
+            parse(&text)
+        };
+        assert_eq!(parse(EXAMPLE).unwrap().proxy.max_headers, 100);
+        assert_eq!(set("7").unwrap().proxy.max_headers, 7);
+        let err = set("0").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("proxy.max_headers"), "{err}");
+        assert!(err.message.contains("at least 1"), "{err}");
     }
 
     #[test]

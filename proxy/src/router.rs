@@ -247,6 +247,9 @@ pub async fn plain(
         let (status, body) = crate::challenge::respond(&shared.snapshot.load(), host, token);
         return Ok(page(status, body, None));
     }
+    if let Some(response) = too_many_headers(&shared, &req, None) {
+        return Ok(response);
+    }
     let host = match request_host(&req) {
         Ok(Some(host)) => host,
         Ok(None) => {
@@ -307,6 +310,28 @@ pub async fn plain(
             None,
         )),
     }
+}
+
+/// A 431 for a request with more header fields than `proxy.max_headers`. hyper enforces the
+/// limit itself for HTTP/1 (as it parses); HTTP/2 has only a byte limit, so fields are counted
+/// here, for both, so the one setting means the same on each.
+fn too_many_headers(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    request_id: Option<&HeaderValue>,
+) -> Option<Response<ProxyBody>> {
+    let max = shared.limits.max_headers;
+    (req.headers().len() > max).then(|| {
+        let text = format!(
+            "The request has {} header fields; this site takes at most {max}. Send fewer.\n",
+            req.headers().len()
+        );
+        page(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            text,
+            request_id,
+        )
+    })
 }
 
 /// An IP address as a Host (`192.0.2.1`, `[2001:db8::1]:80`): well formed, but never a site.
@@ -412,6 +437,9 @@ async fn route_inner(
     host: Result<String, Failure>,
     request_id: &HeaderValue,
 ) -> (Response<ProxyBody>, Option<ServiceId>, Option<String>) {
+    if let Some(response) = too_many_headers(shared, &req, Some(request_id)) {
+        return (response, None, None);
+    }
     let host = match host {
         Ok(host) => host,
         Err(failure) => {
