@@ -2,6 +2,7 @@
 //! node's admin API, or help around it (the dev CA's root, a demo backend).
 
 mod admin;
+mod admin_listener;
 mod cli;
 mod client;
 mod demo;

@@ -21,6 +21,7 @@ use portcullis_dns::Dns;
 use portcullis_proxy::Proxy;
 
 use crate::admin::{self, Admin};
+use crate::admin_listener::{self, AdminLimits};
 
 /// The node's entry in the store lives this long without a keep-alive.
 const NODE_LEASE: Duration = Duration::from_secs(30);
@@ -231,10 +232,13 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         tracing::info!("shutting down");
         stop.cancel();
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("admin API failed")?;
+    admin_listener::serve(
+        listener,
+        router,
+        AdminLimits::from_proxy(&config.proxy),
+        shutdown.clone(),
+    )
+    .await;
 
     shutdown.cancel();
     match proxy_task.await {

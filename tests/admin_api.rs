@@ -373,3 +373,82 @@ async fn a_service_can_be_created_under_the_callers_id_once() {
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad.json()["error"]["field"], "id");
 }
+
+/// Reads from `tcp` until the node closes it; the bytes read, and how long that took.
+async fn read_to_close(tcp: &mut tokio::net::TcpStream) -> (String, std::time::Duration) {
+    use tokio::io::AsyncReadExt;
+    let start = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(support::DEADLINE, tcp.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "the admin listener never closed the connection"
+    );
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        start.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_listener_closes_idle_partial_and_stalled_connections() {
+    use tokio::io::AsyncWriteExt;
+    let node = support::Node::start_edited(|text| {
+        text.replace(
+            "header_read_timeout = \"2s\"",
+            "header_read_timeout = \"1s\"",
+        )
+        .replace("idle_timeout = \"3s\"", "idle_timeout = \"1s\"")
+    });
+    let addr = node.admin.trim_start_matches("http://").to_string();
+    let connect = || tokio::net::TcpStream::connect(addr.clone());
+    // Closed within the configured 1s, with room for a loaded machine, never minutes later.
+    let soon = std::time::Duration::from_secs(10);
+
+    // Connected, and nothing sent.
+    let mut idle = connect().await.unwrap();
+    let (_, took) = read_to_close(&mut idle).await;
+    assert!(took >= std::time::Duration::from_millis(900) && took < soon, "idle connection closed after {took:?}");
+
+    // Half a request head.
+    let mut partial = connect().await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nX-Half")
+        .await
+        .unwrap();
+    let (_, took) = read_to_close(&mut partial).await;
+    assert!(took >= std::time::Duration::from_millis(900) && took < soon, "partial head closed after {took:?}");
+
+    // A body that stops after two bytes: answered 408 and closed.
+    let mut stalled = connect().await.unwrap();
+    let head = format!(
+        "POST /v1/services HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"",
+        node.token
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let (answer, took) = read_to_close(&mut stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < soon,
+        "stalled body answered after {took:?}"
+    );
+
+    // A body declared far over the cap is refused before any of it is read.
+    let mut huge = connect().await.unwrap();
+    let head = format!(
+        "POST /v1/services HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{{\"",
+        node.token
+    );
+    huge.write_all(head.as_bytes()).await.unwrap();
+    let (answer, took) = read_to_close(&mut huge).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+    assert!(took < soon, "oversized body answered after {took:?}");
+
+    // The API itself is as it was.
+    let ok = http(Method::GET, &format!("{}/healthz", node.admin), None, None).await;
+    assert_eq!(ok.status, StatusCode::OK);
+}

@@ -1,5 +1,6 @@
 //! Driving one client connection: idle connections are closed after the idle timeout, and on
 //! shutdown every connection is asked to finish gracefully (in-flight requests complete).
+//! Public, so the binary's admin listener drives its connections the same way.
 
 use std::io;
 use std::pin::Pin;

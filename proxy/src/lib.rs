@@ -4,7 +4,7 @@
 //! of DNS or ACME ordering.
 
 mod challenge;
-mod conn;
+pub mod conn;
 mod failure;
 mod health;
 mod proxy_protocol;
