@@ -408,7 +408,10 @@ async fn admin_listener_closes_idle_partial_and_stalled_connections() {
     // Connected, and nothing sent.
     let mut idle = connect().await.unwrap();
     let (_, took) = read_to_close(&mut idle).await;
-    assert!(took >= std::time::Duration::from_millis(900) && took < soon, "idle connection closed after {took:?}");
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < soon,
+        "idle connection closed after {took:?}"
+    );
 
     // Half a request head.
     let mut partial = connect().await.unwrap();
@@ -417,7 +420,10 @@ async fn admin_listener_closes_idle_partial_and_stalled_connections() {
         .await
         .unwrap();
     let (_, took) = read_to_close(&mut partial).await;
-    assert!(took >= std::time::Duration::from_millis(900) && took < soon, "partial head closed after {took:?}");
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < soon,
+        "partial head closed after {took:?}"
+    );
 
     // A body that stops after two bytes: answered 408 and closed.
     let mut stalled = connect().await.unwrap();
