@@ -602,12 +602,11 @@ async fn answers_stay_right_through_random_changes() {
             _ => {
                 let (name, rtype, values) = &pool[rng.below(pool.len())];
                 let key = (name.clone(), rtype.to_string());
-                if model.records.contains_key(&key) {
+                if model.records.remove(&key).is_some() {
                     let r = node
                         .api(Method::DELETE, &format!("/v1/records/{name}/{rtype}"), None)
                         .await;
                     assert_eq!(r.status, StatusCode::NO_CONTENT);
-                    model.records.remove(&key);
                     format!("remove {name} {rtype}")
                 } else {
                     let r = node

@@ -227,7 +227,7 @@ impl SoaParts {
 
 /// Lowercase wire form of a name, uncompressed.
 pub fn name_wire(name: &hickory_proto::rr::Name) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(usize::from(name.len()) + 1);
+    let mut out = Vec::with_capacity(name.len() + 1);
     for label in name.iter() {
         out.push(u8::try_from(label.len()).ok().filter(|l| *l <= 63)?);
         out.extend(label.iter().map(u8::to_ascii_lowercase));

@@ -799,7 +799,9 @@ fn merge(
     let managed = !made.is_empty();
     if let Some(owner) = custom {
         for (t, set) in &owner.sets {
-            if !made.iter().any(|(mt, _)| mt == t) && !(managed && *t == RecordType::NS) {
+            let made_here = made.iter().any(|(mt, _)| mt == t);
+            let hidden_delegation = managed && *t == RecordType::NS;
+            if !made_here && !hidden_delegation {
                 made.push((*t, set.clone()));
             }
         }
