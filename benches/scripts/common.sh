@@ -5,7 +5,8 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$TARGET/release/portcullis
+# PORTCULLIS_BIN runs another build (an older commit's, for a before-and-after figure) as is.
+BIN=${PORTCULLIS_BIN:-$TARGET/release/portcullis}
 pids=()
 
 bench_cleanup() {
@@ -21,6 +22,7 @@ bench_start() { # name
 }
 
 build_portcullis() {
+  [ -n "${PORTCULLIS_BIN:-}" ] && return 0
   (cd "$ROOT" && cargo build --release --quiet --bin portcullis)
 }
 
