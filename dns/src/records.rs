@@ -93,7 +93,7 @@ fn parse_rdata(rtype: StoredType, value: &str) -> Result<RData, String> {
 
 /// `flags tag value` (RFC 8659 §4.1.1), decoded from its wire form by hickory so that the value
 /// is checked the way hickory reads it from anyone else.
-fn parse_caa(value: &str) -> Result<RData, String> {
+pub(crate) fn parse_caa(value: &str) -> Result<RData, String> {
     let tokens = text::tokens(value)?;
     let [flags, tag, value] = tokens.as_slice() else {
         return Err("CAA is `flags tag value`, e.g. `0 issue \"letsencrypt.org\"`".into());
@@ -319,4 +319,45 @@ pub fn check_record(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caa(value: &str) -> Result<String, String> {
+        parse_caa(value).map(|r| r.to_string())
+    }
+
+    #[test]
+    fn caa_values_of_every_kind_parse_and_print_back() {
+        assert_eq!(
+            caa(r#"0 issue "letsencrypt.org""#).unwrap(),
+            r#"0 issue "letsencrypt.org""#
+        );
+        assert_eq!(caa(r#"0 issue ";""#).unwrap(), r#"0 issue ";""#);
+        assert_eq!(
+            caa(r#"0 issuewild "ca.example""#).unwrap(),
+            r#"0 issuewild "ca.example""#
+        );
+        assert_eq!(
+            caa(r#"0 iodef "mailto:sec@example.com""#).unwrap(),
+            r#"0 iodef "mailto:sec@example.com""#
+        );
+        assert!(
+            caa(r#"128 issue "ca.example""#)
+                .unwrap()
+                .starts_with("128 issue")
+        );
+        assert!(caa("0 issue").is_err());
+        assert!(caa(r#"256 issue "x""#).is_err());
+        assert!(caa(r#"0 is-sue "x""#).is_err());
+    }
+
+    #[test]
+    fn escapes_are_refused_where_they_would_be_misread() {
+        assert!(parse_rdata(StoredType::A, "10.0.0.\\049").is_err());
+        assert!(parse_rdata(StoredType::Mx, "10 mail\\.example.").is_err());
+        assert!(parse_rdata(StoredType::Txt, r#""caf\195\169""#).is_ok());
+    }
 }

@@ -69,9 +69,7 @@ impl ZoneSettings {
             .dns
             .caa
             .iter()
-            .map(|c| {
-                RData::try_from_str(RecordType::CAA, c).map_err(|e| format!("dns.caa `{c}`: {e}"))
-            })
+            .map(|c| crate::records::parse_caa(c).map_err(|e| format!("dns.caa `{c}`: {e}")))
             .collect::<Result<_, _>>()?;
         let by_client = config.dns.policy == AnswerPolicy::ByClient;
         if by_client && config.dns.clients.is_empty() {
