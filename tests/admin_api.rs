@@ -402,14 +402,16 @@ async fn admin_listener_closes_idle_partial_and_stalled_connections() {
     });
     let addr = node.admin.trim_start_matches("http://").to_string();
     let connect = || tokio::net::TcpStream::connect(addr.clone());
-    // Closed within the configured 1s, with room for a loaded machine, never minutes later.
+    // Closed after about the configured 1s: not at once (the lower bound leaves room for the
+    // time between the server's accept and this side's first read on a loaded machine), and
+    // not minutes later.
     let soon = std::time::Duration::from_secs(10);
 
     // Connected, and nothing sent.
     let mut idle = connect().await.unwrap();
     let (_, took) = read_to_close(&mut idle).await;
     assert!(
-        took >= std::time::Duration::from_millis(900) && took < soon,
+        took >= std::time::Duration::from_millis(500) && took < soon,
         "idle connection closed after {took:?}"
     );
 
@@ -421,7 +423,7 @@ async fn admin_listener_closes_idle_partial_and_stalled_connections() {
         .unwrap();
     let (_, took) = read_to_close(&mut partial).await;
     assert!(
-        took >= std::time::Duration::from_millis(900) && took < soon,
+        took >= std::time::Duration::from_millis(500) && took < soon,
         "partial head closed after {took:?}"
     );
 
@@ -437,7 +439,7 @@ async fn admin_listener_closes_idle_partial_and_stalled_connections() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("body_timeout"), "{answer}");
     assert!(
-        took >= std::time::Duration::from_millis(900) && took < soon,
+        took >= std::time::Duration::from_millis(500) && took < soon,
         "stalled body answered after {took:?}"
     );
 
