@@ -20,6 +20,7 @@ type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: &'static str,
+    /// Requests that reached this backend, the node's health checks left out.
     pub hits: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -40,8 +41,16 @@ impl Backend {
                 while connections.try_join_next().is_some() {}
                 let counter = counter.clone();
                 connections.spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        counter.fetch_add(1, Ordering::SeqCst);
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        // The node's health checks come at random points of their interval:
+                        // counting them would make every count a race.
+                        let health_check = req
+                            .headers()
+                            .get(hyper::header::USER_AGENT)
+                            .is_some_and(|ua| ua == "portcullis-health-check");
+                        if !health_check {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                        }
                         handle(name, req)
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
