@@ -65,19 +65,9 @@ pub async fn serve(
         .header_read_timeout(limits.read_timeout)
         .keep_alive(true);
     let connections = TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and the like: keep serving what we have.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) =
+        portcullis_proxy::conn::accept(&listener, &shutdown, "admin").await
+    {
         let activity = Activity::default();
         let io = TokioIo::new(ActivityIo::new(tcp, activity.clone()));
         let service = TowerToHyperService::new(router.clone());

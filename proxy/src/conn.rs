@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 fn elapsed_ms() -> u64 {
@@ -128,6 +129,28 @@ where
                     closing = true;
                 }
             }
+        }
+    }
+}
+
+/// The next connection on `listener`, or `None` once `shutdown` is cancelled. A failed accept
+/// (out of file descriptors and the like) is logged and retried shortly: what is being served
+/// goes on. `what` names the listener in the log.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => return Some(pair),
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
         }
     }
 }
