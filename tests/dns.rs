@@ -13,7 +13,8 @@ use hickory_proto::rr::RecordType;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use support::dns::{
-    add, create_service, dig, dig_short, dns_node, q, query_message, rdata, tcp, udp, udp_raw,
+    add, create_service, create_service_with_id, dig, dig_short, dns_node, q, query_message, rdata,
+    tcp, udp, udp_raw,
 };
 
 const ZONE: &str = "app.example.test";
@@ -493,17 +494,6 @@ fn udp_twice_and_tcp(dns: SocketAddr, name: &str, rtype: RecordType) -> Message 
     assert_eq!(first.authorities, over_tcp.authorities, "{name} {rtype}");
     assert_eq!(first.additionals, over_tcp.additionals, "{name} {rtype}");
     second
-}
-
-async fn create_service_with_id(node: &support::Node, id: &str) {
-    let r = node
-        .api(
-            Method::POST,
-            "/v1/services",
-            Some(json!({ "id": id, "backends": ["127.0.0.1:9"] })),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
 }
 
 /// RFC 4592: once `<id>` exists it is the closest encloser of `x.<id>`, and `*.<zone>` no

@@ -16,7 +16,7 @@ use hickory_proto::op::Message;
 use hickory_proto::rr::{RData, Record, RecordType};
 use hyper::{Method, StatusCode};
 use serde_json::json;
-use support::dns::{add, create_service, dns_node, q, query_message, tcp};
+use support::dns::{add, create_service, create_service_with_id, dns_node, q, query_message, tcp};
 
 const ZONE: &str = "app.example.test";
 
@@ -593,14 +593,7 @@ async fn answers_stay_right_through_random_changes() {
                     continue;
                 }
                 let id = fresh[rng.below(fresh.len())].clone();
-                let r = node
-                    .api(
-                        Method::POST,
-                        "/v1/services",
-                        Some(json!({"id": id, "backends": ["127.0.0.1:9"]})),
-                    )
-                    .await;
-                assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
+                create_service_with_id(&node, &id).await;
                 model.services.insert(id.clone());
                 format!("create service {id}")
             }

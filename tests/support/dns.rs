@@ -162,3 +162,15 @@ pub async fn create_service(node: &Node) -> String {
     assert_eq!(r.status, StatusCode::CREATED);
     r.json()["id"].as_str().unwrap().to_string()
 }
+
+/// Creates a service (its backend unused) under the caller's `id`.
+pub async fn create_service_with_id(node: &Node, id: &str) {
+    let r = node
+        .api(
+            Method::POST,
+            "/v1/services",
+            Some(json!({ "id": id, "backends": ["127.0.0.1:9"] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
+}
