@@ -6,6 +6,12 @@
 //! bytes, two to a cache line, and linear probing from a multiplicative hash of the id: a hit is
 //! usually one miss. Service ids are random UUIDs we generate, so probe runs stay short at the
 //! load factor kept here (at most one half).
+//!
+//! The table is persistent: 4,096 leaves under a two-level trie of shared pointers. A clone
+//! shares everything; a change copies the root (64 pointers), one branch (64 pointers) and one
+//! leaf (a 4,096th of the services), so a Snapshot with one change more costs the same at a
+//! million services as at a thousand, and readers of the old one are untouched. The root and
+//! branches (32 KiB together) stay in cache, so a lookup still pays about one miss.
 
 use std::sync::Arc;
 
@@ -13,6 +19,9 @@ use crate::model::Service;
 
 /// The nil UUID is never a v4 id, so it marks an empty slot.
 const EMPTY: u128 = 0;
+/// Fan-out of each trie level: 64 × 64 = 4,096 leaves.
+const FANOUT_BITS: u32 = 6;
+const FANOUT: usize = 1 << FANOUT_BITS;
 
 #[derive(Clone, Default)]
 #[repr(align(32))]
@@ -21,10 +30,11 @@ struct Slot {
     service: Option<Arc<Service>>,
 }
 
+type Branch = [Option<Arc<Leaf>>; FANOUT];
+
+#[derive(Clone)]
 pub struct ServiceIndex {
-    slots: Vec<Slot>,
-    /// `slots.len() - 1`; the length is a power of two.
-    mask: usize,
+    root: Arc<[Arc<Branch>; FANOUT]>,
     len: usize,
 }
 
@@ -34,14 +44,32 @@ impl Default for ServiceIndex {
     }
 }
 
+#[inline]
+fn folded_hash(id: u128) -> u64 {
+    // Fibonacci hashing of both halves: ids are random, but this keeps any non-random ones
+    // (imported, or chosen) from piling up in one run.
+    let folded = (id as u64) ^ ((id >> 64) as u64);
+    folded.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Which branch and which leaf: the hash's top 12 bits. Slots within a leaf use lower bits.
+#[inline]
+fn path(hash: u64) -> (usize, usize) {
+    let top = (hash >> (64 - 2 * FANOUT_BITS)) as usize;
+    (top >> FANOUT_BITS, top & (FANOUT - 1))
+}
+
 impl ServiceIndex {
+    /// An empty index; `services` sizes each leaf for its share up front, so a load of that many
+    /// does not rehash on the way.
     pub fn with_capacity(services: usize) -> Self {
-        let count = (services.max(4) * 2).next_power_of_two();
-        let mut slots = allocate(count);
-        slots.resize(count, Slot::default());
+        let per_leaf = services / (FANOUT * FANOUT);
+        let leaf =
+            || (per_leaf > 0).then(|| Arc::new(Leaf::with_capacity(per_leaf + per_leaf / 4)));
         ServiceIndex {
-            slots,
-            mask: count - 1,
+            root: Arc::new(std::array::from_fn(|_| {
+                Arc::new(std::array::from_fn(|_| leaf()))
+            })),
             len: 0,
         }
     }
@@ -51,19 +79,82 @@ impl ServiceIndex {
     }
 
     #[inline]
-    fn home(&self, id: u128) -> usize {
-        // Fibonacci hashing of both halves: ids are random, but this keeps any non-random ones
-        // (imported, or chosen) from piling up in one run.
-        let folded = (id as u64) ^ ((id >> 64) as u64);
-        (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize & self.mask
-    }
-
-    #[inline]
     pub fn get(&self, id: u128) -> Option<&Arc<Service>> {
         if id == EMPTY {
             return None;
         }
-        let mut i = self.home(id);
+        let hash = folded_hash(id);
+        let (b, l) = path(hash);
+        self.root[b][l].as_ref()?.get(id, hash)
+    }
+
+    fn leaf_mut(&mut self, hash: u64) -> &mut Leaf {
+        let (b, l) = path(hash);
+        let branch = Arc::make_mut(&mut Arc::make_mut(&mut self.root)[b]);
+        Arc::make_mut(branch[l].get_or_insert_with(|| Arc::new(Leaf::with_capacity(0))))
+    }
+
+    pub fn insert(&mut self, id: u128, service: Arc<Service>) {
+        if id == EMPTY {
+            return;
+        }
+        let hash = folded_hash(id);
+        if self.leaf_mut(hash).insert(id, hash, service) {
+            self.len += 1;
+        }
+    }
+
+    pub fn remove(&mut self, id: u128) -> Option<Arc<Service>> {
+        if id == EMPTY {
+            return None;
+        }
+        let hash = folded_hash(id);
+        let (b, l) = path(hash);
+        // Look first: a miss must not copy the path.
+        self.root[b][l].as_ref()?.get(id, hash)?;
+        let removed = self.leaf_mut(hash).remove(id, hash);
+        if removed.is_some() {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.root
+            .iter()
+            .flat_map(|branch| branch.iter())
+            .flatten()
+            .flat_map(|leaf| leaf.slots.iter().filter_map(|s| s.service.as_ref()))
+    }
+}
+
+/// One open-addressing table, a 4,096th of the services.
+struct Leaf {
+    slots: Vec<Slot>,
+    /// `slots.len() - 1`; the length is a power of two.
+    mask: usize,
+    len: usize,
+}
+
+impl Leaf {
+    fn with_capacity(services: usize) -> Self {
+        let count = (services.max(2) * 2).next_power_of_two();
+        let slots = vec![Slot::default(); count];
+        Leaf {
+            slots,
+            mask: count - 1,
+            len: 0,
+        }
+    }
+
+    #[inline]
+    fn home(&self, hash: u64) -> usize {
+        (hash >> 16) as usize & self.mask
+    }
+
+    #[inline]
+    fn get(&self, id: u128, hash: u64) -> Option<&Arc<Service>> {
+        let mut i = self.home(hash);
         loop {
             let slot = &self.slots[i];
             if slot.id == id {
@@ -76,19 +167,17 @@ impl ServiceIndex {
         }
     }
 
-    pub fn insert(&mut self, id: u128, service: Arc<Service>) {
-        if id == EMPTY {
-            return;
-        }
+    /// True when `id` was not there before.
+    fn insert(&mut self, id: u128, hash: u64, service: Arc<Service>) -> bool {
         if (self.len + 1) * 2 > self.slots.len() {
             self.grow();
         }
-        let mut i = self.home(id);
+        let mut i = self.home(hash);
         loop {
             let slot = &mut self.slots[i];
             if slot.id == id {
                 slot.service = Some(service);
-                return;
+                return false;
             }
             if slot.id == EMPTY {
                 *slot = Slot {
@@ -96,17 +185,14 @@ impl ServiceIndex {
                     service: Some(service),
                 };
                 self.len += 1;
-                return;
+                return true;
             }
             i = (i + 1) & self.mask;
         }
     }
 
-    pub fn remove(&mut self, id: u128) -> Option<Arc<Service>> {
-        if id == EMPTY {
-            return None;
-        }
-        let mut i = self.home(id);
+    fn remove(&mut self, id: u128, hash: u64) -> Option<Arc<Service>> {
+        let mut i = self.home(hash);
         loop {
             if self.slots[i].id == EMPTY {
                 return None;
@@ -123,7 +209,7 @@ impl ServiceIndex {
         let mut hole = i;
         let mut j = (i + 1) & self.mask;
         while self.slots[j].id != EMPTY {
-            let home = self.home(self.slots[j].id);
+            let home = self.home(folded_hash(self.slots[j].id));
             let distance_to_hole = hole.wrapping_sub(home) & self.mask;
             let distance_to_j = j.wrapping_sub(home) & self.mask;
             if distance_to_hole < distance_to_j {
@@ -136,66 +222,24 @@ impl ServiceIndex {
     }
 
     fn grow(&mut self) {
-        let old = std::mem::replace(self, ServiceIndex::with_capacity(self.len * 2 + 1));
+        let old = std::mem::replace(self, Leaf::with_capacity(self.len * 2 + 1));
         for slot in old.slots {
             if let Some(service) = slot.service {
-                self.insert(slot.id, service);
+                self.insert(slot.id, folded_hash(slot.id), service);
             }
         }
     }
-
-    pub fn values(&self) -> impl Iterator<Item = &Arc<Service>> {
-        self.slots.iter().filter_map(|s| s.service.as_ref())
-    }
 }
 
-impl Clone for ServiceIndex {
+impl Clone for Leaf {
     fn clone(&self) -> Self {
-        let mut slots = allocate(self.slots.len());
-        slots.extend(self.slots.iter().cloned());
-        ServiceIndex {
-            slots,
+        Leaf {
+            slots: self.slots.clone(),
             mask: self.mask,
             len: self.len,
         }
     }
 }
-
-/// Tables at least this large ask for huge pages.
-const HUGE_PAGE: usize = 2 << 20;
-
-/// An empty vector with room for `count` slots whose memory, when large, is backed by huge
-/// pages. A random lookup in a table of many 4 KiB pages misses the TLB nearly every time, and
-/// under virtualization each such miss is a two-level page walk: at 1M services that doubled
-/// the lookup time. The kernel here grants huge pages only where asked (`madvise` mode), and
-/// only to pages first touched after asking, hence before the vector is filled.
-fn allocate(count: usize) -> Vec<Slot> {
-    let slots: Vec<Slot> = Vec::with_capacity(count);
-    let bytes = count * std::mem::size_of::<Slot>();
-    if bytes >= 2 * HUGE_PAGE {
-        let start = slots.as_ptr() as usize;
-        let aligned = start.next_multiple_of(HUGE_PAGE);
-        let end = (start + bytes) / HUGE_PAGE * HUGE_PAGE;
-        if end > aligned {
-            advise_huge_pages(aligned, end - aligned);
-        }
-    }
-    slots
-}
-
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn advise_huge_pages(addr: usize, len: usize) {
-    // SAFETY: the range lies inside the allocation `allocate` owns, and MADV_HUGEPAGE is advice
-    // only: it changes how pages are backed, never their contents. Failure (no THP in this
-    // kernel) just leaves normal pages.
-    unsafe {
-        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn advise_huge_pages(_addr: usize, _len: usize) {}
 
 #[cfg(test)]
 mod tests {
@@ -246,5 +290,28 @@ mod tests {
         }
         assert_eq!(index.values().count(), model.len());
         assert!(index.get(EMPTY).is_none());
+    }
+
+    /// A clone is a Snapshot readers may still hold: changes to the copy never show in it.
+    #[test]
+    fn a_clone_keeps_its_contents() {
+        let mut index = ServiceIndex::with_capacity(20_000);
+        for id in 1..=10_000u128 {
+            index.insert(id * 7919, service(id * 7919));
+        }
+        let before = index.clone();
+        for id in 1..=5_000u128 {
+            index.remove(id * 7919);
+            index.insert(id * 104_729, service(id * 104_729));
+        }
+        assert_eq!(before.len(), 10_000);
+        assert_eq!(index.len(), 10_000);
+        for id in 1..=10_000u128 {
+            assert!(before.get(id * 7919).is_some(), "{id}");
+            assert_eq!(index.get(id * 7919).is_some(), id > 5_000, "{id}");
+        }
+        assert!(before.get(104_729).is_none());
+        assert!(index.get(104_729).is_some());
+        assert_eq!(before.values().count(), 10_000);
     }
 }

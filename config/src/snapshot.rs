@@ -4,7 +4,6 @@
 //! [`SnapshotSync`] follows the store with a watch, applies each burst of changes to a copy of
 //! the current Snapshot and swaps it in atomically; readers keep whichever one they loaded.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +21,14 @@ use crate::service_index::ServiceIndex;
 use crate::state::decode;
 use crate::store::{EventKind, KeyValue, Revision, Store};
 
-type FastMap<K, V> = HashMap<K, V, FixedState>;
+/// A persistent hash map: a clone shares its nodes, and a change copies one path of them, so a
+/// Snapshot with a change more costs the same whatever its size.
+type SharedMap<V> =
+    imbl::GenericHashMap<Arc<str>, V, FixedState, imbl::shared_ptr::DefaultSharedPtr>;
+type SharedOrdMap<V> = imbl::OrdMap<Arc<str>, V>;
+
+/// Bursts of changes a Snapshot remembers, for parts that fell behind by a few Snapshots.
+const CHANGE_HISTORY: usize = 64;
 
 /// Length of a hyphenated UUID, the first label of a canonical name.
 const UUID_LEN: usize = 36;
@@ -41,17 +47,19 @@ pub struct Snapshot {
     /// Keyed by the id's 128 bits: a canonical Host is parsed, never hashed as a string.
     services: ServiceIndex,
     /// Alias domain name -> its entry.
-    domains: FastMap<Box<str>, Arc<Domain>>,
-    records: BTreeMap<String, Arc<Record>>,
-    /// Primary name -> certificate.
-    certificates: FastMap<Box<str>, Arc<Certificate>>,
+    domains: SharedMap<Arc<Domain>>,
+    records: SharedOrdMap<Arc<Record>>,
+    /// Primary name -> certificate: what it covers, its state and validity. The chain and the
+    /// private key stay in the store, read by the TLS path on demand.
+    certificates: SharedMap<Arc<Certificate>>,
+    nodes: SharedOrdMap<Arc<Node>>,
     /// Store key -> private key PEM.
-    private_keys: FastMap<Box<str>, Arc<str>>,
-    nodes: BTreeMap<String, Arc<Node>>,
+    private_keys: SharedMap<Arc<str>>,
     account: Option<AccountKey>,
     ech_keys: Arc<EchKeys>,
-    /// What changed since the Snapshot before this one, for caches derived from it.
-    changes: Option<Arc<Changes>>,
+    /// The last bursts of changes, oldest first, each continuing the one before; empty after a
+    /// full (re)load.
+    history: Arc<[Arc<Changes>]>,
 }
 
 /// The store keys changed between two consecutive Snapshots. A cache built from the Snapshot at
@@ -59,6 +67,8 @@ pub struct Snapshot {
 #[derive(Debug, Default)]
 pub struct Changes {
     pub since: Revision,
+    /// The revision these changes bring the Snapshot to.
+    pub until: Revision,
     pub keys: Vec<Box<str>>,
 }
 
@@ -82,14 +92,14 @@ impl Snapshot {
             revision: 0,
             zone,
             services: ServiceIndex::default(),
-            domains: FastMap::default(),
-            records: BTreeMap::new(),
-            certificates: FastMap::default(),
-            private_keys: FastMap::default(),
-            nodes: BTreeMap::new(),
+            domains: SharedMap::default(),
+            records: SharedOrdMap::default(),
+            certificates: SharedMap::default(),
+            nodes: SharedOrdMap::default(),
+            private_keys: SharedMap::default(),
             account: None,
             ech_keys: Arc::new(EchKeys::default()),
-            changes: None,
+            history: Arc::new([]),
         }
     }
 
@@ -188,7 +198,19 @@ impl Snapshot {
 
     /// The keys changed since the previous Snapshot; `None` after a full (re)load.
     pub fn changes(&self) -> Option<&Changes> {
-        self.changes.as_deref()
+        self.history.last().map(|c| &**c)
+    }
+
+    /// The keys changed after `revision` up to this Snapshot, for a part that last looked at the
+    /// Snapshot of that revision: it redoes just these instead of walking everything. `None`
+    /// when this Snapshot does not know (too far back, or a full reload since): start over.
+    pub fn changes_since(&self, revision: Revision) -> Option<impl Iterator<Item = &str>> {
+        if revision == self.revision {
+            return Some(self.history[self.history.len()..].iter().flat_map(keys_of));
+        }
+        let first = self.history.iter().position(|c| c.until > revision)?;
+        (self.history[first].since <= revision)
+            .then(|| self.history[first..].iter().flat_map(keys_of))
     }
 
     /// Applies one change. A value that does not decode is logged and skipped: one bad entry
@@ -213,7 +235,7 @@ impl Snapshot {
             })
         } else if let Some(rest) = key.strip_prefix(keys::RECORDS) {
             decode::<Record>(kv).map(|r| {
-                self.records.insert(rest.to_string(), Arc::new(r));
+                self.records.insert(rest.into(), Arc::new(r));
             })
         } else if let Some(name) = key.strip_prefix(keys::CERTIFICATES) {
             decode::<Certificate>(kv).map(|c| {
@@ -232,7 +254,7 @@ impl Snapshot {
             }
         } else if let Some(id) = key.strip_prefix(keys::NODES) {
             decode::<Node>(kv).map(|n| {
-                self.nodes.insert(id.to_string(), Arc::new(n));
+                self.nodes.insert(id.into(), Arc::new(n));
             })
         } else if key == keys::ACME_ACCOUNT {
             decode::<crate::model::AcmeAccount>(kv).map(|a| {
@@ -272,6 +294,20 @@ impl Snapshot {
         } else if key == keys::ECH_KEYS {
             self.ech_keys = Arc::new(EchKeys::default());
         }
+    }
+}
+
+fn keys_of(changes: &Arc<Changes>) -> impl Iterator<Item = &str> {
+    changes.keys.iter().map(|k| &**k)
+}
+
+impl Snapshot {
+    fn push_changes(&mut self, changes: Changes) {
+        let keep = self.history.len().min(CHANGE_HISTORY - 1);
+        let mut history = Vec::with_capacity(keep + 1);
+        history.extend_from_slice(&self.history[self.history.len() - keep..]);
+        history.push(Arc::new(changes));
+        self.history = history.into();
     }
 }
 
@@ -358,6 +394,7 @@ async fn follow(
                 let mut next: Option<Snapshot> = None;
                 let mut changes = Changes {
                     since: revision,
+                    until: revision,
                     keys: Vec::new(),
                 };
                 let mut pending = Some(first);
@@ -378,7 +415,8 @@ async fn follow(
                 }
                 if let Some(mut snapshot) = next {
                     snapshot.revision = revision;
-                    snapshot.changes = Some(Arc::new(changes));
+                    changes.until = revision;
+                    snapshot.push_changes(changes);
                     current.store(Arc::new(snapshot));
                     published.send_replace(revision);
                 }
