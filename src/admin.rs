@@ -623,16 +623,21 @@ async fn revoke_certificate(
                 format!("no certificate for {name}; list them with GET /v1/certificates"),
             )
         })?;
-    if current.chain_pem.is_empty() {
+    let material = if current.not_after.is_some() {
+        admin.state.certificate_material(&current).await?
+    } else {
+        None
+    };
+    let Some(material) = material else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
             format!("{name} has no issued certificate yet, so there is nothing to revoke"),
         ));
-    }
+    };
     admin
         .revoker
-        .revoke(&current.chain_pem)
+        .revoke(&material.chain_pem())
         .await
         .map_err(|e| match e {
             portcullis_acme::IssueError::Setup(m) => {

@@ -212,7 +212,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         dns: dns.local_addrs.iter().map(|a| a.to_string()).collect(),
     };
     print_banner(&config, dev, &listeners);
-    let proxy_task = tokio::spawn(proxy.serve(snapshot.clone(), shutdown.clone()));
+    let proxy_task = tokio::spawn(proxy.serve(snapshot.clone(), state.clone(), shutdown.clone()));
 
     let router = admin::router(Admin {
         state: state.clone(),

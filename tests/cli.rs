@@ -44,18 +44,15 @@ async fn assert_chain_verifies(state_dir: &Path, domain: &str, root_pem: &str) {
         .unwrap();
     let cert: Certificate = serde_json::from_slice(&kv.value).unwrap();
     assert_eq!(cert.status, CertificateStatus::Active);
-    let key = store
+    assert!(cert.chain_pem.is_empty(), "the chain is kept with the key");
+    let stored = store
         .get(&cert.key_ref)
         .await
         .unwrap()
-        .expect("private key stored");
-    assert!(
-        String::from_utf8(key.value)
-            .unwrap()
-            .contains("PRIVATE KEY")
-    );
-    let (_, leaf) = x509_parser::pem::parse_x509_pem(cert.chain_pem.as_bytes()).unwrap();
-    let leaf = leaf.parse_x509().unwrap();
+        .expect("chain and key stored");
+    let material = portcullis_config::CertificateMaterial::decode(&stored.value, None)
+        .expect("chain and key as DER");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&material.chain[0]).unwrap();
     let (_, root) = x509_parser::pem::parse_x509_pem(root_pem.as_bytes()).unwrap();
     let root = root.parse_x509().unwrap();
     leaf.verify_signature(Some(root.public_key()))

@@ -1,14 +1,16 @@
 //! The loop that keeps certificates issued and renewed: it wakes on every new Snapshot and at
 //! the next renewal or retry time, and issues what is due.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration as StdDuration, Instant};
+use std::time::Duration as StdDuration;
 
 use futures_util::StreamExt as _;
 
 use portcullis_config::model::{Certificate, CertificateStatus, IssuerRef, RenewalWindow};
-use portcullis_config::{DomainName, ServiceId, SnapshotHandle, State, StateError, keys};
+use portcullis_config::{
+    CertificateMaterial, DomainName, ServiceId, SnapshotHandle, State, StateError, keys,
+};
 use time::{Duration, OffsetDateTime};
 use tokio_util::sync::CancellationToken;
 
@@ -100,10 +102,6 @@ const ORDER_SLOTS: &str = "acme-orders";
 
 /// Longest sleep with nothing due: a safety net should a wake-up be missed.
 const IDLE_WAKE: StdDuration = StdDuration::from_secs(3600);
-/// How long a name just recorded is left alone for the Snapshot to show the record.
-const SNAPSHOT_CATCH_UP: StdDuration = StdDuration::from_secs(5);
-/// Looks over the Snapshot are at least this many times their own duration apart.
-const SCAN_SPACING: u32 = 4;
 
 #[derive(Debug, PartialEq)]
 enum Due {
@@ -178,61 +176,121 @@ fn due(
     }
 }
 
-/// What one look over the Snapshot found.
-struct Scan {
-    /// Names to work on now, in the order found; `true`: only the renewal window is due.
-    due: Vec<(ServiceId, bool)>,
-    /// When the next name falls due.
-    wake: OffsetDateTime,
+/// When each service's certificate needs work, in time order. Fed by the store keys that
+/// change (a service, its certificate record), so a change costs a few map operations whatever
+/// the number of services; the whole Snapshot is walked only at start and after a reload.
+#[derive(Default)]
+struct Schedule {
+    /// Service -> (due at, only the renewal window is due).
+    by_service: HashMap<ServiceId, (OffsetDateTime, bool)>,
+    timeline: BTreeSet<(OffsetDateTime, ServiceId)>,
+}
+
+impl Schedule {
+    fn clear(&mut self) {
+        self.by_service.clear();
+        self.timeline.clear();
+    }
+
+    fn set(&mut self, id: ServiceId, at: OffsetDateTime, refresh: bool) {
+        if let Some((old, _)) = self.by_service.insert(id, (at, refresh)) {
+            self.timeline.remove(&(old, id));
+        }
+        self.timeline.insert((at, id));
+    }
+
+    fn remove(&mut self, id: &ServiceId) {
+        if let Some((old, _)) = self.by_service.remove(id) {
+            self.timeline.remove(&(old, *id));
+        }
+    }
+
+    /// Takes the entries due at `now`, earliest first.
+    fn take_due(&mut self, now: OffsetDateTime) -> Vec<(ServiceId, bool)> {
+        let mut due = Vec::new();
+        while let Some(&(at, id)) = self.timeline.first()
+            && at <= now
+        {
+            self.timeline.pop_first();
+            if let Some((_, refresh)) = self.by_service.remove(&id) {
+                due.push((id, refresh));
+            }
+        }
+        due
+    }
+
+    fn next(&self) -> Option<OffsetDateTime> {
+        self.timeline.first().map(|(at, _)| *at)
+    }
+}
+
+/// The service whose canonical certificate a store key is about, if any.
+fn service_of_key(key: &str, zone: &str) -> Option<ServiceId> {
+    let id = if let Some(id) = key.strip_prefix(keys::SERVICES) {
+        id
+    } else {
+        key.strip_prefix(keys::CERTIFICATES)?
+            .strip_suffix(zone)?
+            .strip_suffix('.')?
+    };
+    id.parse().ok()
 }
 
 impl CertificateManager {
     /// Runs orders as a pool: up to `concurrent_orders` at once, each slot refilled as soon as
-    /// an order ends, and names found due on every Snapshot change join the queue at once
-    /// rather than waiting for the slowest order of a batch.
+    /// an order ends, and names that fall due join the queue at once rather than waiting for
+    /// the slowest order of a batch.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut changes = self.snapshot.subscribe();
         let slots = self.policy.concurrent_orders.max(1);
         let mut running = futures_util::stream::FuturesUnordered::new();
         let mut in_flight: HashSet<ServiceId> = HashSet::new();
+        let mut schedule = Schedule::default();
         let mut queue: VecDeque<(ServiceId, bool)> = VecDeque::new();
-        // Names just recorded, until the Snapshot shows what was recorded (store revision):
-        // until then the Snapshot still shows them as due.
-        let mut settling: HashMap<ServiceId, (i64, Instant)> = HashMap::new();
-        // Names the issuer put off (its account is backing off), until when.
-        let mut deferred: HashMap<ServiceId, OffsetDateTime> = HashMap::new();
-        let mut wake = OffsetDateTime::now_utc();
-        let mut rescan = true;
-        // Looks are spaced by a multiple of what the last one took, so a burst of changes on a
-        // large platform costs a bounded share of a core.
-        let mut next_scan = Instant::now();
+        // Names just recorded, by the store revision of the record: until the Snapshot shows
+        // it, the Snapshot still shows them as due.
+        let mut settling: BTreeMap<i64, Vec<ServiceId>> = BTreeMap::new();
+        // The Snapshot revision the schedule reflects; `None`: walk everything.
+        let mut seen: Option<i64> = None;
         let this = &self;
         loop {
-            if rescan && Instant::now() >= next_scan {
-                rescan = false;
-                let started = Instant::now();
-                let snapshot = self.snapshot.load_full();
-                let now = OffsetDateTime::now_utc();
-                settling.retain(|_, (revision, since)| {
-                    *revision > snapshot.revision() && since.elapsed() < SNAPSHOT_CATCH_UP
-                });
-                deferred.retain(|_, until| *until > now);
-                let scan = self.scan(&snapshot, now);
-                wake = scan.wake;
-                for until in deferred.values() {
-                    wake = wake.min(*until);
+            let snapshot = self.snapshot.load_full();
+            let now = OffsetDateTime::now_utc();
+            if seen != Some(snapshot.revision()) {
+                let changed = seen.and_then(|rev| snapshot.changes_since(rev));
+                match changed {
+                    Some(keys) => {
+                        let zone = snapshot.zone().as_str();
+                        let ids: HashSet<ServiceId> =
+                            keys.filter_map(|k| service_of_key(k, zone)).collect();
+                        for id in ids {
+                            self.reschedule(&mut schedule, &snapshot, id, now);
+                        }
+                    }
+                    None => {
+                        schedule.clear();
+                        for service in snapshot.services() {
+                            self.reschedule(&mut schedule, &snapshot, service.id, now);
+                        }
+                    }
                 }
-                queue = scan
-                    .due
-                    .into_iter()
-                    .filter(|(id, _)| {
-                        !in_flight.contains(id)
-                            && !settling.contains_key(id)
-                            && !deferred.contains_key(id)
-                    })
-                    .collect();
-                next_scan = Instant::now() + started.elapsed() * SCAN_SPACING;
+                // Names whose record the Snapshot now shows are scheduled by what it says.
+                while let Some(entry) = settling.first_entry()
+                    && *entry.key() <= snapshot.revision()
+                {
+                    for id in entry.remove() {
+                        self.reschedule(&mut schedule, &snapshot, id, now);
+                    }
+                }
+                seen = Some(snapshot.revision());
             }
+            for (id, refresh) in schedule.take_due(now) {
+                // In flight: its end reschedules it. Settling: the Snapshot's view is stale.
+                if !in_flight.contains(&id) && !settling.values().any(|ids| ids.contains(&id)) {
+                    queue.push_back((id, refresh));
+                }
+            }
+            drop(snapshot);
             while running.len() < slots
                 && let Some((id, refresh)) = queue.pop_front()
             {
@@ -246,84 +304,66 @@ impl CertificateManager {
                     (id, result)
                 });
             }
-            let until_wake = (wake - OffsetDateTime::now_utc())
+            let wake = schedule
+                .next()
+                .unwrap_or(now + IDLE_WAKE)
+                .min(now + IDLE_WAKE);
+            let sleep = (wake - OffsetDateTime::now_utc())
                 .try_into()
                 .unwrap_or(StdDuration::ZERO);
-            let sleep = if rescan {
-                next_scan.saturating_duration_since(Instant::now())
-            } else {
-                until_wake
-            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 changed = changes.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    rescan = true;
                 }
                 Some((id, result)) = running.next(), if !running.is_empty() => {
                     in_flight.remove(&id);
+                    let now = OffsetDateTime::now_utc();
                     match result {
                         Ok(Outcome::Recorded(Some(revision))) => {
-                            settling.insert(id, (revision, Instant::now()));
+                            if revision > self.snapshot.load().revision() {
+                                settling.entry(revision).or_default().push(id);
+                            } else {
+                                let snapshot = self.snapshot.load_full();
+                                self.reschedule(&mut schedule, &snapshot, id, now);
+                            }
                         }
                         Ok(Outcome::Recorded(None)) => {} // the service went away meanwhile
-                        Ok(Outcome::Deferred(until)) => {
-                            deferred.insert(id, until);
-                            wake = wake.min(until);
-                        }
+                        Ok(Outcome::Deferred(until)) => schedule.set(id, until, false),
                         Err(e) => {
                             // The store failed: try again after the first backoff step.
                             tracing::warn!(service = %id, error = %e, "cannot record a certificate");
-                            deferred.insert(id, OffsetDateTime::now_utc() + self.policy.first_retry);
-                            wake = wake.min(OffsetDateTime::now_utc() + self.policy.first_retry);
+                            schedule.set(id, now + self.policy.first_retry, false);
                         }
                     }
                 }
-                () = tokio::time::sleep(sleep) => rescan = true,
+                () = tokio::time::sleep(sleep) => {}
             }
         }
     }
 
-    /// Finds the names due, the next time one falls due, and sets the status gauges.
-    fn scan(&self, snapshot: &portcullis_config::Snapshot, now: OffsetDateTime) -> Scan {
-        let zone = snapshot.zone();
-        let mut scan = Scan {
-            due: Vec::new(),
-            wake: now + IDLE_WAKE,
-        };
-        let mut by_status = [0u64; 6];
-        let mut next_renewal: Option<OffsetDateTime> = None;
-        for service in snapshot.services() {
-            let domain = service.id.canonical_domain(zone);
-            let cert = snapshot.certificate(&domain).map(|c| &**c);
-            if let Some(cert) = cert {
-                by_status[status_index(cert.status)] += 1;
-            }
-            match self.due(cert, now) {
-                Due::Now => scan.due.push((service.id, false)),
-                Due::Refresh => scan.due.push((service.id, true)),
-                Due::At(at) => {
-                    scan.wake = scan.wake.min(at);
-                    if let Some(renew) = cert
-                        .filter(|c| c.status == CertificateStatus::Active)
-                        .and_then(|c| self.policy.renew_at(c))
-                    {
-                        next_renewal = Some(next_renewal.map_or(renew, |n| n.min(renew)));
-                    }
-                }
-            }
+    /// Puts a service's next piece of work in the schedule as its certificate record says, or
+    /// takes it out when the service is gone.
+    fn reschedule(
+        &self,
+        schedule: &mut Schedule,
+        snapshot: &portcullis_config::Snapshot,
+        id: ServiceId,
+        now: OffsetDateTime,
+    ) {
+        if snapshot.service(&id).is_none() {
+            schedule.remove(&id);
+            return;
         }
-        for (status, count) in STATUSES.iter().zip(by_status) {
-            metrics::gauge!("portcullis_certificates", "status" => status.to_string())
-                .set(count as f64);
+        let domain = id.canonical_domain(snapshot.zone());
+        let cert = snapshot.certificate(&domain).map(|c| &**c);
+        match self.due(cert, now) {
+            Due::Now => schedule.set(id, now, false),
+            Due::Refresh => schedule.set(id, now, true),
+            Due::At(at) => schedule.set(id, at, false),
         }
-        if let Some(at) = next_renewal {
-            metrics::gauge!("portcullis_certificate_next_renewal_timestamp_seconds")
-                .set(at.unix_timestamp() as f64);
-        }
-        scan
     }
 
     async fn issue_for(&self, id: &ServiceId) -> Result<Outcome, StateError> {
@@ -348,10 +388,19 @@ impl CertificateManager {
             },
         };
         // ARI: tell the CA which certificate this one replaces, when it tracks renewals.
-        let replacing = previous
-            .as_ref()
-            .filter(|p| p.renewal_window.is_some() && !p.chain_pem.is_empty())
-            .map(|p| p.chain_pem.clone());
+        let replacing = match previous.as_ref().filter(|p| p.renewal_window.is_some()) {
+            Some(p) => self
+                .state
+                .certificate_material(p)
+                .await
+                .unwrap_or_else(|e| {
+                    // Renewal info is advice: without the old chain the order just goes ahead.
+                    tracing::warn!(domain = %name, error = %e, "cannot read the certificate being replaced");
+                    None
+                })
+                .map(|m| m.chain_pem()),
+            None => None,
+        };
         let mut preflight = Ok(());
         if let Some(check) = &self.preflight {
             let revision = self.snapshot.load().revision();
@@ -393,8 +442,15 @@ impl CertificateManager {
             }
             Err(reason) => Err(IssueError::Preflight(reason)),
         };
+        // What the issuer gave, as the store keeps it (DER); a chain or key that does not
+        // parse is this order's failure.
+        let outcome = outcome.and_then(|issued| {
+            CertificateMaterial::from_pem(&issued.chain_pem, &issued.private_key_pem)
+                .map(|material| (issued, material))
+                .map_err(|e| IssueError::Ca(format!("the issued chain or key does not load: {e}")))
+        });
         let cert = match outcome {
-            Ok(issued) => {
+            Ok((issued, material)) => {
                 let renewal_window = self.issuer.renewal_window(&issued.chain_pem).await;
                 tracing::info!(domain = %name, took_ms = started.elapsed().as_millis() as u64, "certificate issued");
                 metrics::counter!("portcullis_certificate_orders_total", "outcome" => "issued")
@@ -405,7 +461,7 @@ impl CertificateManager {
                     domains,
                     status: CertificateStatus::Active,
                     issuer: self.issuer.reference(),
-                    chain_pem: issued.chain_pem,
+                    chain_pem: String::new(),
                     key_ref: keys::private_key(&name),
                     not_before: Some(issued.not_before),
                     not_after: Some(issued.not_after),
@@ -413,10 +469,13 @@ impl CertificateManager {
                     last_error: None,
                     next_attempt_at: None,
                     renewal_window,
+                    serial: x509_parser::parse_x509_certificate(&material.chain[0])
+                        .ok()
+                        .map(|(_, leaf)| leaf.tbs_certificate.raw_serial_as_string()),
                 };
                 return self
                     .state
-                    .put_certificate(id, &cert, Some(&issued.private_key_pem))
+                    .put_certificate(id, &cert, Some(&material))
                     .await
                     .map(Outcome::Recorded);
             }
@@ -476,19 +535,6 @@ enum Outcome {
     Deferred(OffsetDateTime),
 }
 
-const STATUSES: [CertificateStatus; 6] = [
-    CertificateStatus::Pending,
-    CertificateStatus::Ordering,
-    CertificateStatus::Validating,
-    CertificateStatus::Issuing,
-    CertificateStatus::Active,
-    CertificateStatus::Failed,
-];
-
-fn status_index(status: CertificateStatus) -> usize {
-    STATUSES.iter().position(|s| *s == status).unwrap_or(0)
-}
-
 impl CertificateManager {
     /// Asks the CA for a certificate's renewal window again (its Retry-After has passed).
     async fn refresh_window(&self, id: &ServiceId) -> Result<Option<i64>, StateError> {
@@ -497,7 +543,11 @@ impl CertificateManager {
             return Ok(None);
         };
         let mut cert = (*current).clone();
-        cert.renewal_window = match self.issuer.renewal_window(&cert.chain_pem).await {
+        let window = match self.state.certificate_material(&cert).await? {
+            Some(material) => self.issuer.renewal_window(&material.chain_pem()).await,
+            None => None,
+        };
+        cert.renewal_window = match window {
             Some(window) => Some(window),
             // Unreachable now: keep the window we have and ask again later.
             None => cert.renewal_window.map(|w| RenewalWindow {
@@ -570,6 +620,7 @@ mod tests {
             last_error: None,
             next_attempt_at: None,
             renewal_window: None,
+            serial: None,
         };
         let at = policy.renew_at(&cert).unwrap();
         // A third of 90 days left, and up to a twelfth (7.5 days) earlier by jitter.
@@ -628,6 +679,7 @@ mod tests {
             last_error: None,
             next_attempt_at: None,
             renewal_window: None,
+            serial: None,
         }
     }
 

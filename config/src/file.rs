@@ -98,6 +98,9 @@ pub struct ProxySection {
     /// Load balancers in front (CIDRs) whose connections start with a PROXY protocol v2 header
     /// carrying the real client address. Only these may send one, and they must.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    /// Certificates whose parsed chain and key are kept in memory; others are read from the
+    /// store at their next handshake (one read). Each takes a few KiB. 0 counts as 1.
+    pub certificate_cache: usize,
 }
 
 /// hyper's own limit on HTTP/1 header lines, which Envoy and HAProxy share.
@@ -127,6 +130,7 @@ impl Default for ProxySection {
             shutdown_grace: secs(30),
             idle_timeout: secs(75),
             proxy_protocol_from: Vec::new(),
+            certificate_cache: 10_000,
         }
     }
 }

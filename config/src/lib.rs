@@ -7,6 +7,7 @@
 pub mod error;
 pub mod file;
 pub mod keys;
+pub mod material;
 pub mod model;
 pub mod names;
 mod service_index;
@@ -16,6 +17,7 @@ pub mod store;
 
 pub use error::{StateError, StoreError, ValidationError};
 pub use file::{ConfigError, NodeConfig};
+pub use material::CertificateMaterial;
 pub use model::{Backend, Certificate, Service, ServiceId, ServiceStatus};
 pub use names::DomainName;
 pub use snapshot::{Changes, Snapshot, SnapshotHandle, SnapshotSync};

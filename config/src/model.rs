@@ -482,10 +482,11 @@ pub struct Certificate {
     pub domains: Vec<DomainName>,
     pub status: CertificateStatus,
     pub issuer: IssuerRef,
-    /// PEM chain, leaf first; empty until the first issuance succeeds.
-    #[serde(default)]
+    /// Only in records written by earlier versions, which kept the PEM chain here; the chain
+    /// now lives with the private key under `key_ref` (see [`CertificateMaterial`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub chain_pem: String,
-    /// Store key of the PEM private key.
+    /// Store key of the certificate's chain and private key.
     pub key_ref: String,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub not_before: Option<OffsetDateTime>,
@@ -500,6 +501,9 @@ pub struct Certificate {
     /// The CA's suggested renewal window (ARI, RFC 9773), when it offers one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewal_window: Option<RenewalWindow>,
+    /// The serving leaf's serial number (hex), which each issuance changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 /// A renewal window from the CA (RFC 9773 §4.2), and when to ask for it again (its Retry-After).
@@ -528,14 +532,14 @@ impl Certificate {
             last_error: None,
             next_attempt_at: None,
             renewal_window: None,
+            serial: None,
         }
     }
 
-    /// True when the certificate can be served now.
+    /// True when the certificate can be served now. Validity dates are set only once a chain
+    /// was issued, and kept while it serves.
     pub fn is_servable(&self, now: OffsetDateTime) -> bool {
-        !self.chain_pem.is_empty()
-            && self.not_before.is_some_and(|t| t <= now)
-            && self.not_after.is_some_and(|t| now < t)
+        self.not_before.is_some_and(|t| t <= now) && self.not_after.is_some_and(|t| now < t)
     }
 }
 

@@ -53,8 +53,6 @@ pub struct Snapshot {
     /// private key stay in the store, read by the TLS path on demand.
     certificates: SharedMap<Arc<Certificate>>,
     nodes: SharedOrdMap<Arc<Node>>,
-    /// Store key -> private key PEM.
-    private_keys: SharedMap<Arc<str>>,
     account: Option<AccountKey>,
     ech_keys: Arc<EchKeys>,
     /// The last bursts of changes, oldest first, each continuing the one before; empty after a
@@ -96,7 +94,6 @@ impl Snapshot {
             records: SharedOrdMap::default(),
             certificates: SharedMap::default(),
             nodes: SharedOrdMap::default(),
-            private_keys: SharedMap::default(),
             account: None,
             ech_keys: Arc::new(EchKeys::default()),
             history: Arc::new([]),
@@ -180,10 +177,6 @@ impl Snapshot {
         self.certificates.values()
     }
 
-    pub fn private_key(&self, key_ref: &str) -> Option<&Arc<str>> {
-        self.private_keys.get(key_ref)
-    }
-
     pub fn nodes(&self) -> impl Iterator<Item = &Arc<Node>> {
         self.nodes.values()
     }
@@ -238,20 +231,12 @@ impl Snapshot {
                 self.records.insert(rest.into(), Arc::new(r));
             })
         } else if let Some(name) = key.strip_prefix(keys::CERTIFICATES) {
-            decode::<Certificate>(kv).map(|c| {
+            decode::<Certificate>(kv).map(|mut c| {
+                // Written before chains moved out of this record: the TLS path reads it from the
+                // store when it needs it, like any other chain.
+                c.chain_pem = String::new();
                 self.certificates.insert(name.into(), Arc::new(c));
             })
-        } else if key.starts_with(keys::KEYS) {
-            match std::str::from_utf8(&kv.value) {
-                Ok(pem) => {
-                    self.private_keys.insert(key.into(), pem.into());
-                    Ok(())
-                }
-                Err(e) => Err(crate::error::StateError::Codec {
-                    key: key.into(),
-                    reason: e.to_string(),
-                }),
-            }
         } else if let Some(id) = key.strip_prefix(keys::NODES) {
             decode::<Node>(kv).map(|n| {
                 self.nodes.insert(id.into(), Arc::new(n));
@@ -285,8 +270,6 @@ impl Snapshot {
             self.records.remove(rest);
         } else if let Some(name) = key.strip_prefix(keys::CERTIFICATES) {
             self.certificates.remove(name);
-        } else if key.starts_with(keys::KEYS) {
-            self.private_keys.remove(key);
         } else if let Some(id) = key.strip_prefix(keys::NODES) {
             self.nodes.remove(id);
         } else if key == keys::ACME_ACCOUNT {

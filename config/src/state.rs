@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 use crate::error::StateError;
 use crate::keys;
+use crate::material::CertificateMaterial;
 use crate::model::{
     Backend, Certificate, CertificateStatus, IssuerRef, Node, Record, RecordType, Service,
     ServiceId, ServiceOptions, ServiceStatus, Tombstone,
@@ -292,7 +293,7 @@ impl State {
         &self,
         owner: &ServiceId,
         certificate: &Certificate,
-        private_key_pem: Option<&str>,
+        material: Option<&CertificateMaterial>,
     ) -> Result<Option<Revision>, StateError> {
         let primary = certificate
             .domains
@@ -300,11 +301,8 @@ impl State {
             .ok_or_else(|| StateError::Conflict("a certificate needs at least one name".into()))?;
         let key = keys::certificate(primary.as_str());
         let mut success = vec![Op::put(key.clone(), encode(&key, certificate)?)];
-        if let Some(pem) = private_key_pem {
-            success.push(Op::put(
-                certificate.key_ref.clone(),
-                pem.as_bytes().to_vec(),
-            ));
+        if let Some(material) = material {
+            success.push(Op::put(certificate.key_ref.clone(), material.encode()));
         }
         let out = self
             .store
@@ -315,6 +313,36 @@ impl State {
             })
             .await?;
         Ok(out.succeeded.then_some(out.revision))
+    }
+
+    /// The chain and private key of `certificate`, read from the store: one read, or two for
+    /// a record written before chains moved next to the key. `None` when nothing is stored.
+    pub async fn certificate_material(
+        &self,
+        certificate: &Certificate,
+    ) -> Result<Option<CertificateMaterial>, StateError> {
+        let Some(kv) = self.store.get(&certificate.key_ref).await? else {
+            return Ok(None);
+        };
+        let legacy_chain = if CertificateMaterial::is_legacy(&kv.value) {
+            let primary = certificate
+                .domains
+                .first()
+                .map(|d| d.as_str())
+                .unwrap_or_default();
+            match self.store.get(&keys::certificate(primary)).await? {
+                Some(record) => Some(decode::<Certificate>(&record)?.chain_pem),
+                None => None,
+            }
+        } else {
+            None
+        };
+        CertificateMaterial::decode(&kv.value, legacy_chain.as_deref())
+            .map(Some)
+            .map_err(|e| StateError::Codec {
+                key: kv.key,
+                reason: e.to_string(),
+            })
     }
 
     /// Asks the issuer to renew a certificate now. The current one keeps being served until

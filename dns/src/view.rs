@@ -132,9 +132,11 @@ impl Builder {
 
     fn next(&mut self, snapshot: Arc<Snapshot>) -> PublishedView {
         self.generation += 1;
-        let continuous = snapshot.changes().is_some_and(|c| c.since == self.revision);
-        self.revision = snapshot.revision();
-        let Some(changes) = snapshot.changes().filter(|_| continuous) else {
+        // Views are made for every Snapshot this task sees, but it may not see every one: the
+        // changes since the last it saw, however many Snapshots ago, are what to invalidate.
+        let since = std::mem::replace(&mut self.revision, snapshot.revision());
+        let changed: Option<Vec<&str>> = snapshot.changes_since(since).map(Iterator::collect);
+        let Some(changes) = changed else {
             self.custom = Arc::new(CustomRecords::build(&snapshot, &self.apexes));
             self.addresses = Arc::new(AddressBook::for_policy(&self.settings, &snapshot));
             self.serial = serial_of(snapshot.revision());
@@ -144,7 +146,7 @@ impl Builder {
         let mut all = false;
         let mut zone_changed = false;
         let platform = self.settings.platform.to_ascii();
-        for key in &changes.keys {
+        for key in changes {
             if let Some(id) = key.strip_prefix(keys::SERVICES) {
                 names.insert(wire::name_key(&format!("{id}.{platform}")));
                 zone_changed = true;
@@ -162,7 +164,7 @@ impl Builder {
                     all = true;
                     zone_changed = true;
                 }
-            } else if key.as_ref() == keys::ECH_KEYS {
+            } else if key == keys::ECH_KEYS {
                 all = true;
                 zone_changed = true;
             }

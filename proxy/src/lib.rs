@@ -18,7 +18,7 @@ use std::sync::Arc;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use portcullis_config::SnapshotHandle;
+use portcullis_config::{SnapshotHandle, State};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -90,13 +90,17 @@ impl Proxy {
     }
 
     /// Serves until `shutdown`, then lets in-flight requests finish within the grace period.
+    /// `state` is where the TLS path reads certificates' chains and keys on demand.
     pub async fn serve(
         self,
         snapshot: SnapshotHandle,
+        state: State,
         shutdown: CancellationToken,
     ) -> Result<(), ProxyError> {
         let acceptor = Arc::new(TlsAcceptor::new(
             snapshot.clone(),
+            state,
+            self.limits.certificate_cache,
             self.limits.tls_hello_timeout.0,
         )?);
         let shared = Arc::new(Shared::new(
@@ -112,11 +116,6 @@ impl Proxy {
             shared.health.clone(),
             shared.client.clone(),
             shared.h2c_client.clone(),
-            shutdown.clone(),
-        ));
-        let sweeper = tokio::spawn(sweep_certificates(
-            snapshot,
-            acceptor.resolver().clone(),
             shutdown.clone(),
         ));
         let builder = Arc::new(http_builder(&self.limits));
@@ -137,7 +136,6 @@ impl Proxy {
             Some(acceptor),
         ));
         let _ = tokio::join!(http, https);
-        sweeper.abort();
         checks.abort();
         // Every connection saw `shutdown` and is finishing its in-flight requests.
         connections.close();
@@ -299,21 +297,5 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         metrics::gauge!("portcullis_active_connections", "listener" => self.0).decrement(1.0);
-    }
-}
-
-/// Drops parsed keys of certificates that were replaced or deleted, on every Snapshot.
-async fn sweep_certificates(
-    snapshot: SnapshotHandle,
-    resolver: Arc<tls::SnapshotResolver>,
-    shutdown: CancellationToken,
-) {
-    let mut changes = snapshot.subscribe();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            changed = changes.changed() => if changed.is_err() { return },
-        }
-        resolver.sweep();
     }
 }

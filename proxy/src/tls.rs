@@ -6,16 +6,13 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
-use portcullis_config::SnapshotHandle;
 use portcullis_config::model::Certificate;
 use portcullis_config::names::{MAX_NAME_LEN, normalize_host};
+use portcullis_config::{SnapshotHandle, State};
 use rustls::ServerConfig;
 use rustls::crypto::aws_lc_rs;
 use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,6 +23,18 @@ use tokio_rustls::server::TlsStream;
 /// gets for a name this node serves no certificate for. No default certificate is ever sent,
 /// so a probe learns no tenant's name.
 const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+/// A fatal `internal_error` alert: the name is ours but its key could not be read now.
+const INTERNAL_ERROR_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50];
+
+/// The shared config's resolver, never asked: each connection's copy carries its own key.
+#[derive(Debug)]
+struct NoKey;
+
+impl ResolvesServerCert for NoKey {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
@@ -39,6 +48,8 @@ pub enum AcceptError {
     Tls(#[from] rustls::Error),
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
+    #[error("certificate for {name:?}: {source}")]
+    Load { name: String, source: LoadError },
 }
 
 impl AcceptError {
@@ -50,6 +61,7 @@ impl AcceptError {
             AcceptError::UnknownName(_) => "unknown_name",
             AcceptError::Tls(_) => "tls",
             AcceptError::Io(_) => "io",
+            AcceptError::Load { .. } => "certificate_load",
         }
     }
 }
@@ -68,19 +80,22 @@ pub struct TlsAcceptor {
 }
 
 impl TlsAcceptor {
-    pub fn new(snapshot: SnapshotHandle, hello_timeout: Duration) -> Result<Self, rustls::Error> {
-        let resolver = Arc::new(SnapshotResolver {
-            snapshot,
-            cache: DashMap::new(),
-        });
+    pub fn new(
+        snapshot: SnapshotHandle,
+        state: State,
+        cache_capacity: usize,
+        hello_timeout: Duration,
+    ) -> Result<Self, rustls::Error> {
+        let resolver = Arc::new(SnapshotResolver::new(snapshot, state, cache_capacity));
         let mut config =
             ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
                 .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
                 .with_no_client_auth()
-                .with_cert_resolver(resolver.clone());
+                .with_cert_resolver(Arc::new(NoKey));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         // Stateless tickets (rotated by rustls) plus the default in-memory session cache: TLS 1.3
-        // and 1.2 clients resume without a full handshake.
+        // and 1.2 clients resume without a full handshake. Each connection's copy of this
+        // config shares them.
         config.ticketer = aws_lc_rs::Ticketer::new()?;
         Ok(TlsAcceptor {
             config: Arc::new(config),
@@ -99,23 +114,39 @@ impl TlsAcceptor {
             .map_err(|_| AcceptError::Timeout(self.hello_timeout))??;
         let hello = accepted.client_hello();
         let name = hello.server_name().map(str::to_string);
-        let known = name
+        let Some(cert) = name
             .as_deref()
-            .is_some_and(|n| self.resolver.certificate_for(n).is_some());
-        if !known {
+            .and_then(|n| self.resolver.certificate_for(n))
+        else {
             // Best effort: the client may already be gone.
             let _ = tcp.write_all(&UNRECOGNIZED_NAME_ALERT).await;
             let _ = tcp.shutdown().await;
             return Err(AcceptError::UnknownName(name));
-        }
+        };
+        let key = match self.resolver.certified_key(&cert).await {
+            Ok(key) => key,
+            Err(e) => {
+                tracing::error!(name = name.as_deref().unwrap_or_default(), error = %e, "cannot load a certificate for a handshake");
+                let _ = tcp.write_all(&INTERNAL_ERROR_ALERT).await;
+                let _ = tcp.shutdown().await;
+                return Err(AcceptError::Load {
+                    name: name.unwrap_or_default(),
+                    source: e,
+                });
+            }
+        };
         let mut buf = [0u8; MAX_NAME_LEN];
         let server_name = name
             .as_deref()
             .and_then(|n| normalize_host(n, &mut buf))
             .unwrap_or_default()
             .to_string();
+        // A copy of the shared config that answers with the key just loaded: the resolver rustls
+        // calls cannot wait for the store, and a shared cache could evict the key in between.
+        let mut config = (*self.config).clone();
+        config.cert_resolver = Arc::new(ResolvedKey(key));
         let stream = StartHandshake::from_parts(accepted, tcp)
-            .into_stream(self.config.clone())
+            .into_stream(Arc::new(config))
             .await?;
         Ok(Accepted {
             stream,
@@ -150,12 +181,36 @@ async fn read_client_hello(tcp: &mut TcpStream) -> Result<rustls::server::Accept
     }
 }
 
-/// Picks the certificate for a ClientHello from the Snapshot. Parsed keys are cached per name
-/// and keyed by the Snapshot's own `Arc<Certificate>`: a renewed certificate is a new `Arc`, so
-/// the next handshake picks it up with no restart and no explicit invalidation.
+/// Picks the certificate for a ClientHello: which one from the Snapshot, its chain and key from
+/// the store on demand. Parsed keys are kept in a bounded cache (S3-FIFO, `quick_cache`) keyed
+/// by name and validity, so a renewed certificate is a new entry, picked up by the next
+/// handshake with no invalidation, and the old one ages out. Concurrent handshakes for a name
+/// not in the cache wait for one store read between them.
 pub struct SnapshotResolver {
     snapshot: SnapshotHandle,
-    cache: DashMap<Box<str>, (Arc<Certificate>, Arc<CertifiedKey>)>,
+    state: State,
+    cache: quick_cache::sync::Cache<KeyId, Arc<CertifiedKey>>,
+}
+
+/// A certificate as the cache knows it: its primary name and what each issuance changes (the
+/// serial; the validity too, for records that predate serials).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeyId {
+    name: Box<str>,
+    serial: Option<Box<str>>,
+    not_before: i64,
+    not_after: i64,
+}
+
+impl KeyId {
+    fn of(cert: &Certificate) -> Option<Self> {
+        Some(KeyId {
+            name: cert.domains.first()?.as_str().into(),
+            serial: cert.serial.as_deref().map(Into::into),
+            not_before: cert.not_before?.unix_timestamp(),
+            not_after: cert.not_after?.unix_timestamp(),
+        })
+    }
 }
 
 impl std::fmt::Debug for SnapshotResolver {
@@ -166,7 +221,31 @@ impl std::fmt::Debug for SnapshotResolver {
     }
 }
 
+/// Why a known name's certificate could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading the certificate from the store: {0}")]
+    Store(#[from] portcullis_config::StateError),
+    #[error("the store holds no chain and key under {0}")]
+    Missing(String),
+    #[error("the stored chain or key does not load: {0}")]
+    Key(#[from] KeyError),
+}
+
 impl SnapshotResolver {
+    pub fn new(snapshot: SnapshotHandle, state: State, capacity: usize) -> Self {
+        SnapshotResolver {
+            snapshot,
+            state,
+            cache: quick_cache::sync::Cache::new(capacity.max(1)),
+        }
+    }
+
+    /// Parsed keys held now.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
     /// The servable certificate for `sni`: an exact name, else a wildcard one label up.
     pub fn certificate_for(&self, sni: &str) -> Option<Arc<Certificate>> {
         let mut buf = [0u8; MAX_NAME_LEN];
@@ -185,64 +264,44 @@ impl SnapshotResolver {
             .cloned()
     }
 
-    fn certified_key(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
-        let cert = self.certificate_for(sni)?;
-        let primary = cert.domains.first()?.as_str();
-        if let Some(entry) = self.cache.get(primary)
-            && Arc::ptr_eq(&entry.0, &cert)
-        {
-            return Some(entry.1.clone());
-        }
-        let key_pem = self.snapshot.load().private_key(&cert.key_ref)?.clone();
-        match certified_key(&cert.chain_pem, &key_pem) {
-            Ok(key) => {
-                let key = Arc::new(key);
-                self.cache.insert(primary.into(), (cert, key.clone()));
-                Some(key)
-            }
-            Err(e) => {
-                tracing::error!(domain = primary, error = %e, "stored certificate or key does not load");
-                None
-            }
-        }
-    }
-
-    /// Drops cached keys whose certificate is gone or replaced.
-    pub fn sweep(&self) {
-        let snapshot = self.snapshot.load();
-        self.cache.retain(|name, (cert, _)| {
-            snapshot
-                .certificate(name)
-                .is_some_and(|current| Arc::ptr_eq(current, cert))
-        });
+    /// The parsed chain and key of `cert`: from the cache, or read from the store and parsed.
+    pub async fn certified_key(&self, cert: &Certificate) -> Result<Arc<CertifiedKey>, LoadError> {
+        let id = KeyId::of(cert).ok_or_else(|| LoadError::Missing(cert.key_ref.clone()))?;
+        let key = self
+            .cache
+            .get_or_insert_async(&id, async {
+                metrics::counter!("portcullis_certificate_cache_misses_total").increment(1);
+                let material = self
+                    .state
+                    .certificate_material(cert)
+                    .await?
+                    .ok_or_else(|| LoadError::Missing(cert.key_ref.clone()))?;
+                let key = CertifiedKey::from_der(
+                    material.chain_der(),
+                    material.key_der(),
+                    &aws_lc_rs::default_provider(),
+                )
+                .map_err(KeyError::Mismatch)?;
+                Ok::<_, LoadError>(Arc::new(key))
+            })
+            .await?;
+        metrics::gauge!("portcullis_certificate_cache_entries").set(self.cache.len() as f64);
+        Ok(key)
     }
 }
 
-impl ResolvesServerCert for SnapshotResolver {
-    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.certified_key(client_hello.server_name()?)
+/// Hands rustls the one key this connection's ClientHello was resolved to.
+#[derive(Debug)]
+struct ResolvedKey(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for ResolvedKey {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("certificate chain: {0}")]
-    Chain(String),
-    #[error("private key: {0}")]
-    Key(String),
     #[error("{0}")]
     Mismatch(rustls::Error),
-}
-
-pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, KeyError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| KeyError::Chain(e.to_string()))?;
-    if chain.is_empty() {
-        return Err(KeyError::Chain("no certificate in the PEM".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| KeyError::Key(e.to_string()))?;
-    let provider = aws_lc_rs::default_provider();
-    CertifiedKey::from_der(chain, key, &provider).map_err(KeyError::Mismatch)
 }
