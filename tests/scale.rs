@@ -1,0 +1,133 @@
+//! What keeps a node small and steady with many services: certificates loaded on demand into a
+//! bounded cache, and a state file and memory that stop growing under steady churn.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
+mod support;
+
+use std::time::Instant;
+
+use hyper::{Method, Request, StatusCode};
+use support::backend::Backend;
+use support::tls::{HttpConn, TlsClient, body_text};
+use support::{DEADLINE, Node, POLL};
+
+/// A metric's value in a scrape, summed over its series.
+fn metric(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn scrape(node: &Node) -> String {
+    let reply = node.api(Method::GET, "/metrics", None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    String::from_utf8(reply.body).unwrap()
+}
+
+/// A request through the edge on a new connection with a full handshake (a client of its own:
+/// a resumed session would show the certificate of the session it resumes); returns the leaf
+/// the handshake presented.
+async fn get_through(node: &Node, host: &str) -> Vec<u8> {
+    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+    let https = node.listener("https").await;
+    let stream = client.connect(https, host).await.expect("TLS handshake");
+    let leaf = TlsClient::peer_leaf(&stream);
+    let (mut conn, _) = HttpConn::open(stream).await;
+    let response = conn
+        .send(
+            Request::get(format!("https://{host}/echo"))
+                .header("host", host)
+                .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{host}");
+    let body = body_text(response).await;
+    assert!(body.contains("\"backend\""), "{host}: {body}");
+    leaf
+}
+
+/// More names than the cache holds: every handshake succeeds (a name not in the cache costs a
+/// store read), the cache stays at its bound, and a renewal is served to the next handshakes
+/// while clients keep connecting.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_load_by_name_into_a_bounded_cache() {
+    const CACHE: usize = 3;
+    let node = Node::start_edited(|text| {
+        text.replace(
+            "[proxy]\n",
+            &format!("[proxy]\ncertificate_cache = {CACHE}\n"),
+        )
+    });
+    let backend = Backend::start("a").await;
+    let mut hosts = Vec::new();
+    for _ in 0..8 {
+        hosts.push(node.service(&[backend.addr]).await.1);
+    }
+    let mut leaves = Vec::new();
+    for round in 0..3 {
+        for (i, host) in hosts.iter().enumerate() {
+            let leaf = get_through(&node, host).await;
+            if round == 0 {
+                leaves.push(leaf);
+            } else {
+                assert_eq!(leaf, leaves[i], "{host} kept its certificate");
+            }
+        }
+        let metrics = scrape(&node).await;
+        let entries = metric(&metrics, "portcullis_certificate_cache_entries");
+        assert!(
+            (1.0..=CACHE as f64).contains(&entries),
+            "cache holds {entries} keys, bound {CACHE}"
+        );
+    }
+    let metrics = scrape(&node).await;
+    let misses = metric(&metrics, "portcullis_certificate_cache_misses_total");
+    assert!(
+        misses > hosts.len() as f64,
+        "cycling 8 names through a cache of {CACHE} reloads some: {misses} misses"
+    );
+
+    // A renewal, with handshakes going on: each one succeeds, and they move to the new
+    // certificate without a restart.
+    let renewed = &hosts[0];
+    let reply = node
+        .api(
+            Method::POST,
+            &format!("/v1/certificates/{renewed}/renew"),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    let start = Instant::now();
+    loop {
+        let leaf = get_through(&node, renewed).await;
+        // The others keep being served meanwhile, through the same small cache.
+        get_through(
+            &node,
+            &hosts[1 + start.elapsed().subsec_millis() as usize % 7],
+        )
+        .await;
+        if leaf != leaves[0] {
+            break;
+        }
+        if start.elapsed() > DEADLINE {
+            let view = node.api(Method::GET, "/v1/certificates", None).await;
+            panic!(
+                "the renewed certificate never reached new handshakes: {}\n{}",
+                String::from_utf8_lossy(&view.body),
+                node.log()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let entries = metric(&scrape(&node).await, "portcullis_certificate_cache_entries");
+    assert!(entries <= CACHE as f64, "cache holds {entries} keys");
+}
