@@ -89,10 +89,10 @@ create() { # count
     local n=$(( count - (i - 1) * per )); [ "$n" -gt "$per" ] && n=$per; [ "$n" -le 0 ] && continue
     {
       for _ in $(seq 1 "$n"); do
-        printf 'url = "http://%s/v1/services"\n' "$ADMIN"
+        printf 'url = "http://%s/v1/services"\noutput = "/dev/null"\n' "$ADMIN"
       done
     } >"$WORK/urls.$i"
-    curl -s -o /dev/null -w '%{http_code}\n' -X POST \
+    curl -s -w '%{http_code}\n' -X POST \
       -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
       --data '{"backends":["127.0.0.1:9"]}' -K "$WORK/urls.$i" >"$WORK/codes.$i" &
   done
@@ -130,7 +130,7 @@ measure() { # label
   qps=$(echo "$out" | awk '/Queries per second/ {print $4}')
   until curl -sfk -o /dev/null --resolve "$measured:$HTTPS_PORT:127.0.0.1" "https://$measured:$HTTPS_PORT/"; do sleep 0.1; done
   before=$(cpu_ticks "$node_pid")
-  out=$(unshare -m sh -c 'mount --bind "$0" /etc/hosts && shift && exec "$@"' "$WORK/hosts" \
+  out=$(unshare -m sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$WORK/hosts" \
     wrk -t1 -c32 -d"${MEASURE_SECONDS}s" "https://$measured:$HTTPS_PORT/")
   after=$(cpu_ticks "$node_pid")
   reqs=$(echo "$out" | awk '/requests in/ {print $1}')

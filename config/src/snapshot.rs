@@ -19,7 +19,7 @@ use crate::model::{Certificate, Domain, EchKeys, Node, Record, Service, ServiceI
 use crate::names::{DomainName, MAX_NAME_LEN, host_name, normalize_host, uuid_bits};
 use crate::service_index::ServiceIndex;
 use crate::state::decode;
-use crate::store::{EventKind, KeyValue, Revision, Store};
+use crate::store::{EventKind, KeyValue, PageRequest, Revision, Store};
 
 /// A persistent hash map: a clone shares its nodes, and a change copies one path of them, so a
 /// Snapshot with a change more costs the same whatever its size.
@@ -350,12 +350,39 @@ impl SnapshotSync {
     }
 }
 
+/// What a Snapshot is made of. Chains and private keys (`keys/`), tombstones and locks are not.
+const LOADED_PREFIXES: [&str; 7] = [
+    keys::SERVICES,
+    keys::DOMAINS,
+    keys::RECORDS,
+    keys::CERTIFICATES,
+    keys::NODES,
+    keys::ACME_ACCOUNT,
+    keys::ECH_KEYS,
+];
+/// Keys read per page at load: large enough to amortize a read, small enough that a million
+/// services never sit in memory twice (as stored bytes and as the Snapshot).
+const LOAD_PAGE: usize = 10_000;
+
 async fn load(store: &dyn Store, zone: DomainName) -> Result<(Snapshot, Revision), StoreError> {
     // Read the revision first and watch from just after it: changes made while the pages are
     // read are replayed in order on top, which ends in the same state.
     let start = store.current_revision().await?;
-    let (kvs, _) = store.list_all("").await?;
-    let snapshot = Snapshot::from_kvs(zone, start, &kvs);
+    let mut snapshot = Snapshot::empty(zone);
+    for prefix in LOADED_PREFIXES {
+        let mut page = PageRequest::first(LOAD_PAGE);
+        loop {
+            let got = store.list(prefix, page.clone()).await?;
+            for kv in &got.items {
+                snapshot.apply_put(kv);
+            }
+            if !got.more {
+                break;
+            }
+            page.after = got.items.last().map(|kv| kv.key.clone());
+        }
+    }
+    snapshot.revision = start;
     Ok((snapshot, start))
 }
 
