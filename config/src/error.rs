@@ -21,8 +21,9 @@ impl ValidationError {
     }
 }
 
-/// Failures of a [`crate::store::Store`] backend.
-#[derive(Debug, Error)]
+/// Failures of a [`crate::store::Store`] backend. `Clone`, because one failed commit of the
+/// embedded store answers every write committed with it.
+#[derive(Debug, Clone, Error)]
 pub enum StoreError {
     #[error("the state store cannot be opened at {path}: {reason}")]
     Open { path: String, reason: String },

@@ -4,18 +4,27 @@
 //! Every change is appended to a change log keyed by revision, in the same transaction as the
 //! change itself; watchers read the log, so a watch can resume from any revision still kept,
 //! exactly as from etcd's history.
+//!
+//! Writes (transactions and every lease operation) go to one writer thread through a queue. It
+//! takes the first write waiting and every other write that queued behind it, applies them in
+//! queue order in one redb write transaction, each with its own revision and log entry as if
+//! committed alone, commits once (one fsync for the group), and only then answers each caller.
+//! A lone write therefore commits at once; under load, the writes that arrive while a commit is
+//! syncing share the next one, which is what lets concurrent clients get well past one write
+//! per fsync without giving up durability.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition,
-    WriteTransaction,
+    Database, MultimapTable, MultimapTableDefinition, ReadableDatabase, ReadableTable, Table,
+    TableDefinition, WriteTransaction,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::StoreError;
 use crate::store::{
@@ -37,6 +46,9 @@ const META_LEASE_SEQ: &str = "lease_seq";
 
 /// Revisions of history kept for watchers that resume: at two changes a second, about 14 hours.
 pub const DEFAULT_HISTORY: u64 = 100_000;
+/// The most writes committed in one transaction, so that one group's work (and the latency of
+/// its first caller) stays bounded when thousands queue at once.
+const MAX_GROUP: usize = 1024;
 const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 const WATCH_BUFFER: usize = 256;
 const REOPEN_WAIT: Duration = Duration::from_secs(2);
@@ -47,12 +59,22 @@ pub struct EmbeddedStore {
     inner: Arc<Inner>,
 }
 
+/// What the clones of one store share. When the last goes, the queue closes: the writer thread
+/// finishes what is queued and ends, and with it the database file is closed.
 struct Inner {
+    shared: Arc<Shared>,
+    queue: mpsc::UnboundedSender<Write>,
+}
+
+/// What the writer thread, readers and watchers use.
+struct Shared {
     db: Database,
     path: PathBuf,
     history: u64,
     /// The latest committed revision; watchers wait on it.
     revision: watch::Sender<Revision>,
+    /// Write transactions committed, to see (in tests) that writes are grouped.
+    commits: AtomicU64,
 }
 
 fn backend<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -67,8 +89,8 @@ fn now_ms() -> u64 {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store file at `path` and starts expiring leases in the background.
-    /// Must be called inside a tokio runtime.
+    /// Opens (or creates) the store file at `path`, starts its writer thread and starts expiring
+    /// leases in the background. Must be called inside a tokio runtime.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         Self::open_with_history(path, DEFAULT_HISTORY).await
     }
@@ -78,65 +100,100 @@ impl EmbeddedStore {
         history: u64,
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
+        let history = history.max(1);
         let open_path = path.clone();
-        let db = tokio::task::spawn_blocking(move || {
-            // A store dropped in this process a moment ago may still be closing (its background
-            // task finishing a lease check): wait for it, briefly, rather than fail.
+        let (db, current) = tokio::task::spawn_blocking(move || {
+            // A store dropped in this process a moment ago may still be closing (its writer
+            // thread finishing the last commit): wait for it, briefly, rather than fail.
             let deadline = Instant::now() + REOPEN_WAIT;
-            loop {
+            let db = loop {
                 match Database::create(&open_path) {
                     Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(5));
                     }
-                    other => return other,
+                    Ok(db) => break db,
+                    Err(e) => {
+                        return Err(StoreError::Open {
+                            path: open_path.display().to_string(),
+                            reason: e.to_string(),
+                        });
+                    }
                 }
-            }
+            };
+            let current = prepare(&db)?;
+            Ok((db, current))
         })
         .await
-        .map_err(|e| StoreError::Backend(e.to_string()))?
-        .map_err(|e| StoreError::Open {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let current = {
-            let wtx = db.begin_write().map_err(backend)?;
-            // Create every table up front so readers never meet a missing one.
-            wtx.open_table(KV).map_err(backend)?;
-            wtx.open_table(LOG).map_err(backend)?;
-            wtx.open_table(LEASES).map_err(backend)?;
-            wtx.open_multimap_table(LEASE_KEYS).map_err(backend)?;
-            let current = {
-                let meta = wtx.open_table(META).map_err(backend)?;
-                read_meta(&meta, META_REVISION)?
-            };
-            wtx.commit().map_err(backend)?;
-            current
-        };
+        .map_err(|e| StoreError::Backend(e.to_string()))??;
         let (revision, _) = watch::channel(current as Revision);
-        let inner = Arc::new(Inner {
+        let shared = Arc::new(Shared {
             db,
             path,
-            history: history.max(1),
+            history,
             revision,
+            commits: AtomicU64::new(0),
         });
+        let (queue, writes) = mpsc::unbounded_channel();
+        let writer = shared.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run_writer(&writer, writes))
+            .map_err(|e| StoreError::Backend(format!("cannot start the store writer: {e}")))?;
+        let inner = Arc::new(Inner { shared, queue });
         tokio::spawn(expire_leases(Arc::downgrade(&inner)));
         Ok(EmbeddedStore { inner })
     }
 
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        &self.inner.shared.path
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Shared) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
+        let shared = self.inner.shared.clone();
+        tokio::task::spawn_blocking(move || f(&shared))
             .await
             .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
     }
+}
+
+/// Creates every table, so readers never meet a missing one. Returns the current revision.
+fn prepare(db: &Database) -> Result<u64, StoreError> {
+    let wtx = db.begin_write().map_err(backend)?;
+    wtx.open_table(KV).map_err(backend)?;
+    wtx.open_table(LOG).map_err(backend)?;
+    wtx.open_table(LEASES).map_err(backend)?;
+    wtx.open_multimap_table(LEASE_KEYS).map_err(backend)?;
+    let current = {
+        let meta = wtx.open_table(META).map_err(backend)?;
+        read_meta(&meta, META_REVISION)?
+    };
+    wtx.commit().map_err(backend)?;
+    Ok(current)
+}
+
+/// Removes the log entries older than the last `history` revisions before `current`.
+fn trim_log(
+    log: &mut Table<u64, &[u8]>,
+    meta: &mut Table<&str, u64>,
+    current: u64,
+    history: u64,
+) -> Result<(), StoreError> {
+    let Some(oldest_gone) = current.checked_sub(history).filter(|r| *r > 0) else {
+        return Ok(());
+    };
+    if read_meta(meta, META_COMPACTED)? >= oldest_gone {
+        return Ok(());
+    }
+    // The range starts at the first entry still there, so this visits only what it removes:
+    // as many entries as revisions were added since the last trim.
+    log.retain_in(..=oldest_gone, |_, _| false)
+        .map_err(backend)?;
+    meta.insert(META_COMPACTED, oldest_gone).map_err(backend)?;
+    Ok(())
 }
 
 fn read_meta<T: ReadableTable<&'static str, u64>>(meta: &T, key: &str) -> Result<u64, StoreError> {
@@ -167,7 +224,15 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
-fn decode_entry(key: &str, bytes: &[u8]) -> Result<KeyValue, StoreError> {
+/// What a write needs to know of an entry, read without copying its value.
+struct Header {
+    create_revision: Revision,
+    mod_revision: Revision,
+    version: i64,
+    lease: Option<LeaseId>,
+}
+
+fn decode_header(key: &str, bytes: &[u8]) -> Result<Header, StoreError> {
     if bytes.len() < ENTRY_HEADER {
         return Err(StoreError::Corrupt {
             key: key.into(),
@@ -175,12 +240,22 @@ fn decode_entry(key: &str, bytes: &[u8]) -> Result<KeyValue, StoreError> {
         });
     }
     let lease = u64_at(bytes, 24);
-    Ok(KeyValue {
-        key: key.into(),
+    Ok(Header {
         create_revision: u64_at(bytes, 0) as i64,
         mod_revision: u64_at(bytes, 8) as i64,
         version: u64_at(bytes, 16) as i64,
         lease: (lease != 0).then_some(LeaseId(lease as i64)),
+    })
+}
+
+fn decode_entry(key: &str, bytes: &[u8]) -> Result<KeyValue, StoreError> {
+    let header = decode_header(key, bytes)?;
+    Ok(KeyValue {
+        key: key.into(),
+        create_revision: header.create_revision,
+        mod_revision: header.mod_revision,
+        version: header.version,
+        lease: header.lease,
         value: bytes[ENTRY_HEADER..].to_vec(),
     })
 }
@@ -236,188 +311,399 @@ fn decode_events(revision: Revision, mut bytes: &[u8]) -> Result<Vec<Event>, Sto
 
 // --- writes -----------------------------------------------------------------------------------
 
-impl Inner {
-    /// Runs `change` in one write transaction that, if it produced events, gets the next
-    /// revision and a log entry; then wakes the watchers.
-    fn write<T>(
-        &self,
-        change: impl FnOnce(&WriteTransaction, Revision) -> Result<(T, Vec<Event>), StoreError>,
-    ) -> Result<(T, Revision), StoreError> {
-        let wtx = self.db.begin_write().map_err(backend)?;
-        let current = {
-            let meta = wtx.open_table(META).map_err(backend)?;
-            read_meta(&meta, META_REVISION)? as Revision
-        };
-        let next = current + 1;
-        let (out, events) = change(&wtx, next)?;
-        if events.is_empty() {
-            // Leases may have changed (grant, keep-alive) without a revision.
-            wtx.commit().map_err(backend)?;
-            return Ok((out, current));
+/// A caller's answer: filled in when its write is applied, sent once its group has committed.
+struct Pending<T> {
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    outcome: Option<Result<T, StoreError>>,
+}
+
+impl<T> Pending<T> {
+    fn new(reply: oneshot::Sender<Result<T, StoreError>>) -> Self {
+        Pending {
+            reply,
+            outcome: None,
         }
-        {
-            let mut log = wtx.open_table(LOG).map_err(backend)?;
-            log.insert(next as u64, encode_events(&events).as_slice())
-                .map_err(backend)?;
-            let mut meta = wtx.open_table(META).map_err(backend)?;
-            meta.insert(META_REVISION, next as u64).map_err(backend)?;
-            // One old entry leaves for each new one, so the log stays at `history` entries
-            // without a compaction pause.
-            if next as u64 > self.history {
-                let oldest_kept = next as u64 - self.history;
-                log.remove(oldest_kept).map_err(backend)?;
-                meta.insert(META_COMPACTED, oldest_kept).map_err(backend)?;
+    }
+
+    fn send(self, group_failure: Option<&StoreError>) {
+        let result = match (group_failure, self.outcome) {
+            (Some(e), _) => Err(e.clone()),
+            (None, Some(outcome)) => outcome,
+            // A committed group applied every write; this only guards the invariant.
+            (None, None) => Err(StoreError::Backend("write was not applied".into())),
+        };
+        // A caller that went away (a cancelled request) still has its write committed, as a
+        // client whose connection drops after sending does with any database.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// One queued write, with where its answer goes.
+enum Write {
+    Txn(Txn, Pending<TxnOutcome>),
+    Grant {
+        ttl_ms: u64,
+        pending: Pending<LeaseId>,
+    },
+    KeepAlive(LeaseId, Pending<()>),
+    /// Ends leases and deletes their keys, in one revision. With `expired_at`, only the leases
+    /// whose deadline has passed by then: the sweep read them a moment ago and must not end one
+    /// renewed since. Without, every lease named (a revoke).
+    EndLeases {
+        ids: Vec<u64>,
+        expired_at: Option<u64>,
+        pending: Pending<()>,
+    },
+}
+
+/// Why a write was not applied.
+enum Refusal {
+    /// This write alone (a lease that does not exist, a corrupt entry it reads); it wrote
+    /// nothing, so the rest of its group goes on.
+    Write(StoreError),
+    /// The transaction failed: the whole group fails.
+    Group(StoreError),
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        Refusal::Group(e)
+    }
+}
+
+/// Keeps a write's own refusal as its outcome; a group failure goes up.
+fn settle<T>(applied: Result<T, Refusal>) -> Result<Result<T, StoreError>, StoreError> {
+    match applied {
+        Ok(v) => Ok(Ok(v)),
+        Err(Refusal::Write(e)) => Ok(Err(e)),
+        Err(Refusal::Group(e)) => Err(e),
+    }
+}
+
+impl Write {
+    fn apply(&mut self, t: &mut Tables<'_>) -> Result<(), StoreError> {
+        match self {
+            Write::Txn(txn, pending) => pending.outcome = Some(settle(t.txn(txn))?),
+            Write::Grant { ttl_ms, pending } => {
+                pending.outcome = Some(settle(t.grant(*ttl_ms))?);
+            }
+            Write::KeepAlive(lease, pending) => {
+                pending.outcome = Some(settle(t.keep_alive(*lease))?);
+            }
+            Write::EndLeases {
+                ids,
+                expired_at,
+                pending,
+            } => pending.outcome = Some(settle(t.end_leases(ids, *expired_at))?),
+        }
+        Ok(())
+    }
+
+    fn answer(self, group_failure: Option<&StoreError>) {
+        match self {
+            Write::Txn(_, pending) => pending.send(group_failure),
+            Write::Grant { pending, .. } => pending.send(group_failure),
+            Write::KeepAlive(_, pending) => pending.send(group_failure),
+            Write::EndLeases { pending, .. } => pending.send(group_failure),
+        }
+    }
+}
+
+/// Checks what can be checked of a transaction before it is queued, so a malformed one never
+/// reaches a group.
+fn validate(txn: &Txn) -> Result<(), StoreError> {
+    let mut seen = HashSet::new();
+    for ops in [&txn.success, &txn.failure] {
+        seen.clear();
+        for op in ops {
+            let key = op_key(op);
+            if key.is_empty() {
+                return Err(StoreError::Invalid("a key cannot be empty".into()));
+            }
+            if !seen.insert(key) {
+                return Err(StoreError::Invalid(format!(
+                    "key `{key}` appears twice in one transaction"
+                )));
             }
         }
+    }
+    Ok(())
+}
+
+fn op_key(op: &Op) -> &str {
+    match op {
+        Op::Put { key, .. } | Op::Delete { key } => key,
+    }
+}
+
+/// The writer thread: commits what is queued, group by group, until every handle is gone.
+fn run_writer(shared: &Shared, mut queue: mpsc::UnboundedReceiver<Write>) {
+    let mut group = Vec::new();
+    while let Some(first) = queue.blocking_recv() {
+        group.push(first);
+        // No wait for more: only what queued while the last commit was syncing joins.
+        while group.len() < MAX_GROUP
+            && let Ok(write) = queue.try_recv()
+        {
+            group.push(write);
+        }
+        let failure = shared.commit_group(&mut group).err();
+        if let Some(e) = &failure {
+            tracing::warn!(error = %e, writes = group.len(), "a store commit failed");
+        }
+        for write in group.drain(..) {
+            write.answer(failure.as_ref());
+        }
+    }
+}
+
+impl Shared {
+    /// Applies `group` in order in one write transaction and commits it (one fsync), then wakes
+    /// the watchers. Each write's own outcome is left in it; an error fails them all.
+    fn commit_group(&self, group: &mut [Write]) -> Result<(), StoreError> {
+        let wtx = self.db.begin_write().map_err(backend)?;
+        let (dirty, revision) = {
+            let mut t = Tables::open(&wtx)?;
+            let start = t.revision;
+            for write in group.iter_mut() {
+                write.apply(&mut t)?;
+            }
+            if t.revision > start {
+                t.meta
+                    .insert(META_REVISION, t.revision as u64)
+                    .map_err(backend)?;
+                // As many old entries leave as revisions came, so the log stays at `history`
+                // entries without a compaction pause.
+                trim_log(&mut t.log, &mut t.meta, t.revision as u64, self.history)?;
+            }
+            (t.dirty, t.revision)
+        };
+        if !dirty {
+            // Only reads and refusals: nothing to make durable, so no fsync.
+            wtx.abort().map_err(backend)?;
+            return Ok(());
+        }
         wtx.commit().map_err(backend)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
         self.revision.send_if_modified(|rev| {
-            // Commits are serialized, but these notifications may race: never go backwards.
-            let newer = next > *rev;
+            let newer = revision > *rev;
             if newer {
-                *rev = next;
+                *rev = revision;
             }
             newer
         });
-        Ok((out, next))
+        Ok(())
+    }
+}
+
+/// The tables of one write transaction, opened once for its whole group, and where the group
+/// has got to.
+struct Tables<'t> {
+    kv: Table<'t, &'static str, &'static [u8]>,
+    log: Table<'t, u64, &'static [u8]>,
+    meta: Table<'t, &'static str, u64>,
+    leases: Table<'t, u64, (u64, u64)>,
+    lease_keys: MultimapTable<'t, u64, &'static str>,
+    /// The revision after the writes applied so far.
+    revision: Revision,
+    /// Something was written, so the transaction must commit.
+    dirty: bool,
+}
+
+impl<'t> Tables<'t> {
+    fn open(wtx: &'t WriteTransaction) -> Result<Self, StoreError> {
+        let meta = wtx.open_table(META).map_err(backend)?;
+        let revision = read_meta(&meta, META_REVISION)? as Revision;
+        Ok(Tables {
+            kv: wtx.open_table(KV).map_err(backend)?,
+            log: wtx.open_table(LOG).map_err(backend)?,
+            meta,
+            leases: wtx.open_table(LEASES).map_err(backend)?,
+            lease_keys: wtx.open_multimap_table(LEASE_KEYS).map_err(backend)?,
+            revision,
+            dirty: false,
+        })
     }
 
-    fn apply_txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        let mut seen = HashSet::new();
-        for ops in [&txn.success, &txn.failure] {
-            seen.clear();
-            for op in ops {
-                let key = match op {
-                    Op::Put { key, .. } | Op::Delete { key } => key,
-                };
-                if key.is_empty() {
-                    return Err(StoreError::Invalid("a key cannot be empty".into()));
+    /// The entry's header, if the key exists. A corrupt entry refuses only the write reading it.
+    fn header(&self, key: &str) -> Result<Option<Header>, Refusal> {
+        match self.kv.get(key).map_err(backend)? {
+            Some(v) => Ok(Some(decode_header(key, v.value()).map_err(Refusal::Write)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Gives `events` (all of the next revision) that revision and its log entry. Returns the
+    /// revision the store is at after them: unchanged when there are none.
+    fn record(&mut self, events: &[Event]) -> Result<Revision, StoreError> {
+        if events.is_empty() {
+            return Ok(self.revision);
+        }
+        let next = self.revision + 1;
+        self.log
+            .insert(next as u64, encode_events(events).as_slice())
+            .map_err(backend)?;
+        self.revision = next;
+        self.dirty = true;
+        Ok(next)
+    }
+
+    fn txn(&mut self, txn: &Txn) -> Result<TxnOutcome, Refusal> {
+        let mut succeeded = true;
+        for cmp in &txn.compare {
+            let holds = match cmp {
+                Compare::Absent(key) => self.kv.get(key.as_str()).map_err(backend)?.is_none(),
+                Compare::Present(key) => self.kv.get(key.as_str()).map_err(backend)?.is_some(),
+                Compare::ModRevision(key, rev) => {
+                    self.header(key)?.is_some_and(|h| h.mod_revision == *rev)
                 }
-                if !seen.insert(key.as_str()) {
-                    return Err(StoreError::Invalid(format!(
-                        "key `{key}` appears twice in one transaction"
-                    )));
+            };
+            if !holds {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
+        // Everything that can refuse the transaction is checked before any of it is written,
+        // so a refusal leaves the group exactly as it was. (No key appears twice in `ops`, so
+        // what is read here is still true when its op is applied.)
+        let mut previous = Vec::with_capacity(ops.len());
+        for op in ops {
+            if let Op::Put {
+                lease: Some(lease), ..
+            } = op
+                && self.leases.get(lease.0 as u64).map_err(backend)?.is_none()
+            {
+                return Err(Refusal::Write(StoreError::LeaseNotFound(lease.0)));
+            }
+            previous.push(self.header(op_key(op))?);
+        }
+        let next = self.revision + 1;
+        let mut events = Vec::with_capacity(ops.len());
+        for (op, previous) in ops.iter().zip(previous) {
+            match op {
+                Op::Put { key, value, lease } => {
+                    if let Some(old) = previous.as_ref().and_then(|p| p.lease) {
+                        self.lease_keys
+                            .remove(old.0 as u64, key.as_str())
+                            .map_err(backend)?;
+                    }
+                    if let Some(lease) = lease {
+                        self.lease_keys
+                            .insert(lease.0 as u64, key.as_str())
+                            .map_err(backend)?;
+                    }
+                    let entry = KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: previous.as_ref().map_or(next, |p| p.create_revision),
+                        mod_revision: next,
+                        version: previous.as_ref().map_or(1, |p| p.version + 1),
+                        lease: *lease,
+                    };
+                    self.kv
+                        .insert(key.as_str(), encode_entry(&entry).as_slice())
+                        .map_err(backend)?;
+                    events.push(Event {
+                        revision: next,
+                        kind: EventKind::Put(entry),
+                    });
+                }
+                Op::Delete { key } => {
+                    let Some(old) = previous else { continue };
+                    self.kv.remove(key.as_str()).map_err(backend)?;
+                    if let Some(lease) = old.lease {
+                        self.lease_keys
+                            .remove(lease.0 as u64, key.as_str())
+                            .map_err(backend)?;
+                    }
+                    events.push(Event {
+                        revision: next,
+                        kind: EventKind::Delete { key: key.clone() },
+                    });
                 }
             }
         }
-        let (succeeded, revision) = self.write(|wtx, next| {
-            let mut kv = wtx.open_table(KV).map_err(backend)?;
-            let mut succeeded = true;
-            for cmp in &txn.compare {
-                let holds = match cmp {
-                    Compare::Absent(key) => kv.get(key.as_str()).map_err(backend)?.is_none(),
-                    Compare::Present(key) => kv.get(key.as_str()).map_err(backend)?.is_some(),
-                    Compare::ModRevision(key, rev) => {
-                        match kv.get(key.as_str()).map_err(backend)? {
-                            Some(v) => decode_entry(key, v.value())?.mod_revision == *rev,
-                            None => false,
-                        }
-                    }
-                };
-                if !holds {
-                    succeeded = false;
-                    break;
-                }
-            }
-            let ops = if succeeded {
-                &txn.success
-            } else {
-                &txn.failure
-            };
-            let leases = wtx.open_table(LEASES).map_err(backend)?;
-            let mut lease_keys = wtx.open_multimap_table(LEASE_KEYS).map_err(backend)?;
-            let mut events = Vec::with_capacity(ops.len());
-            for op in ops {
-                match op {
-                    Op::Put { key, value, lease } => {
-                        if let Some(lease) = lease
-                            && leases.get(lease.0 as u64).map_err(backend)?.is_none()
-                        {
-                            return Err(StoreError::LeaseNotFound(lease.0));
-                        }
-                        let previous = match kv.get(key.as_str()).map_err(backend)? {
-                            Some(v) => Some(decode_entry(key, v.value())?),
-                            None => None,
-                        };
-                        if let Some(old) = previous.as_ref().and_then(|p| p.lease) {
-                            lease_keys
-                                .remove(old.0 as u64, key.as_str())
-                                .map_err(backend)?;
-                        }
-                        if let Some(lease) = lease {
-                            lease_keys
-                                .insert(lease.0 as u64, key.as_str())
-                                .map_err(backend)?;
-                        }
-                        let entry = KeyValue {
-                            key: key.clone(),
-                            value: value.clone(),
-                            create_revision: previous.as_ref().map_or(next, |p| p.create_revision),
-                            mod_revision: next,
-                            version: previous.as_ref().map_or(1, |p| p.version + 1),
-                            lease: *lease,
-                        };
-                        kv.insert(key.as_str(), encode_entry(&entry).as_slice())
-                            .map_err(backend)?;
-                        events.push(Event {
-                            revision: next,
-                            kind: EventKind::Put(entry),
-                        });
-                    }
-                    Op::Delete { key } => {
-                        let removed = match kv.remove(key.as_str()).map_err(backend)? {
-                            Some(v) => Some(decode_entry(key, v.value())?),
-                            None => None,
-                        };
-                        if let Some(old) = removed {
-                            if let Some(lease) = old.lease {
-                                lease_keys
-                                    .remove(lease.0 as u64, key.as_str())
-                                    .map_err(backend)?;
-                            }
-                            events.push(Event {
-                                revision: next,
-                                kind: EventKind::Delete { key: key.clone() },
-                            });
-                        }
-                    }
-                }
-            }
-            Ok((succeeded, events))
-        })?;
+        let revision = self.record(&events)?;
         Ok(TxnOutcome {
             succeeded,
             revision,
         })
     }
 
-    /// Deletes the leases in `ids` and every key attached to them, in one revision.
-    fn end_leases(&self, ids: &[u64]) -> Result<(), StoreError> {
-        self.write(|wtx, next| {
-            let mut kv = wtx.open_table(KV).map_err(backend)?;
-            let mut leases = wtx.open_table(LEASES).map_err(backend)?;
-            let mut lease_keys = wtx.open_multimap_table(LEASE_KEYS).map_err(backend)?;
-            let mut events = Vec::new();
-            for id in ids {
-                leases.remove(*id).map_err(backend)?;
-                let keys: Vec<String> = lease_keys
-                    .remove_all(*id)
-                    .map_err(backend)?
-                    .map(|k| k.map(|k| k.value().to_string()).map_err(backend))
-                    .collect::<Result<_, _>>()?;
-                for key in keys {
-                    if kv.remove(key.as_str()).map_err(backend)?.is_some() {
-                        events.push(Event {
-                            revision: next,
-                            kind: EventKind::Delete { key },
-                        });
-                    }
-                }
-            }
-            Ok(((), events))
-        })
-        .map(|_| ())
+    fn grant(&mut self, ttl_ms: u64) -> Result<LeaseId, Refusal> {
+        let id = read_meta(&self.meta, META_LEASE_SEQ)? + 1;
+        self.meta.insert(META_LEASE_SEQ, id).map_err(backend)?;
+        self.leases
+            .insert(id, (ttl_ms, now_ms() + ttl_ms))
+            .map_err(backend)?;
+        self.dirty = true;
+        Ok(LeaseId(id as i64))
     }
 
+    fn keep_alive(&mut self, lease: LeaseId) -> Result<(), Refusal> {
+        let ttl = match self.leases.get(lease.0 as u64).map_err(backend)? {
+            Some(v) => v.value().0,
+            None => return Err(Refusal::Write(StoreError::LeaseNotFound(lease.0))),
+        };
+        self.leases
+            .insert(lease.0 as u64, (ttl, now_ms() + ttl))
+            .map_err(backend)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn end_leases(&mut self, ids: &[u64], expired_at: Option<u64>) -> Result<(), Refusal> {
+        let next = self.revision + 1;
+        let mut events = Vec::new();
+        for id in ids {
+            let Some((_ttl, deadline)) = self.leases.get(*id).map_err(backend)?.map(|v| v.value())
+            else {
+                continue;
+            };
+            if expired_at.is_some_and(|now| deadline > now) {
+                continue;
+            }
+            self.leases.remove(*id).map_err(backend)?;
+            self.dirty = true;
+            let keys: Vec<String> = self
+                .lease_keys
+                .remove_all(*id)
+                .map_err(backend)?
+                .map(|k| k.map(|k| k.value().to_string()).map_err(backend))
+                .collect::<Result<_, _>>()?;
+            for key in keys {
+                if self.kv.remove(key.as_str()).map_err(backend)?.is_some() {
+                    events.push(Event {
+                        revision: next,
+                        kind: EventKind::Delete { key },
+                    });
+                }
+            }
+        }
+        self.record(&events)?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Queues a write for the writer thread and waits for its group to commit.
+    async fn submit<T>(&self, write: impl FnOnce(Pending<T>) -> Write) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(write(Pending::new(reply)))
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+// --- reads ------------------------------------------------------------------------------------
+
+impl Shared {
     fn expired_leases(&self, now: u64) -> Result<Vec<u64>, StoreError> {
         let rtx = self.db.begin_read().map_err(backend)?;
         let leases = rtx.open_table(LEASES).map_err(backend)?;
@@ -473,25 +759,37 @@ async fn expire_leases(inner: Weak<Inner>) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let result = tokio::task::spawn_blocking(move || {
-            let expired = strong.expired_leases(now_ms())?;
-            if !expired.is_empty() {
-                strong.end_leases(&expired)?;
+        // Looked for with a read, so a tick with nothing expired costs no commit.
+        let shared = strong.shared.clone();
+        let now = now_ms();
+        let expired = tokio::task::spawn_blocking(move || shared.expired_leases(now))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Backend(format!("store task failed: {e}"))));
+        let result = match expired {
+            Ok(ids) if ids.is_empty() => Ok(0),
+            Ok(ids) => {
+                let n = ids.len();
+                strong
+                    .submit(|pending| Write::EndLeases {
+                        ids,
+                        expired_at: Some(now),
+                        pending,
+                    })
+                    .await
+                    .map(|()| n)
             }
-            Ok::<_, StoreError>(expired.len())
-        })
-        .await;
+            Err(e) => Err(e),
+        };
         match result {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::debug!(leases = n, "leases expired"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "expiring leases failed; retrying"),
-            Err(e) => tracing::warn!(error = %e, "lease expiry task failed; retrying"),
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(leases = n, "leases expired"),
+            Err(e) => tracing::warn!(error = %e, "expiring leases failed; retrying"),
         }
     }
 }
 
 async fn run_watch(
-    inner: Weak<Inner>,
+    shared: Weak<Shared>,
     mut revisions: watch::Receiver<Revision>,
     prefix: String,
     mut next: Revision,
@@ -500,7 +798,7 @@ async fn run_watch(
     loop {
         let current = *revisions.borrow_and_update();
         if next <= current {
-            let Some(strong) = inner.upgrade() else {
+            let Some(strong) = shared.upgrade() else {
                 return;
             };
             let prefix = prefix.clone();
@@ -533,8 +831,8 @@ async fn run_watch(
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let key = key.to_string();
-        self.blocking(move |inner| {
-            let rtx = inner.db.begin_read().map_err(backend)?;
+        self.blocking(move |shared| {
+            let rtx = shared.db.begin_read().map_err(backend)?;
             let kv = rtx.open_table(KV).map_err(backend)?;
             match kv.get(key.as_str()).map_err(backend)? {
                 Some(v) => Ok(Some(decode_entry(&key, v.value())?)),
@@ -546,8 +844,8 @@ impl Store for EmbeddedStore {
 
     async fn list(&self, prefix: &str, page: PageRequest) -> Result<Page, StoreError> {
         let prefix = prefix.to_string();
-        self.blocking(move |inner| {
-            let rtx = inner.db.begin_read().map_err(backend)?;
+        self.blocking(move |shared| {
+            let rtx = shared.db.begin_read().map_err(backend)?;
             let meta = rtx.open_table(META).map_err(backend)?;
             let revision = read_meta(&meta, META_REVISION)? as Revision;
             let kv = rtx.open_table(KV).map_err(backend)?;
@@ -586,22 +884,23 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        self.blocking(move |inner| inner.apply_txn(txn)).await
+        validate(&txn)?;
+        self.inner.submit(|pending| Write::Txn(txn, pending)).await
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<crate::store::Watch, StoreError> {
-        let revisions = self.inner.revision.subscribe();
+        let revisions = self.inner.shared.revision.subscribe();
         let current = *revisions.borrow();
         let next = if from <= 0 { current + 1 } else { from };
         if next <= current {
             // Fail now rather than in the stream when the start is already gone.
             let prefix = prefix.to_string();
-            self.blocking(move |inner| inner.read_log(&prefix, next, next).map(|_| ()))
+            self.blocking(move |shared| shared.read_log(&prefix, next, next).map(|_| ()))
                 .await?;
         }
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         tokio::spawn(run_watch(
-            Arc::downgrade(&self.inner),
+            Arc::downgrade(&self.inner.shared),
             revisions,
             prefix.to_string(),
             next,
@@ -611,47 +910,295 @@ impl Store for EmbeddedStore {
     }
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
-        Ok(*self.inner.revision.borrow())
+        Ok(*self.inner.shared.revision.borrow())
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let ttl_ms = (ttl.as_millis() as u64).max(1);
-        self.blocking(move |inner| {
-            let (id, _) = inner.write(|wtx, _| {
-                let mut meta = wtx.open_table(META).map_err(backend)?;
-                let id = read_meta(&meta, META_LEASE_SEQ)? + 1;
-                meta.insert(META_LEASE_SEQ, id).map_err(backend)?;
-                let mut leases = wtx.open_table(LEASES).map_err(backend)?;
-                leases
-                    .insert(id, (ttl_ms, now_ms() + ttl_ms))
-                    .map_err(backend)?;
-                Ok((LeaseId(id as i64), Vec::new()))
-            })?;
-            Ok(id)
-        })
-        .await
+        self.inner
+            .submit(|pending| Write::Grant { ttl_ms, pending })
+            .await
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.blocking(move |inner| {
-            inner.write(|wtx, _| {
-                let mut leases = wtx.open_table(LEASES).map_err(backend)?;
-                let ttl = match leases.get(lease.0 as u64).map_err(backend)? {
-                    Some(v) => v.value().0,
-                    None => return Err(StoreError::LeaseNotFound(lease.0)),
-                };
-                leases
-                    .insert(lease.0 as u64, (ttl, now_ms() + ttl))
-                    .map_err(backend)?;
-                Ok(((), Vec::new()))
-            })?;
-            Ok(())
-        })
-        .await
+        self.inner
+            .submit(|pending| Write::KeepAlive(lease, pending))
+            .await
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.blocking(move |inner| inner.end_leases(&[lease.0 as u64]))
+        self.inner
+            .submit(|pending| Write::EndLeases {
+                ids: vec![lease.0 as u64],
+                expired_at: None,
+                pending,
+            })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
+    use std::collections::BTreeMap;
+
+    use redb::ReadableTableMetadata;
+
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    fn create(key: &str, value: &[u8]) -> Txn {
+        Txn {
+            compare: vec![Compare::Absent(key.into())],
+            success: vec![Op::put(key, value)],
+            failure: vec![],
+        }
+    }
+
+    fn queued_txn(txn: Txn) -> (Write, oneshot::Receiver<Result<TxnOutcome, StoreError>>) {
+        let (reply, answer) = oneshot::channel();
+        (Write::Txn(txn, Pending::new(reply)), answer)
+    }
+
+    fn log_len(shared: &Shared) -> u64 {
+        let rtx = shared.db.begin_read().unwrap();
+        rtx.open_table(LOG).unwrap().len().unwrap()
+    }
+
+    /// Commits `writes` as one group, as the writer thread would, and answers them.
+    fn commit_as_one_group(shared: &Shared, mut writes: Vec<Write>) {
+        let failure = shared.commit_group(&mut writes).err();
+        assert!(failure.is_none(), "{failure:?}");
+        for write in writes {
+            write.answer(None);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_applies_its_writes_in_order_as_if_committed_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open_with_history(dir.path().join("s.redb"), 3)
+            .await
+            .unwrap();
+        let shared = store.inner.shared.clone();
+
+        let (lease_write, lease_answer) = {
+            let (reply, answer) = oneshot::channel();
+            let write = Write::Grant {
+                ttl_ms: 60_000,
+                pending: Pending::new(reply),
+            };
+            (write, answer)
+        };
+        let txns = vec![
+            // Two creates of one key: the second sees the first.
+            create("dup", b"first"),
+            create("dup", b"second"),
+            // A refused write between others changes nothing of theirs.
+            Txn {
+                success: vec![Op::Put {
+                    key: "leased".into(),
+                    value: b"x".to_vec(),
+                    lease: Some(LeaseId(999)),
+                }],
+                ..Txn::default()
+            },
+            // A compare on the revision an earlier write of the group made.
+            Txn {
+                compare: vec![Compare::ModRevision("dup".into(), 1)],
+                success: vec![Op::put("dup", b"swapped")],
+                failure: vec![],
+            },
+        ];
+        let mut writes = Vec::new();
+        let mut answers = Vec::new();
+        for txn in txns {
+            let (write, answer) = queued_txn(txn);
+            writes.push(write);
+            answers.push(answer);
+        }
+        writes.push(lease_write);
+        // The lease granted earlier in the group holds a key later in it.
+        let leased = Txn {
+            success: vec![Op::Put {
+                key: "leased".into(),
+                value: b"y".to_vec(),
+                lease: Some(LeaseId(1)),
+            }],
+            ..Txn::default()
+        };
+        let delete_missing = Txn {
+            compare: vec![Compare::Present("missing".into())],
+            success: vec![Op::delete("missing")],
+            failure: vec![],
+        };
+        let more = [leased, delete_missing]
+            .into_iter()
+            .chain(["a", "b", "c"].map(|k| Txn {
+                success: vec![Op::put(k, k.as_bytes())],
+                ..Txn::default()
+            }));
+        for txn in more {
+            let (write, answer) = queued_txn(txn);
+            writes.push(write);
+            answers.push(answer);
+        }
+        let commits = shared.commits.load(Ordering::Relaxed);
+        commit_as_one_group(&shared, writes);
+        assert_eq!(shared.commits.load(Ordering::Relaxed), commits + 1);
+
+        let outcomes: Vec<_> = answers
+            .into_iter()
+            .map(|mut a| a.try_recv().unwrap().map(|o| (o.succeeded, o.revision)))
+            .collect();
+        assert!(matches!(outcomes[2], Err(StoreError::LeaseNotFound(999))));
+        let ok: Vec<_> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 2)
+            .map(|(_, o)| *o.as_ref().unwrap())
+            .collect();
+        assert_eq!(
+            ok,
+            [
+                (true, 1),
+                (false, 1),
+                (true, 2),
+                (true, 3),
+                (false, 3),
+                (true, 4),
+                (true, 5),
+                (true, 6)
+            ]
+        );
+        assert_eq!(lease_answer.await.unwrap().unwrap(), LeaseId(1));
+
+        let dup = store.get("dup").await.unwrap().unwrap();
+        assert_eq!(dup.value, b"swapped");
+        assert_eq!(
+            (dup.create_revision, dup.mod_revision, dup.version),
+            (1, 2, 2)
+        );
+        assert_eq!(
+            store.get("leased").await.unwrap().unwrap().lease,
+            Some(LeaseId(1))
+        );
+        assert_eq!(store.current_revision().await.unwrap(), 6);
+
+        // Six revisions in one transaction, history 3: three entries stay, three went.
+        assert_eq!(log_len(&shared), 3);
+        let err = store.watch("", 3).await.err().expect("revision 3 is gone");
+        assert!(matches!(err, StoreError::Compacted { .. }), "{err}");
+        let mut watch = store.watch("", 4).await.unwrap();
+        for revision in 4..=6 {
+            let batch = watch.next().await.unwrap().unwrap();
+            assert_eq!(batch.revision, revision);
+        }
+
+        // A group with nothing to write (a compare that fails) commits nothing.
+        let (write, mut answer) = queued_txn(create("a", b"again"));
+        commit_as_one_group(&shared, vec![write]);
+        assert_eq!(answer.try_recv().unwrap().unwrap().revision, 6);
+        assert_eq!(shared.commits.load(Ordering::Relaxed), commits + 1);
+
+        // The expiry sweep does not end a lease whose deadline moved past what it saw.
+        let (reply, mut answer) = oneshot::channel();
+        let sweep = Write::EndLeases {
+            ids: vec![1],
+            expired_at: Some(0),
+            pending: Pending::new(reply),
+        };
+        commit_as_one_group(&shared, vec![sweep]);
+        answer.try_recv().unwrap().unwrap();
+        assert!(store.get("leased").await.unwrap().is_some());
+        store.revoke_lease(LeaseId(1)).await.unwrap();
+        assert!(store.get("leased").await.unwrap().is_none());
+        assert_eq!(store.current_revision().await.unwrap(), 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_get_consecutive_revisions_and_watchers_see_each() {
+        const WRITERS: usize = 16;
+        const TXNS: usize = 200;
+        /// Every this many txns, all writers race to create one shared key.
+        const RACE_EVERY: usize = 10;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path().join("s.redb"))
+            .await
+            .unwrap();
+        let mut watch = store.watch("", 0).await.unwrap();
+
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut acked = Vec::new();
+                    for i in 0..TXNS {
+                        let key = format!("own/{w}/{i}");
+                        let out = store.txn(create(&key, key.as_bytes())).await.unwrap();
+                        assert!(out.succeeded, "{key} existed");
+                        acked.push((out.revision, key));
+                        if i % RACE_EVERY == 0 {
+                            let key = format!("race/{i}");
+                            let out = store.txn(create(&key, &[w as u8])).await.unwrap();
+                            if out.succeeded {
+                                acked.push((out.revision, key));
+                            }
+                        }
+                    }
+                    acked
+                })
+            })
+            .collect();
+        // Each revision, the key its write created.
+        let mut acked = BTreeMap::new();
+        for task in tasks {
+            for (revision, key) in tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap() {
+                assert!(
+                    acked.insert(revision, key).is_none(),
+                    "revision {revision} twice"
+                );
+            }
+        }
+        let races = TXNS.div_ceil(RACE_EVERY);
+        let total = WRITERS * TXNS + races;
+        assert_eq!(
+            acked.len(),
+            total,
+            "each race has exactly one winner, each write one revision"
+        );
+        assert_eq!(
+            acked.keys().copied().collect::<Vec<_>>(),
+            (1..=total as Revision).collect::<Vec<_>>(),
+            "revisions are consecutive"
+        );
+        let commits = store.inner.shared.commits.load(Ordering::Relaxed);
+        assert!(
+            commits < total as u64,
+            "{total} writes from {WRITERS} writers took {commits} commits: none grouped"
+        );
+
+        for (revision, key) in &acked {
+            let kv = store
+                .get(key)
+                .await
+                .unwrap()
+                .expect("acknowledged write lost");
+            assert_eq!(kv.mod_revision, *revision, "{key}");
+        }
+        let mut seen = 0;
+        while seen < total as Revision {
+            let batch = tokio::time::timeout(DEADLINE, watch.next())
+                .await
+                .expect("watch stalled")
+                .unwrap()
+                .unwrap();
+            assert_eq!(batch.revision, seen + 1, "revisions in order, each once");
+            seen = batch.revision;
+            let keys: Vec<_> = batch.events.iter().map(|e| e.key()).collect();
+            assert_eq!(keys, [acked[&seen].as_str()]);
+        }
     }
 }
