@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redb::{
-    Database, MultimapTable, MultimapTableDefinition, ReadableDatabase, ReadableTable, Table,
-    TableDefinition, WriteTransaction,
+    Builder, Database, MultimapTable, MultimapTableDefinition, ReadableDatabase, ReadableTable,
+    Table, TableDefinition, WriteTransaction,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -44,8 +44,23 @@ const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
 const META_LEASE_SEQ: &str = "lease_seq";
 
-/// Revisions of history kept for watchers that resume: at two changes a second, about 14 hours.
-pub const DEFAULT_HISTORY: u64 = 100_000;
+/// Revisions of history kept for watchers that resume, as etcd's compaction keeps a window.
+///
+/// This node's watchers are in-process (the Snapshot, the certificate manager, the DNS view):
+/// they read the log within moments of each commit, so history only matters to a watcher that
+/// fell behind or restarted, and one that falls out of it gets [`StoreError::Compacted`] and
+/// re-reads its prefix, as with etcd. 10,000 revisions is hours at the rate a platform changes
+/// and still ten seconds at a burst of 1,000 writes a second, while keeping the log, whose
+/// entries hold whole values (a watch event carries the value as of its revision, which a later
+/// write may have replaced in the live table), to about 10,000 times a change's size (a service
+/// creation is about 1 KiB, an issued certificate with its key a few KiB): megabytes, not the
+/// hundreds that 100,000 revisions of certificates took.
+pub const DEFAULT_HISTORY: u64 = 10_000;
+/// The most memory redb may use to cache pages. Its default (1 GiB) grows with the file, so a
+/// node holding a million services would keep most of its state twice in memory; nothing on the
+/// request path reads the store (the proxy and DNS read the Snapshot), so a small cache costs
+/// only some admin and startup reads a trip to the page cache of the kernel.
+const CACHE_SIZE: usize = 64 * 1024 * 1024;
 /// The most writes committed in one transaction, so that one group's work (and the latency of
 /// its first caller) stays bounded when thousands queue at once.
 const MAX_GROUP: usize = 1024;
@@ -103,11 +118,13 @@ impl EmbeddedStore {
         let history = history.max(1);
         let open_path = path.clone();
         let (db, current) = tokio::task::spawn_blocking(move || {
+            let mut builder = Builder::new();
+            builder.set_cache_size(CACHE_SIZE);
             // A store dropped in this process a moment ago may still be closing (its writer
             // thread finishing the last commit): wait for it, briefly, rather than fail.
             let deadline = Instant::now() + REOPEN_WAIT;
             let db = loop {
-                match Database::create(&open_path) {
+                match builder.create(&open_path) {
                     Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(5));
                     }
@@ -120,7 +137,7 @@ impl EmbeddedStore {
                     }
                 }
             };
-            let current = prepare(&db)?;
+            let current = prepare(&db, history)?;
             Ok((db, current))
         })
         .await
@@ -160,16 +177,19 @@ impl EmbeddedStore {
     }
 }
 
-/// Creates every table, so readers never meet a missing one. Returns the current revision.
-fn prepare(db: &Database) -> Result<u64, StoreError> {
+/// Creates every table, so readers never meet a missing one, and drops the log entries beyond
+/// `history` (a store last opened with a longer history). Returns the current revision.
+fn prepare(db: &Database, history: u64) -> Result<u64, StoreError> {
     let wtx = db.begin_write().map_err(backend)?;
     wtx.open_table(KV).map_err(backend)?;
-    wtx.open_table(LOG).map_err(backend)?;
     wtx.open_table(LEASES).map_err(backend)?;
     wtx.open_multimap_table(LEASE_KEYS).map_err(backend)?;
     let current = {
-        let meta = wtx.open_table(META).map_err(backend)?;
-        read_meta(&meta, META_REVISION)?
+        let mut log = wtx.open_table(LOG).map_err(backend)?;
+        let mut meta = wtx.open_table(META).map_err(backend)?;
+        let current = read_meta(&meta, META_REVISION)?;
+        trim_log(&mut log, &mut meta, current, history)?;
+        current
     };
     wtx.commit().map_err(backend)?;
     Ok(current)
@@ -1200,5 +1220,83 @@ mod tests {
             let keys: Vec<_> = batch.events.iter().map(|e| e.key()).collect();
             assert_eq!(keys, [acked[&seen].as_str()]);
         }
+    }
+
+    #[tokio::test]
+    async fn a_shorter_history_trims_the_log_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = EmbeddedStore::open_with_history(&path, 100).await.unwrap();
+        for i in 0..50u8 {
+            store.put("k", vec![i]).await.unwrap();
+        }
+        assert_eq!(log_len(&store.inner.shared), 50);
+        drop(store);
+
+        let store = EmbeddedStore::open_with_history(&path, 10).await.unwrap();
+        assert_eq!(log_len(&store.inner.shared), 10);
+        let err = store
+            .watch("", 40)
+            .await
+            .err()
+            .expect("revision 40 is gone");
+        assert!(matches!(err, StoreError::Compacted { .. }), "{err}");
+        let mut watch = store.watch("", 41).await.unwrap();
+        assert_eq!(watch.next().await.unwrap().unwrap().revision, 41);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn churn_leaves_the_file_and_the_log_bounded() {
+        const HISTORY: u64 = 400;
+        const KEYS: usize = 200;
+        const WRITERS: usize = 8;
+        const ROUNDS: usize = 4;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = EmbeddedStore::open_with_history(&path, HISTORY)
+            .await
+            .unwrap();
+        // A service's worth of value.
+        let value = vec![b'v'; 1000];
+        // Each round creates every key and deletes it again: 2 x KEYS revisions, from several
+        // writers at once, so groups carry several revisions (and several trims) each.
+        let churn = |rounds: usize| {
+            let tasks: Vec<_> = (0..WRITERS)
+                .map(|w| {
+                    let (store, value) = (store.clone(), value.clone());
+                    tokio::spawn(async move {
+                        for _ in 0..rounds {
+                            let keys: Vec<_> = (w..KEYS).step_by(WRITERS).collect();
+                            for k in &keys {
+                                store.put(&format!("k/{k}"), value.clone()).await.unwrap();
+                            }
+                            for k in &keys {
+                                assert!(store.delete(&format!("k/{k}")).await.unwrap());
+                            }
+                        }
+                    })
+                })
+                .collect();
+            async move {
+                for task in tasks {
+                    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+                }
+            }
+        };
+        // Past the history first, so the log is full and every revision adds one, drops one.
+        churn(ROUNDS).await;
+        let after_n = std::fs::metadata(&path).unwrap().len();
+        churn(ROUNDS).await;
+        let after_2n = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(
+            store.current_revision().await.unwrap(),
+            (2 * ROUNDS * 2 * KEYS) as Revision
+        );
+        // Slack for redb growing its file by a region at a time.
+        assert!(
+            after_2n <= after_n + after_n / 10,
+            "the file grew with churn alone: {after_n} then {after_2n} bytes"
+        );
+        assert_eq!(log_len(&store.inner.shared), HISTORY);
     }
 }
