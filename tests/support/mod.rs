@@ -289,6 +289,17 @@ impl Node {
     }
 }
 
+impl Node {
+    /// SIGKILL: the process finishes nothing. It leaves `admin.url` behind, which is removed so
+    /// that `restart` waits for the new process's.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("wait");
+        let _ = std::fs::remove_file(self.state_dir().join("admin.url"));
+    }
+}
+
 pub fn terminate(child: &mut Child) -> ExitStatus {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
