@@ -56,10 +56,12 @@ const META_LEASE_SEQ: &str = "lease_seq";
 /// creation is about 1 KiB, an issued certificate with its key a few KiB): megabytes, not the
 /// hundreds that 100,000 revisions of certificates took.
 pub const DEFAULT_HISTORY: u64 = 10_000;
-/// The most memory redb may use to cache pages. Its default (1 GiB) grows with the file, so a
-/// node holding a million services would keep most of its state twice in memory; nothing on the
-/// request path reads the store (the proxy and DNS read the Snapshot), so a small cache costs
-/// only some admin and startup reads a trip to the page cache of the kernel.
+/// The most memory redb may use to cache pages. Its default (1 GiB) fills as the file grows,
+/// and the kernel's page cache holds the same pages again, so a node with a million services
+/// would spend a gigabyte on a second copy. Proxy and DNS read the Snapshot; the store is read on
+/// a request only when the TLS path's own bounded certificate cache misses, a point read whose
+/// upper B-tree pages stay in these 64 MiB and whose leaf costs at most one `pread` served from
+/// the kernel's page cache.
 const CACHE_SIZE: usize = 64 * 1024 * 1024;
 /// The most writes committed in one transaction, so that one group's work (and the latency of
 /// its first caller) stays bounded when thousands queue at once.
