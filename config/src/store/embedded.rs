@@ -46,8 +46,8 @@ const META_LEASE_SEQ: &str = "lease_seq";
 
 /// Revisions of history kept for watchers that resume, as etcd's compaction keeps a window.
 ///
-/// This node's watchers are in-process (the Snapshot, the certificate manager, the DNS view):
-/// they read the log within moments of each commit, so history only matters to a watcher that
+/// This node's watchers are in-process (`SnapshotSync`, which every other part follows, and the
+/// waiters of locks and semaphores): they read the log within moments of each commit, so history only matters to a watcher that
 /// fell behind or restarted, and one that falls out of it gets [`StoreError::Compacted`] and
 /// re-reads its prefix, as with etcd. 10,000 revisions is hours at the rate a platform changes
 /// and still ten seconds at a burst of 1,000 writes a second, while keeping the log, whose
