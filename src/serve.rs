@@ -95,7 +95,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
 
     let db = config.store.database_file();
     let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open(&db)
+        EmbeddedStore::open_with_history(&db, config.store.history)
             .await
             .with_context(|| format!("opening the state store {}", db.display()))?,
     );

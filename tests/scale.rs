@@ -135,7 +135,12 @@ async fn certificates_load_by_name_into_a_bounded_cache() {
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 /// One round of churn from several clients at once: each creates services, changes their
@@ -221,5 +226,9 @@ async fn steady_churn_keeps_the_state_file_and_memory_flat() {
         "RSS grew from {rss_before} to {rss_after} bytes over {churned} churned services"
     );
     let count = node.api(Method::GET, "/v1/services", None).await.json();
-    assert_eq!(count["services"].as_array().map(Vec::len), Some(0), "{count}");
+    assert_eq!(
+        count["services"].as_array().map(Vec::len),
+        Some(0),
+        "{count}"
+    );
 }

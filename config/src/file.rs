@@ -435,6 +435,24 @@ pub struct StoreSection {
     /// The node's state directory: the store file, the dev CA, the admin token by default.
     #[serde(default = "default_state_dir")]
     pub path: PathBuf,
+    /// Revisions of change history kept (etcd's compaction retention): a watcher that falls
+    /// further behind reloads everything. The file's size is bounded by it under churn.
+    #[serde(default = "default_history", deserialize_with = "at_least_one_u64")]
+    pub history: u64,
+}
+
+fn default_history() -> u64 {
+    crate::store::DEFAULT_HISTORY
+}
+
+fn at_least_one_u64<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
+    let n = u64::deserialize(de)?;
+    if n == 0 {
+        return Err(serde::de::Error::custom(
+            "must be at least 1: watchers resume from the history",
+        ));
+    }
+    Ok(n)
 }
 
 fn default_state_dir() -> PathBuf {
@@ -446,6 +464,7 @@ impl Default for StoreSection {
         StoreSection {
             kind: StoreKind::Embedded,
             path: default_state_dir(),
+            history: default_history(),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-pub use embedded::EmbeddedStore;
+pub use embedded::{DEFAULT_HISTORY, EmbeddedStore};
 pub use lock::LockGuard;
 
 use crate::error::StoreError;
