@@ -101,6 +101,10 @@ pub struct ProxySection {
     /// Certificates whose parsed chain and key are kept in memory; others are read from the
     /// store at their next handshake (one read). Each takes a few KiB. 0 counts as 1.
     pub certificate_cache: usize,
+    /// Active health checks this node sends per second at most, over all backends: with more
+    /// backends than fit at their intervals, every interval is stretched alike.
+    #[serde(deserialize_with = "positive_rate")]
+    pub health_checks_per_second: u32,
 }
 
 /// hyper's own limit on HTTP/1 header lines, which Envoy and HAProxy share.
@@ -112,6 +116,17 @@ fn at_least_one<'de, D: serde::Deserializer<'de>>(de: D) -> Result<usize, D::Err
     if n == 0 {
         return Err(serde::de::Error::custom(
             "must be at least 1: a request always has a Host header",
+        ));
+    }
+    Ok(n)
+}
+
+/// A rate where 0 would stop every health check for good; `active = "never"` is the way to.
+fn positive_rate<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(de)?;
+    if n == 0 {
+        return Err(serde::de::Error::custom(
+            "must be at least 1; turn checks off per service with options.health_check.active = \"never\"",
         ));
     }
     Ok(n)
@@ -131,6 +146,7 @@ impl Default for ProxySection {
             idle_timeout: secs(75),
             proxy_protocol_from: Vec::new(),
             certificate_cache: 10_000,
+            health_checks_per_second: 200,
         }
     }
 }
@@ -767,6 +783,28 @@ mod tests {
         let minimal =
             "[node]\nid = \"a\"\npublic_ipv4 = [\"192.0.2.1\"]\n[zone]\nname = \"z.test\"\n";
         assert_eq!(parse(minimal).unwrap().proxy, ProxySection::default());
+    }
+
+    #[test]
+    fn health_check_budget_is_positive() {
+        let set = |n: &str| {
+            let text = EXAMPLE.replacen(
+                "health_checks_per_second = 200",
+                &format!("health_checks_per_second = {n}"),
+                1,
+            );
+            assert_ne!(text, EXAMPLE, "health_checks_per_second not in the example");
+            parse(&text)
+        };
+        assert_eq!(ProxySection::default().health_checks_per_second, 200);
+        assert_eq!(set("20").unwrap().proxy.health_checks_per_second, 20);
+        let err = set("0").unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("proxy.health_checks_per_second"),
+            "{err}"
+        );
+        assert!(err.message.contains("at least 1"), "{err}");
     }
 
     #[test]

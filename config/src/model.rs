@@ -28,7 +28,7 @@ pub enum LoadBalancing {
 }
 
 /// How the edge talks to a service's backends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamProtocol {
     #[default]
@@ -37,13 +37,36 @@ pub enum UpstreamProtocol {
     H2c,
 }
 
+/// When the edge checks a service's backends actively.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActiveChecks {
+    /// Only when the service has more than one backend: with one there is nothing to fail over
+    /// to, and passive ejection still notices a backend that refuses connections.
+    #[default]
+    Auto,
+    /// Even with one backend (a dead one then gets a quick `503` instead of a `502`).
+    Always,
+    Never,
+}
+
+impl ActiveChecks {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ActiveChecks::Auto => "auto",
+            ActiveChecks::Always => "always",
+            ActiveChecks::Never => "never",
+        }
+    }
+}
+
 /// Active health checking of a service's backends; defaults like HAProxy's `check`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(try_from = "RawHealthCheck")]
 pub struct HealthCheck {
-    pub enabled: bool,
-    /// Requested with GET and the service's canonical Host; 2xx and 3xx are healthy.
-    /// `None`: `/`.
+    pub active: ActiveChecks,
+    /// Requested with GET and the backend's address as Host (one check serves every service
+    /// of the backend); 2xx and 3xx are healthy. `None`: `/`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     pub interval_ms: u32,
@@ -57,7 +80,7 @@ pub struct HealthCheck {
 impl Default for HealthCheck {
     fn default() -> Self {
         HealthCheck {
-            enabled: true,
+            active: ActiveChecks::Auto,
             path: None,
             interval_ms: 5_000,
             timeout_ms: 2_000,
@@ -71,6 +94,80 @@ impl HealthCheck {
     pub fn path(&self) -> &str {
         self.path.as_deref().unwrap_or("/")
     }
+
+    /// True when a service with `backends` backends has them checked actively.
+    pub fn is_active_for(&self, backends: usize) -> bool {
+        match self.active {
+            ActiveChecks::Auto => backends > 1,
+            ActiveChecks::Always => backends > 0,
+            ActiveChecks::Never => false,
+        }
+    }
+}
+
+/// A health check as sent and as stored before `active` existed: `enabled` was the switch, and
+/// every stored service says `"enabled": true`, which now means `auto`.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawHealthCheck {
+    active: Option<ActiveChecks>,
+    enabled: Option<bool>,
+    path: Option<String>,
+    interval_ms: u32,
+    timeout_ms: u32,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+}
+
+impl Default for RawHealthCheck {
+    fn default() -> Self {
+        let d = HealthCheck::default();
+        RawHealthCheck {
+            active: None,
+            enabled: None,
+            path: d.path,
+            interval_ms: d.interval_ms,
+            timeout_ms: d.timeout_ms,
+            healthy_threshold: d.healthy_threshold,
+            unhealthy_threshold: d.unhealthy_threshold,
+        }
+    }
+}
+
+impl TryFrom<RawHealthCheck> for HealthCheck {
+    type Error = String;
+    fn try_from(raw: RawHealthCheck) -> Result<Self, Self::Error> {
+        let active = match (raw.enabled, raw.active) {
+            (Some(false), Some(active)) if active != ActiveChecks::Never => {
+                return Err(format!(
+                    "`enabled: false` turns active checks off but `active` is `{}`; give only `active` (`auto`, `always` or `never`)",
+                    active.as_str()
+                ));
+            }
+            (Some(false), _) => ActiveChecks::Never,
+            (_, Some(active)) => active,
+            (_, None) => ActiveChecks::Auto,
+        };
+        Ok(HealthCheck {
+            active,
+            path: raw.path,
+            interval_ms: raw.interval_ms,
+            timeout_ms: raw.timeout_ms,
+            healthy_threshold: raw.healthy_threshold,
+            unhealthy_threshold: raw.unhealthy_threshold,
+        })
+    }
+}
+
+/// How much the node's metrics say about one service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsDetail {
+    /// Counted only in the node's totals: a million services cannot each have series.
+    #[default]
+    Basic,
+    /// Series of its own: requests and connect errors by service, certificate expiry by name.
+    Detailed,
 }
 
 /// How the edge treats a service; every field has a default, so `{}` is valid.
@@ -89,6 +186,7 @@ pub struct ServiceOptions {
     /// (not the dev CA's), like Caddy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hsts: Option<bool>,
+    pub metrics: MetricsDetail,
 }
 
 impl ServiceOptions {
@@ -604,6 +702,50 @@ mod tests {
         ] {
             assert!(Backend::parse(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn health_check_takes_the_old_switch_and_writes_back_active_only() {
+        let check = |json: &str| serde_json::from_str::<HealthCheck>(json);
+        assert_eq!(check("{}").unwrap(), HealthCheck::default());
+        // Every service stored before `active` says `"enabled": true`: that is `auto` now.
+        assert_eq!(
+            check(r#"{"enabled": true}"#).unwrap().active,
+            ActiveChecks::Auto
+        );
+        assert_eq!(
+            check(r#"{"enabled": false}"#).unwrap().active,
+            ActiveChecks::Never
+        );
+        assert_eq!(
+            check(r#"{"enabled": true, "active": "always"}"#)
+                .unwrap()
+                .active,
+            ActiveChecks::Always
+        );
+        let err = check(r#"{"enabled": false, "active": "always"}"#).unwrap_err();
+        assert!(err.to_string().contains("give only `active`"), "{err}");
+        assert!(check(r#"{"active": "sometimes"}"#).is_err());
+        assert!(check(r#"{"interval": 5}"#).is_err());
+        let text = serde_json::to_string(&check(r#"{"enabled": false}"#).unwrap()).unwrap();
+        assert!(
+            text.contains(r#""active":"never""#) && !text.contains("enabled"),
+            "{text}"
+        );
+
+        let auto = HealthCheck::default();
+        assert!(!auto.is_active_for(1) && auto.is_active_for(2));
+        let always = check(r#"{"active": "always"}"#).unwrap();
+        assert!(always.is_active_for(1));
+    }
+
+    #[test]
+    fn metrics_detail_defaults_to_basic() {
+        let options: ServiceOptions = serde_json::from_str("{}").unwrap();
+        assert_eq!(options.metrics, MetricsDetail::Basic);
+        let options: ServiceOptions = serde_json::from_str(r#"{"metrics": "detailed"}"#).unwrap();
+        assert_eq!(options.metrics, MetricsDetail::Detailed);
+        assert!(serde_json::from_str::<ServiceOptions>(r#"{"metrics": "all"}"#).is_err());
     }
 
     #[test]

@@ -165,7 +165,7 @@ pub async fn run_checks(
         let mut wanted: HashMap<Key, (Wanted, String)> = HashMap::new();
         for service in current.services() {
             let check = &service.options.health_check;
-            if service.status != ServiceStatus::Active || !check.enabled {
+            if service.status != ServiceStatus::Active || !check.is_active_for(service.backends.len()) {
                 continue;
             }
             for backend in &service.backends {
