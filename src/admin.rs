@@ -42,6 +42,8 @@ pub struct Admin {
     /// What record checks need to know of the zones served.
     pub dns: Arc<portcullis_dns::ZoneSettings>,
     pub dns_views: portcullis_dns::ViewHandle,
+    /// What the edge's health checks found.
+    pub health: Arc<portcullis_proxy::Health>,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -376,6 +378,7 @@ async fn render_metrics(AxumState(admin): AxumState<Admin>) -> Response {
         time::OffsetDateTime::now_utc(),
         &mut body,
     );
+    backend_health(&admin.health, &mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -406,6 +409,35 @@ fn certificate_expiry(
             "portcullis_certificate_expiry_seconds{{domain=\"{domain}\"}} {}",
             (not_after - now).as_seconds_f64()
         );
+    }
+}
+
+/// Backends failing their health checks shown by name; at most this many, so a mass outage
+/// cannot blow up a scrape.
+const UNHEALTHY_SHOWN: usize = 100;
+
+/// Only backends in trouble get a series: with a million services a series per backend would
+/// be most of the scrape, and "which backends are down" is what the figure is read for.
+fn backend_health(health: &portcullis_proxy::Health, out: &mut String) {
+    use std::fmt::Write as _;
+    let (count, shown) = health.unhealthy_backends(UNHEALTHY_SHOWN);
+    out.push_str(
+        "# HELP portcullis_backends_unhealthy Backends (addresses) failing their active health checks.\n\
+         # TYPE portcullis_backends_unhealthy gauge\n",
+    );
+    let _ = writeln!(out, "portcullis_backends_unhealthy {count}");
+    if shown.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP portcullis_backend_healthy 0 for a backend failing its active health checks (at most {UNHEALTHY_SHOWN}); healthy backends have no series.\n\
+         # TYPE portcullis_backend_healthy gauge"
+    );
+    for backend in shown {
+        // A backend prints as an IP, a bracketed IPv6 or a validated host name, and a port:
+        // nothing to escape.
+        let _ = writeln!(out, "portcullis_backend_healthy{{backend=\"{backend}\"}} 0");
     }
 }
 

@@ -157,6 +157,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     )
     .await?;
     let http_addr = proxy.http_addr()?;
+    let health = proxy.health();
     let https_addr = proxy.https_addr()?;
     let dns = Dns::start(&config, snapshot.clone())
         .await
@@ -225,6 +226,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         metrics,
         dns: dns.settings.clone(),
         dns_views: dns.views.clone(),
+        health,
     });
     let stop = shutdown.clone();
     tokio::spawn(async move {

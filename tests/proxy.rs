@@ -850,36 +850,32 @@ async fn health_checks_move_traffic_and_all_down_is_503() {
     let client = TlsClient::new(&node.root_pem(), &[b"h2"]);
     let (mut conn, _) = open(&client, https, &host).await;
 
-    // The checker reports both healthy in the metrics.
-    let metrics = || async {
-        support::http(Method::GET, &format!("{}/metrics", node.admin), None, None).await
-    };
-    let gauge = |text: &str, backend: SocketAddr| -> Option<f64> {
-        text.lines()
-            .find(|l| {
-                l.starts_with("portcullis_backend_healthy")
-                    && l.contains(&format!("backend=\"{backend}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    };
+    // The checker runs: both backends see its checks.
     let start = Instant::now();
-    loop {
-        let text = String::from_utf8(metrics().await.body).unwrap();
-        if gauge(&text, a.addr) == Some(1.0) && gauge(&text, b.addr) == Some(1.0) {
-            break;
-        }
-        assert!(start.elapsed() < DEADLINE, "no health gauges:\n{text}");
+    while a.checks() == 0 || b.checks() == 0 {
+        assert!(start.elapsed() < DEADLINE, "no health checks reached a and b");
         tokio::time::sleep(support::POLL).await;
     }
+    // Only backends in trouble have a series.
+    let metrics = || async {
+        let reply =
+            support::http(Method::GET, &format!("{}/metrics", node.admin), None, None).await;
+        String::from_utf8(reply.body).unwrap()
+    };
+    let unhealthy = |backend: SocketAddr| format!("portcullis_backend_healthy{{backend=\"{backend}\"}} 0");
+    let text = metrics().await;
+    assert!(text.contains("portcullis_backends_unhealthy 0"), "{text}");
+    assert!(!text.contains("portcullis_backend_healthy{"), "{text}");
 
     // b goes away: the checks take it out, and then even requests that cannot be retried
     // (POST with a body) all land on a.
     b.stop();
+    let b_addr = b.addr;
     let start = Instant::now();
     loop {
-        let text = String::from_utf8(metrics().await.body).unwrap();
-        if gauge(&text, b.addr) == Some(0.0) {
+        let text = metrics().await;
+        if text.contains(&unhealthy(b_addr)) {
+            assert!(text.contains("portcullis_backends_unhealthy 1"), "{text}");
             break;
         }
         assert!(start.elapsed() < DEADLINE, "b never marked unhealthy");
@@ -899,8 +895,25 @@ async fn health_checks_move_traffic_and_all_down_is_503() {
         assert_eq!(seen["backend"], "a");
     }
 
+    // b comes back on its port: the checks bring it in again, and it gets requests.
+    let b = Backend::start_at("b", b_addr).await;
+    let start = Instant::now();
+    loop {
+        let text = metrics().await;
+        if !text.contains(&unhealthy(b_addr)) {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "b never came back");
+        tokio::time::sleep(support::POLL).await;
+    }
+    let start = Instant::now();
+    while echo(&mut conn, &host).await["backend"] != "b" {
+        assert!(start.elapsed() < DEADLINE, "b back but no requests reach it");
+    }
+
     // Every backend down: 503 with Retry-After.
     a.stop();
+    b.stop();
     let start = Instant::now();
     let response = loop {
         let response = conn
@@ -918,7 +931,7 @@ async fn health_checks_move_traffic_and_all_down_is_503() {
     assert_eq!(response.headers()["retry-after"], "5");
 
     // The other metrics the edge keeps are there too.
-    let text = String::from_utf8(metrics().await.body).unwrap();
+    let text = metrics().await;
     for name in [
         "portcullis_http_requests_total",
         "portcullis_http_request_duration_seconds",

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use conn::{Activity, ActivityIo};
+pub use health::Health;
 pub use router::ProxyBody;
 use router::{ConnInfo, Shared};
 use tls::TlsAcceptor;
@@ -50,6 +51,7 @@ pub struct Proxy {
     limits: Limits,
     access_log: bool,
     https_public_port: u16,
+    health: Arc<Health>,
 }
 
 impl Proxy {
@@ -78,7 +80,13 @@ impl Proxy {
             limits,
             access_log,
             https_public_port,
+            health: Arc::new(Health::default()),
         })
+    }
+
+    /// What the health checks found, for the admin's metrics.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     pub fn http_addr(&self) -> io::Result<SocketAddr> {
@@ -106,16 +114,21 @@ impl Proxy {
         let shared = Arc::new(Shared::new(
             snapshot.clone(),
             acceptor.resolver().clone(),
+            self.health.clone(),
             self.limits.clone(),
             self.access_log,
             self.https_public_port,
         ));
         let connections = TaskTracker::new();
+        let probe = Arc::new(health::HttpProbe {
+            client: shared.client.clone(),
+            h2c_client: shared.h2c_client.clone(),
+        });
         let checks = tokio::spawn(health::run_checks(
             snapshot.clone(),
             shared.health.clone(),
-            shared.client.clone(),
-            shared.h2c_client.clone(),
+            probe,
+            self.limits.health_checks_per_second,
             shutdown.clone(),
         ));
         let builder = Arc::new(http_builder(&self.limits));

@@ -26,7 +26,7 @@ use portcullis_config::{ServiceId, SnapshotHandle};
 
 use crate::Limits;
 use crate::failure::{Failure, Fault};
-use crate::health::{BackendState, Health};
+use crate::health::{BackendState, Health, Target};
 use crate::tls::SnapshotResolver;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -56,6 +56,7 @@ impl Shared {
     pub fn new(
         snapshot: SnapshotHandle,
         resolver: Arc<SnapshotResolver>,
+        health: Arc<Health>,
         limits: Limits,
         access_log: bool,
         https_port: u16,
@@ -75,7 +76,7 @@ impl Shared {
         Shared {
             snapshot,
             resolver,
-            health: Arc::new(Health::default()),
+            health,
             client,
             h2c_client,
             cursors: DashMap::new(),
@@ -677,7 +678,7 @@ async fn forward(
     };
     let states: Vec<Arc<BackendState>> = backends
         .iter()
-        .map(|b| shared.health.state(service.id, b))
+        .map(|b| shared.health.state(&Target::new(b, &service.options)))
         .collect();
     let candidates = pick(service.options.load_balancing, &states, start);
     if candidates[0].is_none() {

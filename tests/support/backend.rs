@@ -3,8 +3,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -22,15 +22,28 @@ pub struct Backend {
     pub name: &'static str,
     /// Requests that reached this backend, the node's health checks left out.
     pub hits: Arc<AtomicUsize>,
+    /// The node's health checks that reached this backend.
+    pub checks: Arc<AtomicUsize>,
+    /// The Host header of the last health check.
+    pub check_host: Arc<Mutex<Option<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Backend {
     pub async fn start(name: &'static str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A backend on `addr`: the port of one that was stopped, to bring it back.
+    pub async fn start_at(name: &'static str, addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();
+        let checks = Arc::new(AtomicUsize::new(0));
+        let check_counter = checks.clone();
+        let check_host = Arc::new(Mutex::new(None));
+        let last_host = check_host.clone();
         let task = tokio::spawn(async move {
             // Connections live in this set, so aborting this task (stop) ends them too.
             let mut connections = tokio::task::JoinSet::new();
@@ -40,15 +53,23 @@ impl Backend {
                 };
                 while connections.try_join_next().is_some() {}
                 let counter = counter.clone();
+                let check_counter = check_counter.clone();
+                let last_host = last_host.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         // The node's health checks come at random points of their interval:
-                        // counting them would make every count a race.
+                        // counting them with the visitors' requests would make every count a
+                        // race.
                         let health_check = req
                             .headers()
                             .get(hyper::header::USER_AGENT)
                             .is_some_and(|ua| ua == "portcullis-health-check");
-                        if !health_check {
+                        if health_check {
+                            let host = req.headers().get(hyper::header::HOST);
+                            *last_host.lock().unwrap() =
+                                host.and_then(|h| h.to_str().ok()).map(str::to_string);
+                            check_counter.fetch_add(1, Ordering::SeqCst);
+                        } else {
                             counter.fetch_add(1, Ordering::SeqCst);
                         }
                         handle(name, req)
@@ -63,6 +84,8 @@ impl Backend {
             addr,
             name,
             hits,
+            checks,
+            check_host,
             task,
         }
     }
@@ -74,6 +97,10 @@ impl Backend {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn checks(&self) -> usize {
+        self.checks.load(Ordering::SeqCst)
     }
 }
 
