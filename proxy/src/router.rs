@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_config::model::{
-    IssuerRef, LoadBalancing, Service, ServiceStatus, UpstreamProtocol,
+    IssuerRef, LoadBalancing, MetricsDetail, Service, ServiceStatus, UpstreamProtocol,
 };
 use portcullis_config::names::{DomainName, MAX_NAME_LEN, host_name, normalize_host};
 use portcullis_config::{ServiceId, SnapshotHandle};
@@ -46,7 +46,13 @@ pub struct Shared {
     access_log: bool,
     request_ids: RequestIds,
     /// Metric handles, made once: the macros would build and hash their labels per request.
-    request_counters: DashMap<(ServiceId, usize), metrics::Counter>,
+    /// Requests for a service, by class, all services together.
+    requests: [metrics::Counter; 5],
+    connect_errors: metrics::Counter,
+    /// Series of their own, for services with detailed metrics only: a series per service
+    /// would make a million-service scrape megabytes.
+    detailed_requests: DashMap<(ServiceId, usize), metrics::Counter>,
+    detailed_connect_errors: DashMap<ServiceId, metrics::Counter>,
     durations: [metrics::Histogram; 5],
     /// Port clients reach HTTPS on, for redirects.
     pub https_port: u16,
@@ -83,7 +89,11 @@ impl Shared {
             limits,
             access_log,
             request_ids: RequestIds::new(),
-            request_counters: DashMap::new(),
+            requests: CLASSES
+                .map(|class| metrics::counter!("portcullis_http_requests_total", "class" => class)),
+            connect_errors: metrics::counter!("portcullis_upstream_connect_errors_total"),
+            detailed_requests: DashMap::new(),
+            detailed_connect_errors: DashMap::new(),
             durations: CLASSES.map(|class| {
                 metrics::histogram!("portcullis_http_request_duration_seconds", "class" => class)
             }),
@@ -94,19 +104,56 @@ impl Shared {
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// The service a request was for, as its metrics need it.
+#[derive(Clone, Copy)]
+struct Routed {
+    id: ServiceId,
+    detailed: bool,
+}
+
+impl Routed {
+    fn of(service: &Service) -> Self {
+        Routed {
+            id: service.id,
+            detailed: service.options.metrics == MetricsDetail::Detailed,
+        }
+    }
+}
+
 impl Shared {
-    fn count_request(&self, service: ServiceId, class: usize) {
-        if let Some(counter) = self.request_counters.get(&(service, class)) {
+    fn count_request(&self, service: Routed, class: usize) {
+        self.requests[class].increment(1);
+        if !service.detailed {
+            return;
+        }
+        if let Some(counter) = self.detailed_requests.get(&(service.id, class)) {
             counter.increment(1);
             return;
         }
         let counter = metrics::counter!(
-            "portcullis_http_requests_total",
-            "service" => service.to_string(),
+            "portcullis_service_http_requests_total",
+            "service" => service.id.to_string(),
             "class" => CLASSES[class]
         );
         counter.increment(1);
-        self.request_counters.insert((service, class), counter);
+        self.detailed_requests.insert((service.id, class), counter);
+    }
+
+    fn count_connect_error(&self, service: Routed) {
+        self.connect_errors.increment(1);
+        if !service.detailed {
+            return;
+        }
+        if let Some(counter) = self.detailed_connect_errors.get(&service.id) {
+            counter.increment(1);
+            return;
+        }
+        let counter = metrics::counter!(
+            "portcullis_service_upstream_connect_errors_total",
+            "service" => service.id.to_string()
+        );
+        counter.increment(1);
+        self.detailed_connect_errors.insert(service.id, counter);
     }
 }
 
@@ -374,8 +421,8 @@ pub async fn route(
         .insert("x-request-id", request_id.clone());
     let class = (response.status().as_u16() / 100).clamp(1, 5) as usize - 1;
     shared.durations[class].record(started.elapsed().as_secs_f64());
-    if let Some(id) = service {
-        shared.count_request(id, class);
+    if let Some(service) = service {
+        shared.count_request(service, class);
     }
     let Some((method, path)) = logged else {
         return Ok(response);
@@ -383,7 +430,7 @@ pub async fn route(
     // Logged when the body ends, so bytes and duration cover the whole response, as nginx's
     // $body_bytes_sent and $request_time do.
     let record = AccessRecord {
-        service: service.map(|s| s.to_string()).unwrap_or_default(),
+        service: service.map(|s| s.id.to_string()).unwrap_or_default(),
         host: logged_host,
         method,
         path,
@@ -437,7 +484,7 @@ async fn route_inner(
     req: Request<Incoming>,
     host: Result<String, Failure>,
     request_id: &HeaderValue,
-) -> (Response<ProxyBody>, Option<ServiceId>, Option<String>) {
+) -> (Response<ProxyBody>, Option<Routed>, Option<String>) {
     if let Some(response) = too_many_headers(shared, &req, Some(request_id)) {
         return (response, None, None);
     }
@@ -488,7 +535,7 @@ async fn route_inner(
         let text = "CONNECT is only served for WebSocket over HTTP/2 (RFC 8441) here.\n";
         return (
             page(StatusCode::NOT_IMPLEMENTED, text.into(), Some(request_id)),
-            Some(service.id),
+            Some(Routed::of(&service)),
             None,
         );
     }
@@ -496,7 +543,7 @@ async fn route_inner(
         let text = format!("The site at {name} is suspended by its platform.\n");
         return (
             page(StatusCode::SERVICE_UNAVAILABLE, text, Some(request_id)),
-            Some(service.id),
+            Some(Routed::of(&service)),
             None,
         );
     }
@@ -526,7 +573,7 @@ async fn route_inner(
             HeaderValue::from_static("max-age=31536000"),
         );
     }
-    (response, Some(service.id), upstream)
+    (response, Some(Routed::of(&service)), upstream)
 }
 
 /// The whole story goes to the log, at the level of whoever is at fault: a client's broken
@@ -838,8 +885,7 @@ async fn forward(
             Ok(Err(e)) => {
                 let connect = e.is_connect();
                 if connect {
-                    metrics::counter!("portcullis_upstream_connect_errors_total", "service" => service.id.to_string())
-                        .increment(1);
+                    shared.count_connect_error(Routed::of(service));
                 }
                 if connect
                     && state
