@@ -20,6 +20,8 @@ use portcullis_config::{ServiceId, SnapshotHandle, State, StateError, StoreError
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::admin_metrics;
+
 /// Largest request body: a service with the maximum number of long backends fits many times.
 pub const MAX_BODY: usize = 64 * 1024;
 const MAX_PAGE: usize = 1000;
@@ -44,6 +46,8 @@ pub struct Admin {
     pub dns_views: portcullis_dns::ViewHandle,
     /// What the edge's health checks found.
     pub health: Arc<portcullis_proxy::Health>,
+    /// Services with detailed metrics, kept between scrapes.
+    pub detailed: Arc<admin_metrics::DetailedServices>,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -373,72 +377,17 @@ async fn render_metrics(AxumState(admin): AxumState<Admin>) -> Response {
         .as_ref()
         .map(|h| h.render())
         .unwrap_or_default();
-    certificate_expiry(
-        &admin.snapshot.load(),
+    // A whole walk of the certificates: the Snapshot held as an Arc, not a short-lived guard.
+    let snapshot = admin.snapshot.load_full();
+    let detailed = admin.detailed.of(&snapshot);
+    admin_metrics::certificates(
+        &snapshot,
+        &detailed,
         time::OffsetDateTime::now_utc(),
         &mut body,
     );
-    backend_health(&admin.health, &mut body);
+    admin_metrics::backend_health(&admin.health, &mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
-}
-
-/// Seconds until each certificate expires, made from the Snapshot at scrape time rather than
-/// kept as gauges: a deleted service's certificate then leaves the metrics with it, and the
-/// figure is exact when read.
-fn certificate_expiry(
-    snapshot: &portcullis_config::Snapshot,
-    now: time::OffsetDateTime,
-    out: &mut String,
-) {
-    use std::fmt::Write as _;
-    let mut header = false;
-    for cert in snapshot.certificates() {
-        let (Some(not_after), Some(domain)) = (cert.not_after, cert.domains.first()) else {
-            continue;
-        };
-        if !header {
-            out.push_str(
-                "# HELP portcullis_certificate_expiry_seconds Seconds until the certificate served for the domain expires.\n\
-                 # TYPE portcullis_certificate_expiry_seconds gauge\n",
-            );
-            header = true;
-        }
-        // Domain names are validated (letters, digits, '-', '.'), so no label escaping.
-        let _ = writeln!(
-            out,
-            "portcullis_certificate_expiry_seconds{{domain=\"{domain}\"}} {}",
-            (not_after - now).as_seconds_f64()
-        );
-    }
-}
-
-/// Backends failing their health checks shown by name; at most this many, so a mass outage
-/// cannot blow up a scrape.
-const UNHEALTHY_SHOWN: usize = 100;
-
-/// Only backends in trouble get a series: with a million services a series per backend would
-/// be most of the scrape, and "which backends are down" is what the figure is read for.
-fn backend_health(health: &portcullis_proxy::Health, out: &mut String) {
-    use std::fmt::Write as _;
-    let (count, shown) = health.unhealthy_backends(UNHEALTHY_SHOWN);
-    out.push_str(
-        "# HELP portcullis_backends_unhealthy Backends (addresses) failing their active health checks.\n\
-         # TYPE portcullis_backends_unhealthy gauge\n",
-    );
-    let _ = writeln!(out, "portcullis_backends_unhealthy {count}");
-    if shown.is_empty() {
-        return;
-    }
-    let _ = writeln!(
-        out,
-        "# HELP portcullis_backend_healthy 0 for a backend failing its active health checks (at most {UNHEALTHY_SHOWN}); healthy backends have no series.\n\
-         # TYPE portcullis_backend_healthy gauge"
-    );
-    for backend in shown {
-        // A backend prints as an IP, a bracketed IPv6 or a validated host name, and a port:
-        // nothing to escape.
-        let _ = writeln!(out, "portcullis_backend_healthy{{backend=\"{backend}\"}} 0");
-    }
 }
 
 async fn ready(AxumState(admin): AxumState<Admin>) -> Response {
@@ -617,12 +566,48 @@ struct CertificateList {
     certificates: Vec<CertificateView>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificateQuery {
+    /// Only certificates that expire within this span from now (`90s`, `12h`, `7d`).
+    expiring_within: Option<String>,
+}
+
+/// The certificates of the Snapshot, by name; with `expiring_within`, those whose validity ends
+/// within that span (expired ones too), soonest first. Names with no certificate yet do not
+/// expire, so they are left out there: their `status` says where they are.
 async fn list_certificates(
     AxumState(admin): AxumState<Admin>,
+    query: Result<Query<CertificateQuery>, QueryRejection>,
 ) -> Result<Json<CertificateList>, ApiError> {
-    let certificates = admin.state.list_certificates().await?;
+    let Query(query) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "validation_failed", e.body_text()))?;
+    let within = match query.expiring_within.as_deref() {
+        Some(text) => Some(admin_metrics::parse_span(text).ok_or_else(|| {
+            portcullis_config::ValidationError::new(
+                "expiring_within",
+                format!(
+                    "`{text}` is not a span of time; write a whole number and s, m, h or d, e.g. 90s, 12h or 7d"
+                ),
+            )
+        })?),
+        None => None,
+    };
+    let snapshot = admin.snapshot.load_full();
+    let mut certificates: Vec<&Certificate> = snapshot.certificates().map(|c| &**c).collect();
+    match within {
+        Some(within) => {
+            let until = OffsetDateTime::now_utc() + within;
+            certificates.retain(|c| c.not_after.is_some_and(|t| t <= until));
+            certificates.sort_by_key(|c| c.not_after);
+        }
+        None => certificates.sort_by(|a, b| a.domains.first().cmp(&b.domains.first())),
+    }
     Ok(Json(CertificateList {
-        certificates: certificates.iter().map(CertificateView::from).collect(),
+        certificates: certificates
+            .into_iter()
+            .map(CertificateView::from)
+            .collect(),
     }))
 }
 

@@ -3,6 +3,7 @@
 
 mod admin;
 mod admin_listener;
+mod admin_metrics;
 mod cli;
 mod client;
 mod demo;

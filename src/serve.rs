@@ -227,6 +227,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         dns: dns.settings.clone(),
         dns_views: dns.views.clone(),
         health,
+        detailed: Arc::default(),
     });
     let stop = shutdown.clone();
     tokio::spawn(async move {

@@ -102,7 +102,8 @@ async fn a_new_service_gets_a_certificate_from_pebble_and_serves_it() {
     assert_eq!(code, "200", "{err}\nPebble log:\n{}", pebble.log());
     assert!(backend.hits() >= 1);
 
-    // Metrics: the order, the certificate by status, its expiry and the next renewal.
+    // Metrics: the order, the certificates by status and by time left. A healthy certificate
+    // of a service with basic metrics has no series of its own.
     let metrics = String::from_utf8(
         support::http(
             hyper::Method::GET,
@@ -117,12 +118,26 @@ async fn a_new_service_gets_a_certificate_from_pebble_and_serves_it() {
     for wanted in [
         "portcullis_certificate_orders_total{outcome=\"issued\"} 1".to_string(),
         "portcullis_certificates{status=\"active\"} 1".to_string(),
-        format!("portcullis_certificate_expiry_seconds{{domain=\"{host}\"}}"),
-        "portcullis_certificate_next_renewal_timestamp_seconds ".to_string(),
+        "portcullis_certificates_expiring{within=\"30d\"} 0".to_string(),
+        "portcullis_certificate_soonest_expiry_timestamp_seconds ".to_string(),
+        "portcullis_certificates_in_trouble 0".to_string(),
         "portcullis_certificate_issuance_seconds_count 1".to_string(),
     ] {
         assert!(metrics.contains(&wanted), "{wanted} missing:\n{metrics}");
     }
+    assert!(
+        !metrics.contains(&format!(
+            "portcullis_certificate_expiry_seconds{{domain=\"{host}\"}}"
+        )),
+        "a healthy certificate has a series:\n{metrics}"
+    );
+    assert_eq!(
+        metrics
+            .matches("# TYPE portcullis_certificates gauge")
+            .count(),
+        1,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,6 +209,25 @@ async fn a_name_the_ca_refuses_is_failed_with_the_problem_and_retried_later() {
         .wait_certificate(&id, |c| c["attempts"].as_u64() >= Some(2))
         .await;
     assert_eq!(again["status"], "failed", "{again}");
+    // A failed name is in trouble: it has a series of its own (0 s left: it has none).
+    let metrics = String::from_utf8(
+        support::http(
+            hyper::Method::GET,
+            &format!("{}/metrics", node.admin),
+            None,
+            None,
+        )
+        .await
+        .body,
+    )
+    .unwrap();
+    for wanted in [
+        format!("portcullis_certificate_expiry_seconds{{domain=\"{id}.app.example.test\"}} 0\n"),
+        "portcullis_certificates{status=\"failed\"} 1\n".to_string(),
+        "portcullis_certificates_in_trouble 1\n".to_string(),
+    ] {
+        assert!(metrics.contains(&wanted), "{wanted} missing:\n{metrics}");
+    }
     // The node goes on serving: DNS still answers for the service.
     let dns = node.dns_addr().await;
     let a = support::dns::q(

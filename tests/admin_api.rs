@@ -254,10 +254,24 @@ async fn crud_round_trip_with_tombstone_and_certificate() {
     }
     assert_eq!(seen, ids);
 
-    // The certificate's expiry is in the metrics while the service lives, and leaves with it.
+    // A healthy certificate counts in the totals only; once the service asks for detailed
+    // metrics its expiry has a series, while the service lives.
     let expiry =
         format!("portcullis_certificate_expiry_seconds{{domain=\"{id}.app.example.test\"}} ");
     let metrics = |reply: Reply| String::from_utf8(reply.body).unwrap();
+    let basic = metrics(api.call(Method::GET, "/metrics", None).await);
+    assert!(!basic.contains(&expiry), "{basic}");
+    for wanted in [
+        "portcullis_certificates{status=\"active\"} ",
+        "portcullis_certificates_expiring{within=\"7d\"} 0\n",
+        "portcullis_certificate_soonest_expiry_timestamp_seconds ",
+    ] {
+        assert!(basic.contains(wanted), "{wanted} missing:\n{basic}");
+    }
+    let detailed = json!({"options": {"metrics": "detailed"}});
+    let r = api.call(Method::PATCH, &path, Some(detailed)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json());
+    assert_eq!(r.json()["options"]["metrics"], "detailed");
     let before = metrics(api.call(Method::GET, "/metrics", None).await);
     let seconds: f64 = before
         .lines()
@@ -319,6 +333,100 @@ async fn crud_round_trip_with_tombstone_and_certificate() {
     assert_eq!(after, expected);
     let r = api.call(Method::GET, &path, None).await;
     assert_eq!(r.code(), "service_deleted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_expiring_within_a_span_are_listed_soonest_first() {
+    let node = Node::start();
+    let api = Api { node: &node };
+    let created = api.create(json!({"backends": ["127.0.0.1:3000"]})).await;
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    node.wait_certificate(&id, |c| c["status"] == "active")
+        .await;
+    let domain = format!("{id}.app.example.test");
+
+    let list = |query: &'static str| {
+        let api = &api;
+        async move {
+            let r = api
+                .call(Method::GET, &format!("/v1/certificates{query}"), None)
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{query}: {}", r.json());
+            r.json()["certificates"].as_array().unwrap().clone()
+        }
+    };
+    // The plain listing keeps its shape, and carries no chain or key.
+    let all = list("").await;
+    assert_eq!(all.len(), 1);
+    let mut keys: Vec<&str> = all[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "attempts",
+            "domains",
+            "issuer",
+            "last_error",
+            "next_attempt_at",
+            "not_after",
+            "not_before",
+            "status"
+        ]
+    );
+    assert_eq!(all[0]["domains"], json!([domain]));
+
+    // The dev CA's certificates last 90 days.
+    assert!(list("?expiring_within=7d").await.is_empty());
+    assert!(list("?expiring_within=90s").await.is_empty());
+    assert!(list("?expiring_within=2000h").await.is_empty());
+    let soon = list("?expiring_within=91d").await;
+    assert_eq!(soon.len(), 1);
+    assert_eq!(soon[0]["domains"], json!([domain]));
+
+    for bad in ["7w", "soon", "", "1.5d", "-1d"] {
+        let r = api
+            .call(
+                Method::GET,
+                &format!("/v1/certificates?expiring_within={bad}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(r.code(), "validation_failed", "{bad}");
+        assert_eq!(r.json()["error"]["field"], "expiring_within", "{bad}");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("e.g. 90s, 12h or 7d"), "{bad}: {message}");
+    }
+    let r = api
+        .call(Method::GET, "/v1/certificates?expiring=7d", None)
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.code(), "validation_failed");
+
+    // The CLI passes the span on.
+    let out = node.cli(&["cert", "list", "--expiring-within", "91d"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&domain),
+        "{out:?}"
+    );
+    let out = node.cli(&["cert", "list", "--expiring-within", "7d"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&domain),
+        "{out:?}"
+    );
+    let out = node.cli(&["cert", "list", "--expiring-within", "7 d"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a span of time"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

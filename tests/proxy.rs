@@ -846,7 +846,10 @@ async fn health_checks_move_traffic_and_all_down_is_503() {
     // The checker runs: both backends see its checks.
     let start = Instant::now();
     while a.checks() == 0 || b.checks() == 0 {
-        assert!(start.elapsed() < DEADLINE, "no health checks reached a and b");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no health checks reached a and b"
+        );
         tokio::time::sleep(support::POLL).await;
     }
     // Only backends in trouble have a series.
@@ -855,7 +858,8 @@ async fn health_checks_move_traffic_and_all_down_is_503() {
             support::http(Method::GET, &format!("{}/metrics", node.admin), None, None).await;
         String::from_utf8(reply.body).unwrap()
     };
-    let unhealthy = |backend: SocketAddr| format!("portcullis_backend_healthy{{backend=\"{backend}\"}} 0");
+    let unhealthy =
+        |backend: SocketAddr| format!("portcullis_backend_healthy{{backend=\"{backend}\"}} 0");
     let text = metrics().await;
     assert!(text.contains("portcullis_backends_unhealthy 0"), "{text}");
     assert!(!text.contains("portcullis_backend_healthy{"), "{text}");
@@ -901,7 +905,10 @@ async fn health_checks_move_traffic_and_all_down_is_503() {
     }
     let start = Instant::now();
     while echo(&mut conn, &host).await["backend"] != "b" {
-        assert!(start.elapsed() < DEADLINE, "b back but no requests reach it");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "b back but no requests reach it"
+        );
     }
 
     // Every backend down: 503 with Retry-After.
@@ -939,9 +946,94 @@ async fn health_checks_move_traffic_and_all_down_is_503() {
         text.contains("portcullis_http_requests_total{class=\"5xx\"}"),
         "{text}"
     );
+    assert!(!text.contains(&id), "a series names the service:\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scrape_stays_small_with_many_services_and_names_only_detailed_ones() {
+    let Edge {
+        node,
+        backend,
+        id: first,
+        host: first_host,
+        https,
+        client,
+    } = Edge::start("a", b"h2").await;
+    // 300 services with basic metrics, all served (certificates issued), 20 of them visited.
+    let node = std::sync::Arc::new(node);
+    let mut hosts = vec![first_host.clone()];
+    // Ten at a time: each creation polls for its certificate.
+    for batch in 0..30 {
+        let mut creations = tokio::task::JoinSet::new();
+        for _ in 0..if batch == 0 { 9 } else { 10 } {
+            let node = node.clone();
+            let addr = backend.addr;
+            creations.spawn(async move { node.service(&[addr]).await });
+        }
+        while let Some(created) = creations.join_next().await {
+            hosts.push(created.unwrap().1);
+        }
+    }
+    assert_eq!(hosts.len(), 300);
+    for host in &hosts[..20] {
+        let (mut conn, _) = open(&client, https, host).await;
+        echo(&mut conn, host).await;
+    }
+    let text = metrics_text(&node).await;
     assert!(
-        !text.contains(&format!("service=\"{id}\"")),
-        "a series names the service:\n{text}"
+        text.contains("portcullis_certificates{status=\"active\"} 300\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("portcullis_http_requests_total{class=\"2xx\"} 20\n"),
+        "{text}"
+    );
+    for per_name in ["service=", "domain=", "backend="] {
+        assert!(!text.contains(per_name), "{per_name} in:\n{text}");
+    }
+    // The per-domain expiry alone used to be about 120 bytes a service.
+    assert!(text.len() < 16 * 1024, "{} bytes:\n{text}", text.len());
+
+    // A service that asks for detailed metrics gets series of its own.
+    let path = format!("/v1/services/{first}");
+    let detailed = json!({"options": {"metrics": "detailed"}});
+    let r = node.api(Method::PATCH, &path, Some(detailed)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let (mut conn, _) = open(&client, https, &first_host).await;
+    echo(&mut conn, &first_host).await;
+    let text = metrics_text(&node).await;
+    for wanted in [
+        format!("portcullis_service_http_requests_total{{service=\"{first}\",class=\"2xx\"}} 1\n"),
+        format!("portcullis_certificate_expiry_seconds{{domain=\"{first_host}\"}}"),
+    ] {
+        assert!(text.contains(&wanted), "{wanted} missing:\n{text}");
+    }
+    // Its backend gone, connect errors are counted for it too (a request may first find a
+    // pooled connection closed under it, which is not a connect error).
+    backend.stop();
+    let connect_errors =
+        format!("portcullis_service_upstream_connect_errors_total{{service=\"{first}\"}}");
+    let start = Instant::now();
+    let text = loop {
+        let response = conn
+            .send(get(&first_host, "/").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert!(response.status().is_server_error());
+        let text = metrics_text(&node).await;
+        if text.contains(&connect_errors) {
+            break text;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{connect_errors} missing:\n{text}"
+        );
+    };
+    assert!(
+        text.lines()
+            .filter(|l| l.contains("service="))
+            .all(|l| l.contains(&first)),
+        "{text}"
     );
 }
 
