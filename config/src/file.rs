@@ -683,8 +683,8 @@ impl NodeConfig {
                 nameservers: Vec::new(),
             },
             store: StoreSection {
-                kind: StoreKind::Embedded,
                 path: state_dir.to_path_buf(),
+                ..StoreSection::default()
             },
             issuer: IssuerSection::default(),
             admin: AdminSection {
