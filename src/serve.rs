@@ -191,6 +191,11 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         }));
     }
     let manager_task = tokio::spawn(manager.run(shutdown.clone()));
+    tokio::spawn(prune_tombstones(
+        state.clone(),
+        config.store.tombstone_retention.0,
+        shutdown.clone(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(config.listen.admin)
         .await
@@ -352,6 +357,31 @@ async fn announce(state: &State, config: &NodeConfig) -> Result<LeaseId> {
 
 /// Keeps the node's lease alive; re-announces if it was lost (e.g. the process was stopped
 /// longer than the lease). Returns the lease in force at shutdown.
+/// Frees the ids of services deleted longer ago than `retention`, a few times per retention
+/// period (at most hourly). Every node may do it: deleting a tombstone twice is harmless.
+async fn prune_tombstones(state: State, retention: Duration, shutdown: CancellationToken) {
+    let every = (retention / 4).min(Duration::from_secs(3600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(retention) = time::Duration::try_from(retention) else {
+            continue;
+        };
+        match state
+            .prune_tombstones(OffsetDateTime::now_utc() - retention)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(tombstones = n, "deleted services' ids freed"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune tombstones; trying again later"),
+        }
+    }
+}
+
 async fn keep_announcing(
     state: State,
     config: NodeConfig,

@@ -201,7 +201,12 @@ async fn churn_round(node: &Node, clients: usize, per_client: usize) {
 async fn steady_churn_keeps_the_state_file_and_memory_flat() {
     const CLIENTS: usize = 8;
     const PER_CLIENT: usize = 25;
-    let node = Node::start_edited(|text| text.replace("[store]\n", "[store]\nhistory = 500\n"));
+    let node = Node::start_edited(|text| {
+        text.replace(
+            "[store]\n",
+            "[store]\nhistory = 500\ntombstone_retention = \"1s\"\n",
+        )
+    });
     let file = node.state_dir().join("state.redb");
     let size = || std::fs::metadata(&file).unwrap().len();
     // Warm up: the change log fills to its bound, allocators and caches reach their size.
@@ -209,9 +214,15 @@ async fn steady_churn_keeps_the_state_file_and_memory_flat() {
         churn_round(&node, CLIENTS, PER_CLIENT).await;
     }
     let (file_before, rss_before) = (size(), rss_bytes(node.pid()));
-    const ROUNDS: usize = 6;
-    for _ in 0..ROUNDS {
+    const ROUNDS: usize = 12;
+    for round in 0..ROUNDS {
         churn_round(&node, CLIENTS, PER_CLIENT).await;
+        eprintln!(
+            "after round {}: state.redb {} bytes, RSS {} bytes",
+            round + 5,
+            size(),
+            rss_bytes(node.pid())
+        );
     }
     let (file_after, rss_after) = (size(), rss_bytes(node.pid()));
     let churned = (ROUNDS * CLIENTS * PER_CLIENT) as u64;

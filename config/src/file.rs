@@ -55,9 +55,10 @@ impl TryFrom<String> for Duration {
             "s" => std::time::Duration::from_secs(n),
             "m" => std::time::Duration::from_secs(n * 60),
             "h" => std::time::Duration::from_secs(n * 3600),
+            "d" => std::time::Duration::from_secs(n * 86_400),
             _ => {
                 return Err(format!(
-                    "`{value}` has no known unit; write a number and ms, s, m or h"
+                    "`{value}` has no known unit; write a number and ms, s, m, h or d"
                 ));
             }
         };
@@ -455,6 +456,15 @@ pub struct StoreSection {
     /// further behind reloads everything. The file's size is bounded by it under churn.
     #[serde(default = "default_history", deserialize_with = "at_least_one_u64")]
     pub history: u64,
+    /// How long a deleted service's id stays reserved (its tombstone): longer than any cache
+    /// of its name (DNS, clients' TLS sessions) lives, bounded so churn alone does not grow the
+    /// store.
+    #[serde(default = "default_tombstone_retention")]
+    pub tombstone_retention: Duration,
+}
+
+fn default_tombstone_retention() -> Duration {
+    secs(30 * 86_400)
 }
 
 fn default_history() -> u64 {
@@ -481,6 +491,7 @@ impl Default for StoreSection {
             kind: StoreKind::Embedded,
             path: default_state_dir(),
             history: default_history(),
+            tombstone_retention: default_tombstone_retention(),
         }
     }
 }

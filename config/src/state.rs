@@ -243,7 +243,8 @@ impl State {
     }
 
     /// Deletes a service, its certificate and key, and leaves a tombstone so the id and its
-    /// canonical name are never given out again.
+    /// canonical name are not given out again while the tombstone is kept
+    /// (`store.tombstone_retention`).
     pub async fn delete_service(&self, id: &ServiceId) -> Result<Revision, StateError> {
         let key = keys::service(id);
         let tombstone_key = keys::tombstone(id);
@@ -269,6 +270,45 @@ impl State {
             Ok(out.revision)
         } else {
             Err(self.missing_service(id).await)
+        }
+    }
+
+    /// Removes the tombstones of services deleted before `deleted_before`, so their ids may be
+    /// used again; returns how many. Runs now and then in the background: it reads every
+    /// tombstone, page by page, and deletes in batches, so it never holds them all.
+    pub async fn prune_tombstones(
+        &self,
+        deleted_before: OffsetDateTime,
+    ) -> Result<usize, StateError> {
+        const PAGE: usize = 1000;
+        let mut page = PageRequest::first(PAGE);
+        let mut pruned = 0;
+        loop {
+            let got = self.store.list(keys::TOMBSTONES, page.clone()).await?;
+            let expired: Vec<Op> = got
+                .items
+                .iter()
+                .filter(|kv| {
+                    // One that does not decode is kept: better an id held than one freed by
+                    // mistake.
+                    decode::<Tombstone>(kv).is_ok_and(|t| t.deleted_at < deleted_before)
+                })
+                .map(|kv| Op::delete(kv.key.clone()))
+                .collect();
+            if !expired.is_empty() {
+                pruned += expired.len();
+                self.store
+                    .txn(Txn {
+                        compare: vec![],
+                        success: expired,
+                        failure: vec![],
+                    })
+                    .await?;
+            }
+            if !got.more {
+                return Ok(pruned);
+            }
+            page.after = got.items.last().map(|kv| kv.key.clone());
         }
     }
 
