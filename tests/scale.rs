@@ -214,7 +214,7 @@ async fn steady_churn_keeps_the_state_file_and_memory_flat() {
         churn_round(&node, CLIENTS, PER_CLIENT).await;
     }
     let (file_before, rss_before) = (size(), rss_bytes(node.pid()));
-    const ROUNDS: usize = 12;
+    const ROUNDS: usize = 8;
     for round in 0..ROUNDS {
         churn_round(&node, CLIENTS, PER_CLIENT).await;
         eprintln!(

@@ -151,6 +151,9 @@ impl Node {
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            // mimalloc returns freed pages to the OS after a delay, so RSS lags what is live by
+            // megabytes; at once, tests that look at memory see what the node holds.
+            .env("MIMALLOC_PURGE_DELAY", "0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
