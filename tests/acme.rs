@@ -104,17 +104,7 @@ async fn a_new_service_gets_a_certificate_from_pebble_and_serves_it() {
 
     // Metrics: the order, the certificates by status and by time left. A healthy certificate
     // of a service with basic metrics has no series of its own.
-    let metrics = String::from_utf8(
-        support::http(
-            hyper::Method::GET,
-            &format!("{}/metrics", node.admin),
-            None,
-            None,
-        )
-        .await
-        .body,
-    )
-    .unwrap();
+    let metrics = node.metrics().await;
     for wanted in [
         "portcullis_certificate_orders_total{outcome=\"issued\"} 1".to_string(),
         "portcullis_certificates{status=\"active\"} 1".to_string(),
@@ -210,17 +200,7 @@ async fn a_name_the_ca_refuses_is_failed_with_the_problem_and_retried_later() {
         .await;
     assert_eq!(again["status"], "failed", "{again}");
     // A failed name is in trouble: it has a series of its own (0 s left: it has none).
-    let metrics = String::from_utf8(
-        support::http(
-            hyper::Method::GET,
-            &format!("{}/metrics", node.admin),
-            None,
-            None,
-        )
-        .await
-        .body,
-    )
-    .unwrap();
+    let metrics = node.metrics().await;
     for wanted in [
         format!("portcullis_certificate_expiry_seconds{{domain=\"{id}.app.example.test\"}} 0\n"),
         "portcullis_certificates{status=\"failed\"} 1\n".to_string(),

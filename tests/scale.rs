@@ -24,12 +24,6 @@ fn metric(scrape: &str, name: &str) -> f64 {
         .sum()
 }
 
-async fn scrape(node: &Node) -> String {
-    let reply = node.api(Method::GET, "/metrics", None).await;
-    assert_eq!(reply.status, StatusCode::OK);
-    String::from_utf8(reply.body).unwrap()
-}
-
 /// A request through the edge on a new connection with a full handshake (a client of its own:
 /// a resumed session would show the certificate of the session it resumes); returns the leaf
 /// the handshake presented.
@@ -81,14 +75,14 @@ async fn certificates_load_by_name_into_a_bounded_cache() {
                 assert_eq!(leaf, leaves[i], "{host} kept its certificate");
             }
         }
-        let metrics = scrape(&node).await;
+        let metrics = node.metrics().await;
         let entries = metric(&metrics, "portcullis_certificate_cache_entries");
         assert!(
             (1.0..=CACHE as f64).contains(&entries),
             "cache holds {entries} keys, bound {CACHE}"
         );
     }
-    let metrics = scrape(&node).await;
+    let metrics = node.metrics().await;
     let misses = metric(&metrics, "portcullis_certificate_cache_misses_total");
     assert!(
         misses > hosts.len() as f64,
@@ -128,7 +122,10 @@ async fn certificates_load_by_name_into_a_bounded_cache() {
         }
         tokio::time::sleep(POLL).await;
     }
-    let entries = metric(&scrape(&node).await, "portcullis_certificate_cache_entries");
+    let entries = metric(
+        &node.metrics().await,
+        "portcullis_certificate_cache_entries",
+    );
     assert!(entries <= CACHE as f64, "cache holds {entries} keys");
 }
 

@@ -249,6 +249,13 @@ impl Node {
         }
     }
 
+    /// A scrape of `/metrics`, as Prometheus gets it (no token).
+    pub async fn metrics(&self) -> String {
+        let reply = http(Method::GET, &format!("{}/metrics", self.admin), None, None).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        String::from_utf8(reply.body).expect("metrics are text")
+    }
+
     /// Calls the admin API with the node's token and a JSON body.
     pub async fn api(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Reply {
         let body = body.map(|b| ("application/json", b.to_string().into_bytes()));

@@ -68,7 +68,8 @@ const CACHE_SIZE: usize = 64 * 1024 * 1024;
 const MAX_GROUP: usize = 1024;
 const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 const WATCH_BUFFER: usize = 256;
-const REOPEN_WAIT: Duration = Duration::from_secs(2);
+/// Long enough for a writer finishing a commit whose fsync waits behind a busy disk.
+const REOPEN_WAIT: Duration = Duration::from_secs(10);
 
 /// The single-node store. Cheap to clone; all clones share one database.
 #[derive(Clone)]
