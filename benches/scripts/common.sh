@@ -34,3 +34,31 @@ wait_port() { # port
   echo "nothing listens on port $1" >&2
   exit 1
 }
+
+# A one-worker nginx answering a fixed body at ADDR (ip:port), as a backend; runs on CPU $2 when
+# given. Its process joins the cleanup.
+start_backend() { # addr [cpu]
+  mkdir -p "$WORK/backend"
+  cat >"$WORK/backend/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/backend/nginx.pid;
+error_log $WORK/backend/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen $1 reuseport;
+    location / { default_type text/plain; return 200 "hello from the backend\n"; }
+  }
+}
+CONF
+  if [ -n "${2:-}" ]; then
+    taskset -c "$2" nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" &
+  else
+    nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" &
+  fi
+  pids+=($!)
+  wait_port "${1##*:}"
+}

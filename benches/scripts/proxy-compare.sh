@@ -31,25 +31,7 @@ BACKEND=127.0.0.1:18080
 P_HTTPS=18443 N_HTTPS=18444 H_HTTPS=18445
 
 # --- the backend -----------------------------------------------------------------------------
-mkdir -p "$WORK/backend"
-cat >"$WORK/backend/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/backend/nginx.pid;
-error_log $WORK/backend/error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen $BACKEND reuseport;
-    location / { default_type text/plain; return 200 "hello from the backend\n"; }
-  }
-}
-CONF
-taskset -c "$LOAD_CPU" nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" &
-pids+=($!)
-wait_port 18080
+start_backend "$BACKEND" "$LOAD_CPU"
 
 # --- Portcullis ------------------------------------------------------------------------------
 mkdir -p "$WORK/portcullis"

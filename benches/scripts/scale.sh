@@ -31,25 +31,7 @@ DNS_PORT=19053
 HTTPS_PORT=19443
 
 # --- a backend for the measured service ------------------------------------------------------
-mkdir -p "$WORK/backend"
-cat >"$WORK/backend/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/backend/nginx.pid;
-error_log $WORK/backend/error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen $BACKEND reuseport;
-    location / { default_type text/plain; return 200 "hello from the backend\n"; }
-  }
-}
-CONF
-nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" &
-pids+=($!)
-wait_port 19080
+start_backend "$BACKEND"
 
 # --- the node --------------------------------------------------------------------------------
 mkdir -p "$WORK/node"
