@@ -250,6 +250,7 @@ impl CertificateManager {
         // Names just recorded, by the store revision of the record: until the Snapshot shows
         // it, the Snapshot still shows them as due.
         let mut settling: BTreeMap<i64, Vec<ServiceId>> = BTreeMap::new();
+        let mut settling_ids: HashSet<ServiceId> = HashSet::new();
         // The Snapshot revision the schedule reflects; `None`: walk everything.
         let mut seen: Option<i64> = None;
         let this = &self;
@@ -279,6 +280,7 @@ impl CertificateManager {
                     && *entry.key() <= snapshot.revision()
                 {
                     for id in entry.remove() {
+                        settling_ids.remove(&id);
                         self.reschedule(&mut schedule, &snapshot, id, now);
                     }
                 }
@@ -286,7 +288,11 @@ impl CertificateManager {
             }
             for (id, refresh) in schedule.take_due(now) {
                 // In flight: its end reschedules it. Settling: the Snapshot's view is stale.
-                if !in_flight.contains(&id) && !settling.values().any(|ids| ids.contains(&id)) {
+                // Gone: a retry time set after the service was deleted.
+                if !in_flight.contains(&id)
+                    && !settling_ids.contains(&id)
+                    && snapshot.service(&id).is_some()
+                {
                     queue.push_back((id, refresh));
                 }
             }
@@ -325,6 +331,7 @@ impl CertificateManager {
                         Ok(Outcome::Recorded(Some(revision))) => {
                             if revision > self.snapshot.load().revision() {
                                 settling.entry(revision).or_default().push(id);
+                                settling_ids.insert(id);
                             } else {
                                 let snapshot = self.snapshot.load_full();
                                 self.reschedule(&mut schedule, &snapshot, id, now);
@@ -603,6 +610,55 @@ impl crate::issuer::Progress for StepWriter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_schedule_gives_what_is_due_in_time_order_and_forgets_what_moved() {
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        let ids: Vec<ServiceId> = (0..4).map(|_| ServiceId::new_v4()).collect();
+        let mut schedule = Schedule::default();
+        schedule.set(ids[0], t0 + Duration::seconds(30), false);
+        schedule.set(ids[1], t0 + Duration::seconds(10), true);
+        schedule.set(ids[2], t0 + Duration::seconds(20), false);
+        schedule.set(ids[3], t0 + Duration::seconds(5), false);
+        // Moved later, then removed: only the latest placement counts.
+        schedule.set(ids[3], t0 + Duration::seconds(40), false);
+        schedule.remove(&ids[2]);
+        assert_eq!(schedule.next(), Some(t0 + Duration::seconds(10)));
+        assert_eq!(schedule.take_due(t0 + Duration::seconds(9)), vec![]);
+        assert_eq!(
+            schedule.take_due(t0 + Duration::seconds(30)),
+            vec![(ids[1], true), (ids[0], false)]
+        );
+        assert_eq!(
+            schedule.take_due(t0 + Duration::seconds(100)),
+            vec![(ids[3], false)]
+        );
+        assert_eq!(schedule.next(), None);
+        assert!(schedule.by_service.is_empty());
+    }
+
+    #[test]
+    fn keys_name_the_service_whose_certificate_they_touch() {
+        let id = ServiceId::new_v4();
+        let zone = "app.example.test";
+        assert_eq!(service_of_key(&keys::service(&id), zone), Some(id));
+        assert_eq!(
+            service_of_key(&keys::certificate(&format!("{id}.{zone}")), zone),
+            Some(id)
+        );
+        assert_eq!(
+            service_of_key(&keys::certificate("api.example.com"), zone),
+            None
+        );
+        assert_eq!(
+            service_of_key(&keys::certificate(&format!("{id}.other.test")), zone),
+            None
+        );
+        assert_eq!(
+            service_of_key(&keys::private_key(&format!("{id}.{zone}")), zone),
+            None
+        );
+    }
 
     #[test]
     fn renews_with_a_third_left_and_backs_off_with_jitter() {

@@ -217,45 +217,28 @@ impl Snapshot {
     }
 
     fn apply_put(&mut self, kv: &KeyValue) {
-        let key = kv.key.as_str();
-        let result = if key.starts_with(keys::SERVICES) {
-            decode::<Service>(kv).map(|s| {
-                self.services.insert(s.id.0.as_u128(), Arc::new(s));
-            })
-        } else if let Some(name) = key.strip_prefix(keys::DOMAINS) {
-            decode::<Domain>(kv).map(|d| {
-                self.domains.insert(name.into(), Arc::new(d));
-            })
-        } else if let Some(rest) = key.strip_prefix(keys::RECORDS) {
-            decode::<Record>(kv).map(|r| {
-                self.records.insert(rest.into(), Arc::new(r));
-            })
-        } else if let Some(name) = key.strip_prefix(keys::CERTIFICATES) {
-            decode::<Certificate>(kv).map(|mut c| {
-                // Written before chains moved out of this record: the TLS path reads it from the
-                // store when it needs it, like any other chain.
-                c.chain_pem = String::new();
-                self.certificates.insert(name.into(), Arc::new(c));
-            })
-        } else if let Some(id) = key.strip_prefix(keys::NODES) {
-            decode::<Node>(kv).map(|n| {
-                self.nodes.insert(id.into(), Arc::new(n));
-            })
-        } else if key == keys::ACME_ACCOUNT {
-            decode::<crate::model::AcmeAccount>(kv).map(|a| {
-                self.account = Some(AccountKey {
-                    thumbprint: a.thumbprint.into(),
-                    account_url: a.account_url.into(),
-                });
-            })
-        } else if key == keys::ECH_KEYS {
-            decode::<EchKeys>(kv).map(|k| self.ech_keys = Arc::new(k))
-        } else {
-            // Tombstones, locks and anything newer than this build: not part of the picture.
-            Ok(())
-        };
-        if let Err(e) = result {
-            tracing::warn!(key, error = %e, "skipping a stored value that does not decode");
+        if let Some(entry) = Entry::decode(kv) {
+            self.insert(entry);
+        }
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        match entry {
+            Entry::Service(s) => self.services.insert(s.id.0.as_u128(), s),
+            Entry::Domain(name, d) => {
+                self.domains.insert(name, d);
+            }
+            Entry::Record(key, r) => {
+                self.records.insert(key, r);
+            }
+            Entry::Certificate(name, c) => {
+                self.certificates.insert(name, c);
+            }
+            Entry::Node(id, n) => {
+                self.nodes.insert(id, n);
+            }
+            Entry::Account(a) => self.account = Some(a),
+            Entry::Ech(k) => self.ech_keys = k,
         }
     }
 
@@ -277,6 +260,59 @@ impl Snapshot {
         } else if key == keys::ECH_KEYS {
             self.ech_keys = Arc::new(EchKeys::default());
         }
+    }
+}
+
+/// A stored value decoded into its place in the Snapshot. Decoding needs no Snapshot, so a load
+/// decodes one page on another thread while it reads the next.
+enum Entry {
+    Service(Arc<Service>),
+    Domain(Arc<str>, Arc<Domain>),
+    Record(Arc<str>, Arc<Record>),
+    Certificate(Arc<str>, Arc<Certificate>),
+    Node(Arc<str>, Arc<Node>),
+    Account(AccountKey),
+    Ech(Arc<EchKeys>),
+}
+
+impl Entry {
+    /// `None` for keys that are not part of the picture, and for a value that does not decode,
+    /// which is logged and skipped: one bad entry must not stop a node from serving the rest.
+    fn decode(kv: &KeyValue) -> Option<Entry> {
+        let key = kv.key.as_str();
+        let entry = if key.starts_with(keys::SERVICES) {
+            decode::<Service>(kv).map(|s| Entry::Service(Arc::new(s)))
+        } else if let Some(name) = key.strip_prefix(keys::DOMAINS) {
+            decode::<Domain>(kv).map(|d| Entry::Domain(name.into(), Arc::new(d)))
+        } else if let Some(rest) = key.strip_prefix(keys::RECORDS) {
+            decode::<Record>(kv).map(|r| Entry::Record(rest.into(), Arc::new(r)))
+        } else if let Some(name) = key.strip_prefix(keys::CERTIFICATES) {
+            decode::<Certificate>(kv).map(|mut c| {
+                // Written before chains moved out of this record: the TLS path reads it from the
+                // store when it needs it, like any other chain.
+                c.chain_pem = String::new();
+                Entry::Certificate(name.into(), Arc::new(c))
+            })
+        } else if let Some(id) = key.strip_prefix(keys::NODES) {
+            decode::<Node>(kv).map(|n| Entry::Node(id.into(), Arc::new(n)))
+        } else if key == keys::ACME_ACCOUNT {
+            decode::<crate::model::AcmeAccount>(kv).map(|a| {
+                Entry::Account(AccountKey {
+                    thumbprint: a.thumbprint.into(),
+                    account_url: a.account_url.into(),
+                })
+            })
+        } else if key == keys::ECH_KEYS {
+            decode::<EchKeys>(kv).map(|k| Entry::Ech(Arc::new(k)))
+        } else {
+            // Tombstones, locks and anything newer than this build.
+            return None;
+        };
+        entry
+            .inspect_err(|e| {
+                tracing::warn!(key, error = %e, "skipping a stored value that does not decode");
+            })
+            .ok()
     }
 }
 
@@ -369,21 +405,44 @@ async fn load(store: &dyn Store, zone: DomainName) -> Result<(Snapshot, Revision
     // read are replayed in order on top, which ends in the same state.
     let start = store.current_revision().await?;
     let mut snapshot = Snapshot::empty(zone);
+    // Each page is decoded on a blocking thread while the next is read, and put in place
+    // meanwhile: at a million services, restart time is reading plus decoding, overlapped.
+    let mut decoding: Option<tokio::task::JoinHandle<Vec<Entry>>> = None;
     for prefix in LOADED_PREFIXES {
         let mut page = PageRequest::first(LOAD_PAGE);
         loop {
             let got = store.list(prefix, page.clone()).await?;
-            for kv in &got.items {
-                snapshot.apply_put(kv);
+            let more = got.more;
+            page.after = got.items.last().map(|kv| kv.key.clone());
+            let next = tokio::task::spawn_blocking(move || {
+                got.items.iter().filter_map(Entry::decode).collect()
+            });
+            if let Some(done) = decoding.replace(next) {
+                insert_all(&mut snapshot, done).await?;
             }
-            if !got.more {
+            if !more {
                 break;
             }
-            page.after = got.items.last().map(|kv| kv.key.clone());
         }
+    }
+    if let Some(done) = decoding {
+        insert_all(&mut snapshot, done).await?;
     }
     snapshot.revision = start;
     Ok((snapshot, start))
+}
+
+async fn insert_all(
+    snapshot: &mut Snapshot,
+    decoded: tokio::task::JoinHandle<Vec<Entry>>,
+) -> Result<(), StoreError> {
+    let entries = decoded
+        .await
+        .map_err(|e| StoreError::Backend(format!("decoding the state failed: {e}")))?;
+    for entry in entries {
+        snapshot.insert(entry);
+    }
+    Ok(())
 }
 
 async fn follow(
