@@ -189,11 +189,6 @@ impl Snapshot {
         &self.ech_keys
     }
 
-    /// The keys changed since the previous Snapshot; `None` after a full (re)load.
-    pub fn changes(&self) -> Option<&Changes> {
-        self.history.last().map(|c| &**c)
-    }
-
     /// The keys changed after `revision` up to this Snapshot, for a part that last looked at the
     /// Snapshot of that revision: it redoes just these instead of walking everything. `None`
     /// when this Snapshot does not know (too far back, or a full reload since): start over.
