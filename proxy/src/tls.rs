@@ -190,6 +190,9 @@ pub struct SnapshotResolver {
     snapshot: SnapshotHandle,
     state: State,
     cache: quick_cache::sync::Cache<KeyId, Arc<CertifiedKey>>,
+    /// Made once: a handle per handshake would be a registry lookup on the accept path.
+    entries: metrics::Gauge,
+    misses: metrics::Counter,
 }
 
 /// A certificate as the cache knows it: its primary name and what each issuance changes (the
@@ -238,6 +241,8 @@ impl SnapshotResolver {
             snapshot,
             state,
             cache: quick_cache::sync::Cache::new(capacity.max(1)),
+            entries: metrics::gauge!("portcullis_certificate_cache_entries"),
+            misses: metrics::counter!("portcullis_certificate_cache_misses_total"),
         }
     }
 
@@ -270,7 +275,7 @@ impl SnapshotResolver {
         let key = self
             .cache
             .get_or_insert_async(&id, async {
-                metrics::counter!("portcullis_certificate_cache_misses_total").increment(1);
+                self.misses.increment(1);
                 let material = self
                     .state
                     .certificate_material(cert)
@@ -285,7 +290,7 @@ impl SnapshotResolver {
                 Ok::<_, LoadError>(Arc::new(key))
             })
             .await?;
-        metrics::gauge!("portcullis_certificate_cache_entries").set(self.cache.len() as f64);
+        self.entries.set(self.cache.len() as f64);
         Ok(key)
     }
 }
