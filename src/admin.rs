@@ -152,6 +152,17 @@ impl From<StateError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
             StateError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            StateError::Store(StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %e, "state store unreachable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!(
+                        "{e}. Nothing was changed; this node keeps serving its last state. \
+                         Retry once the store is back"
+                    ),
+                )
+            }
             StateError::Store(StoreError::Closed) | StateError::Store(StoreError::Backend(_)) => {
                 tracing::error!(error = %e, "state store failed");
                 ApiError::new(

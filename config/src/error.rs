@@ -42,6 +42,10 @@ pub enum StoreError {
     LeaseNotFound(i64),
     #[error("the state store is closed")]
     Closed,
+    /// The store (etcd) cannot be reached now: no write is made; reads may come from the
+    /// node's cached copy. Says which endpoints were tried and why they failed.
+    #[error("the state store is unreachable: {0}")]
+    Unavailable(String),
     #[error("{0}")]
     Invalid(String),
 }
