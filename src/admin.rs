@@ -64,6 +64,7 @@ pub fn router(admin: Admin) -> Router {
             "/records/{name}/{rtype}",
             get(show_record).put(put_record).delete(delete_record),
         )
+        .route("/nodes", get(list_nodes))
         .route("/certificates", get(list_certificates))
         .route("/certificates/{name}/renew", post(renew_certificate))
         .route("/certificates/{name}/revoke", post(revoke_certificate))
@@ -408,8 +409,84 @@ async fn ready(AxumState(admin): AxumState<Admin>) -> Response {
         "revision": snapshot.revision(),
         "services": snapshot.service_count(),
         "listeners": &*admin.listeners,
+        "store": store_health(&admin.snapshot),
     }))
     .into_response()
+}
+
+/// Whether the store answers. A node whose store is away still serves (ready), from the last
+/// state it has, and says so here.
+fn store_health(snapshot: &SnapshotHandle) -> serde_json::Value {
+    let health = snapshot.health();
+    match health.outage() {
+        None if !health.serving_cache() => serde_json::json!({ "reachable": true }),
+        outage => {
+            let (reason, since) = outage.unzip();
+            serde_json::json!({
+                "reachable": health.reachable(),
+                "serving_from_cache": true,
+                "since": since.and_then(|s| s.format(&time::format_description::well_known::Rfc3339).ok()),
+                "reason": reason,
+                "message": "the store cannot be reached: this node serves the last state it has (HTTPS, DNS, ACME challenges); changes answer 503 until the store is back",
+            })
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    id: String,
+    ipv4: Vec<std::net::Ipv4Addr>,
+    ipv6: Vec<std::net::Ipv6Addr>,
+    /// Its lease is alive: it is in DNS answers.
+    live: bool,
+    /// The store revision it last reported having applied.
+    applied_revision: Option<i64>,
+    /// Revisions of platform state it had not applied at its last report, as this node sees it.
+    lag: Option<i64>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    reported_at: Option<time::OffsetDateTime>,
+}
+
+async fn list_nodes(AxumState(admin): AxumState<Admin>) -> Result<Response, ApiError> {
+    let snapshot = admin.snapshot.load_full();
+    let (reports, _) = admin
+        .state
+        .store()
+        .list_all(portcullis_config::keys::STATUS)
+        .await
+        .map_err(StateError::from)?;
+    let mut statuses = std::collections::HashMap::new();
+    for kv in &reports {
+        let Some(id) = kv.key.strip_prefix(portcullis_config::keys::STATUS) else {
+            continue;
+        };
+        if let Ok(status) =
+            portcullis_config::state::decode::<portcullis_config::model::NodeStatus>(kv)
+        {
+            statuses.insert(id.to_string(), status);
+        }
+    }
+    let nodes: Vec<NodeView> = snapshot
+        .nodes()
+        .map(|node| {
+            let status = statuses.get(&node.id);
+            NodeView {
+                id: node.id.clone(),
+                ipv4: node.ipv4.clone(),
+                ipv6: node.ipv6.clone(),
+                live: true,
+                applied_revision: status.map(|s| s.applied_revision),
+                lag: status.map(|s| (snapshot.data_revision() - s.applied_revision).max(0)),
+                reported_at: status.map(|s| s.reported_at),
+            }
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "revision": snapshot.revision(),
+        "nodes": nodes,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]

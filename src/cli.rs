@@ -64,6 +64,12 @@ enum Command {
     /// The dev issuer's certificate authority
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The nodes of the fleet
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// The state store
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Run a tiny HTTP backend that echoes each request's method, path and Host
     DemoBackend {
         #[arg(long, default_value = "127.0.0.1:3000")]
@@ -158,6 +164,23 @@ enum CertCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// List the live nodes: addresses, the revision each has applied, and its lag
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Print a new key for store.encryption_key_file: `<id> <base64 key>`. To rotate, put the
+    /// new line first in the file and keep the old ones after it
+    NewKey {
+        /// The key's id, recorded in every value it seals [default: today's date]
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum CaCommand {
     /// Print the dev issuer's root certificate (PEM), to trust it in a client
     Root {
@@ -243,6 +266,54 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Service(cmd) => {
             let client = connect(&global)?;
             service(cmd, &client, global.json).await
+        }
+        Command::Store(StoreCommand::NewKey { id }) => {
+            let id = id.unwrap_or_else(|| {
+                let today = time::OffsetDateTime::now_utc().date();
+                format!("k{}", today.to_string().replace('-', ""))
+            });
+            let line = portcullis_config::Sealer::new_key_line(&id)
+                .map_err(|e| CliError::new(EX_SOFTWARE, e.to_string()))?;
+            println!("{line}");
+            Ok(())
+        }
+        Command::Node(NodeCommand::List) => {
+            let client = connect(&global)?;
+            let value = client
+                .call(Method::GET, "/v1/nodes", None)
+                .await?
+                .unwrap_or(Value::Null);
+            if global.json {
+                return print_json(&value);
+            }
+            let nodes = value["nodes"].as_array().cloned().unwrap_or_default();
+            let addresses = |n: &Value| {
+                ["ipv4", "ipv6"]
+                    .iter()
+                    .flat_map(|k| n[*k].as_array().cloned().unwrap_or_default())
+                    .filter_map(|a| a.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let number = |v: &Value| v.as_i64().map_or("-".into(), |n| n.to_string());
+            let rows = nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        n["id"].as_str().unwrap_or_default().to_string(),
+                        addresses(n),
+                        if n["live"].as_bool() == Some(true) {
+                            "live".into()
+                        } else {
+                            "gone".into()
+                        },
+                        number(&n["applied_revision"]),
+                        number(&n["lag"]),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "ADDRESSES", "STATE", "APPLIED", "LAG"], rows);
+            Ok(())
         }
         Command::Records(cmd) => {
             let client = connect(&global)?;

@@ -8,7 +8,9 @@ mod cli;
 mod client;
 mod demo;
 mod exit;
+mod membership;
 mod serve;
+mod store_setup;
 
 use std::process::ExitCode;
 

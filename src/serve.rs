@@ -11,9 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use portcullis_acme::{AcmeIssuer, CertificateManager, DevCa, Issuer, RenewalPolicy};
 use portcullis_config::file::{IssuerKind, LogFormat};
-use portcullis_config::model::Node;
-use portcullis_config::store::LeaseId;
-use portcullis_config::{EmbeddedStore, NodeConfig, SnapshotSync, State, Store};
+use portcullis_config::{NodeConfig, SnapshotSync, State};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -23,9 +21,9 @@ use portcullis_proxy::Proxy;
 use crate::admin::{self, Admin};
 use crate::admin_listener::{self, AdminLimits};
 
-/// The node's entry in the store lives this long without a keep-alive.
-const NODE_LEASE: Duration = Duration::from_secs(30);
-const NODE_KEEPALIVE: Duration = Duration::from_secs(10);
+/// After SIGTERM, how long the node waits for its own Snapshot to drop its entry (which the
+/// fleet's DNS answers follow) before it stops serving.
+const LEAVE_WAIT: Duration = Duration::from_secs(2);
 
 pub fn init_logging(config: &NodeConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -93,24 +91,26 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     let metrics = metrics_handle(shutdown.clone());
     let token: Arc<str> = load_or_create_token(&config.admin_token_file())?.into();
 
-    let db = config.store.database_file();
-    let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open_with_history(&db, config.store.history)
-            .await
-            .with_context(|| format!("opening the state store {}", db.display()))?,
-    );
-    // The store holds private keys (certificates', the ACME account's): owner only, whatever
-    // the umask or a state directory made by hand.
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        if let Err(e) = fs::set_permissions(&db, fs::Permissions::from_mode(0o600)) {
-            tracing::warn!(file = %db.display(), error = %e, "cannot make the state store private");
-        }
+    let opened = crate::store_setup::open(&config, shutdown.clone()).await?;
+    let store = opened.store.clone();
+    let mut state = State::new(store.clone(), config.zone.name.clone());
+    if let Some(path) = &config.store.encryption_key_file {
+        let sealer = portcullis_config::Sealer::from_file(path).with_context(
+            || "reading store.encryption_key_file (make one with `portcullis store new-key`)",
+        )?;
+        tracing::info!(
+            key = sealer.current_id(),
+            "private keys are sealed before they are stored"
+        );
+        state = state.with_sealer(Arc::new(sealer));
     }
-    let state = State::new(store.clone(), config.zone.name.clone());
-    let sync = SnapshotSync::start(store.clone(), config.zone.name.clone())
-        .await
-        .context("loading state from the store")?;
+    let sync = SnapshotSync::start_with_cache(
+        store.clone(),
+        opened.replica.clone(),
+        config.zone.name.clone(),
+    )
+    .await
+    .context("loading state from the store")?;
     let snapshot = sync.handle.clone();
 
     let issuer = match config.issuer.kind {
@@ -140,13 +140,16 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     let issuer_ref = issuer.reference();
     let revoker = issuer.clone();
 
-    let lease = announce(&state, &config).await?;
-    let announce_task = tokio::spawn(keep_announcing(
+    let membership = crate::membership::Membership::join(
         state.clone(),
-        config.clone(),
-        lease,
-        shutdown.clone(),
-    ));
+        snapshot.clone(),
+        &config,
+        opened.shared,
+    )
+    .await?;
+    let lease = membership.lease();
+    let leaving = CancellationToken::new();
+    let membership_task = tokio::spawn(membership.keep(leaving.clone()));
 
     let proxy = Proxy::bind(
         config.listen.http,
@@ -190,6 +193,13 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
             })
         }));
     }
+    // One order per name across every node on the store, and at most max_concurrent_orders
+    // of them at once fleet-wide.
+    manager = manager.with_fleet_slots(portcullis_acme::FleetSlots {
+        store: store.clone(),
+        limit: config.issuer.max_concurrent_orders.max(1),
+        lease,
+    });
     let manager_task = tokio::spawn(manager.run(shutdown.clone()));
     tokio::spawn(prune_tombstones(
         state.clone(),
@@ -235,9 +245,17 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         detailed: Arc::default(),
     });
     let stop = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
+    let leave = tokio::spawn(async move {
+        tokio::select! {
+            () = wait_for_signal() => {
+                tracing::info!("shutting down: leaving the fleet's DNS answers first");
+            }
+            () = stop.cancelled() => {}
+        }
+        leaving.cancel();
+        if let Ok(membership) = membership_task.await {
+            membership.leave(LEAVE_WAIT).await;
+        }
         stop.cancel();
     });
     admin_listener::serve(
@@ -256,16 +274,11 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     }
     let _ = manager_task.await;
     dns.shutdown().await;
-    let lease = announce_task.await.unwrap_or(lease);
-    // Leave the fleet at once rather than when the lease runs out.
-    if let Err(e) = store.revoke_lease(lease).await {
-        tracing::warn!(error = %e, "could not withdraw this node's entry");
-    }
+    let _ = leave.await;
     let _ = fs::remove_file(&url_file);
     sync.task.abort();
     Ok(())
 }
-
 /// Installs the Prometheus recorder the parts report to. `None` when one is installed already
 /// (a second node in one process), which leaves `/metrics` empty.
 fn metrics_handle(
@@ -336,27 +349,6 @@ fn print_banner(config: &NodeConfig, dev: bool, listeners: &Listeners) {
     let _ = out.flush();
 }
 
-async fn announce(state: &State, config: &NodeConfig) -> Result<LeaseId> {
-    let lease = state
-        .store()
-        .grant_lease(NODE_LEASE)
-        .await
-        .context("granting this node's lease")?;
-    let node = Node {
-        id: config.node.id.to_string(),
-        ipv4: config.node.public_ipv4.clone(),
-        ipv6: config.node.public_ipv6.clone(),
-        last_seen: OffsetDateTime::now_utc(),
-    };
-    state
-        .put_node(&node, lease)
-        .await
-        .context("announcing this node")?;
-    Ok(lease)
-}
-
-/// Keeps the node's lease alive; re-announces if it was lost (e.g. the process was stopped
-/// longer than the lease). Returns the lease in force at shutdown.
 /// Frees the ids of services deleted longer ago than `retention`, a few times per retention
 /// period (at most hourly). Every node may do it: deleting a tombstone twice is harmless.
 async fn prune_tombstones(state: State, retention: Duration, shutdown: CancellationToken) {
@@ -378,29 +370,6 @@ async fn prune_tombstones(state: State, retention: Duration, shutdown: Cancellat
             Ok(0) => {}
             Ok(n) => tracing::debug!(tombstones = n, "deleted services' ids freed"),
             Err(e) => tracing::warn!(error = %e, "cannot prune tombstones; trying again later"),
-        }
-    }
-}
-
-async fn keep_announcing(
-    state: State,
-    config: NodeConfig,
-    mut lease: LeaseId,
-    shutdown: CancellationToken,
-) -> LeaseId {
-    let mut tick = tokio::time::interval(NODE_KEEPALIVE);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return lease,
-            _ = tick.tick() => {}
-        }
-        if let Err(e) = state.store().keep_alive(lease).await {
-            tracing::warn!(error = %e, "node lease lost; announcing again");
-            match announce(&state, &config).await {
-                Ok(new) => lease = new,
-                Err(e) => tracing::warn!(error = %e, "announcing this node failed; retrying"),
-            }
         }
     }
 }

@@ -554,6 +554,7 @@ fn account_record(
         thumbprint: account.key_thumbprint().to_string(),
         credentials_json: serde_json::to_string(credentials)
             .map_err(|e| setup(format!("serializing the ACME account: {e}")))?,
+        sealed_credentials: None,
         created_at: OffsetDateTime::now_utc(),
     })
 }

@@ -8,6 +8,7 @@ use std::time::Duration as StdDuration;
 use futures_util::StreamExt as _;
 
 use portcullis_config::model::{Certificate, CertificateStatus, IssuerRef, RenewalWindow};
+use portcullis_config::store::lock;
 use portcullis_config::{
     CertificateMaterial, DomainName, ServiceId, SnapshotHandle, State, StateError, keys,
 };
@@ -99,6 +100,10 @@ pub struct FleetSlots {
 }
 
 const ORDER_SLOTS: &str = "acme-orders";
+
+/// A name another node holds the order lock of is looked at again after this, should that
+/// node die before it records anything (its lock goes with its lease, well before this).
+const LEFT_TO_PEER_RECHECK: Duration = Duration::seconds(30);
 
 /// Longest sleep with nothing due: a safety net should a wake-up be missed.
 const IDLE_WAKE: StdDuration = StdDuration::from_secs(3600);
@@ -301,14 +306,7 @@ impl CertificateManager {
                 && let Some((id, refresh)) = queue.pop_front()
             {
                 in_flight.insert(id);
-                running.push(async move {
-                    let result = if refresh {
-                        this.refresh_window(&id).await.map(Outcome::Recorded)
-                    } else {
-                        this.issue_for(&id).await
-                    };
-                    (id, result)
-                });
+                running.push(async move { (id, this.work_on(&id, refresh).await) });
             }
             let wake = schedule
                 .next()
@@ -373,7 +371,53 @@ impl CertificateManager {
         }
     }
 
-    async fn issue_for(&self, id: &ServiceId) -> Result<Outcome, StateError> {
+    /// Orders (or refreshes the renewal window of) a service's certificate. In a fleet, first
+    /// takes the name's order lock: a name another node is ordering is left to it, and the
+    /// record is read again from the store, since this node's Snapshot may not show yet what
+    /// the last holder wrote.
+    async fn work_on(&self, id: &ServiceId, refresh: bool) -> Result<Outcome, StateError> {
+        let Some(fleet) = &self.fleet_slots else {
+            return if refresh {
+                self.refresh_window(id, None).await.map(Outcome::Recorded)
+            } else {
+                self.issue_for(id, None).await
+            };
+        };
+        let name = id.canonical_domain(self.snapshot.load().zone());
+        let lease = *fleet.lease.borrow();
+        let lock_name = format!("orders/{name}");
+        let Some(guard) = lock::try_lock(fleet.store.as_ref(), &lock_name, lease).await? else {
+            metrics::counter!("portcullis_certificate_orders_left_to_peers_total").increment(1);
+            return Ok(Outcome::Deferred(
+                OffsetDateTime::now_utc() + LEFT_TO_PEER_RECHECK,
+            ));
+        };
+        let outcome = async {
+            let current = self.state.get_certificate_versioned(&name).await?;
+            let now = OffsetDateTime::now_utc();
+            match self.due(current.as_ref().map(|c| &c.value), now) {
+                Due::Now => self.issue_for(id, Some(&guard)).await,
+                Due::Refresh => self
+                    .refresh_window(id, Some(&guard))
+                    .await
+                    .map(Outcome::Recorded),
+                // Done by another node meanwhile: schedule by the record once it is here.
+                Due::At(_) => Ok(Outcome::Recorded(current.map(|c| c.mod_revision))),
+            }
+        }
+        .await;
+        if let Err(e) = guard.unlock(fleet.store.as_ref()).await {
+            // Its lease frees it in the end.
+            tracing::warn!(domain = %name, error = %e, "cannot release an order lock");
+        }
+        outcome
+    }
+
+    async fn issue_for(
+        &self,
+        id: &ServiceId,
+        fence: Option<&lock::LockGuard>,
+    ) -> Result<Outcome, StateError> {
         let name = id.canonical_domain(self.snapshot.load().zone());
         let domain = DomainName::validate("domain", &name)?;
         let previous = self.snapshot.load().certificate(&name).cloned();
@@ -384,6 +428,7 @@ impl CertificateManager {
         let steps = StepWriter {
             manager: self,
             id,
+            fence,
             base: match &previous {
                 Some(p) if p.is_servable(OffsetDateTime::now_utc()) => None,
                 Some(p) => Some((**p).clone()),
@@ -482,7 +527,7 @@ impl CertificateManager {
                 };
                 return self
                     .state
-                    .put_certificate(id, &cert, Some(&material))
+                    .put_certificate_fenced(id, &cert, Some(&material), fence)
                     .await
                     .map(Outcome::Recorded);
             }
@@ -528,7 +573,7 @@ impl CertificateManager {
             }
         };
         self.state
-            .put_certificate(id, &cert, None)
+            .put_certificate_fenced(id, &cert, None, fence)
             .await
             .map(Outcome::Recorded)
     }
@@ -544,7 +589,11 @@ enum Outcome {
 
 impl CertificateManager {
     /// Asks the CA for a certificate's renewal window again (its Retry-After has passed).
-    async fn refresh_window(&self, id: &ServiceId) -> Result<Option<i64>, StateError> {
+    async fn refresh_window(
+        &self,
+        id: &ServiceId,
+        fence: Option<&lock::LockGuard>,
+    ) -> Result<Option<i64>, StateError> {
         let name = id.canonical_domain(self.snapshot.load().zone());
         let Some(current) = self.snapshot.load().certificate(&name).cloned() else {
             return Ok(None);
@@ -562,7 +611,9 @@ impl CertificateManager {
                 ..w
             }),
         };
-        self.state.put_certificate(id, &cert, None).await
+        self.state
+            .put_certificate_fenced(id, &cert, None, fence)
+            .await
     }
 }
 
@@ -584,6 +635,7 @@ pub fn ari_renew_at(window: &RenewalWindow, jitter: f64) -> OffsetDateTime {
 struct StepWriter<'a> {
     manager: &'a CertificateManager,
     id: &'a ServiceId,
+    fence: Option<&'a lock::LockGuard>,
     /// The certificate record to update; `None`: a renewal, whose steps are not shown.
     base: Option<Certificate>,
 }
@@ -599,7 +651,7 @@ impl crate::issuer::Progress for StepWriter<'_> {
         if let Err(e) = self
             .manager
             .state
-            .put_certificate(self.id, &cert, None)
+            .put_certificate_fenced(self.id, &cert, None, self.fence)
             .await
         {
             tracing::debug!(error = %e, "cannot record an issuance step");

@@ -66,6 +66,8 @@ pub enum StateError {
     Store(#[from] StoreError),
     #[error("cannot encode or decode `{key}`: {reason}")]
     Codec { key: String, reason: String },
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
 }
 
 /// An error with its sources, `outer: inner: innermost`: what went wrong down to the cause

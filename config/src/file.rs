@@ -160,7 +160,14 @@ pub struct NodeSection {
     pub workers: usize,
     pub public_ipv4: Vec<Ipv4Addr>,
     pub public_ipv6: Vec<Ipv6Addr>,
+    /// The node's entry in the store (`nodes/<id>`) lives this long without a keep-alive: a
+    /// node that dies leaves DNS answers within it.
+    pub lease_ttl: Duration,
 }
+
+/// etcd rounds lease TTLs to whole seconds; below 2 s a keep-alive every third of it races
+/// the expiry.
+const MIN_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +179,12 @@ struct RawNodeSection {
     public_ipv4: Vec<Ipv4Addr>,
     #[serde(default)]
     public_ipv6: Vec<Ipv6Addr>,
+    #[serde(default = "default_lease_ttl")]
+    lease_ttl: Duration,
+}
+
+fn default_lease_ttl() -> Duration {
+    secs(10)
 }
 
 impl TryFrom<RawNodeSection> for NodeSection {
@@ -183,11 +196,15 @@ impl TryFrom<RawNodeSection> for NodeSection {
                     .into(),
             );
         }
+        if raw.lease_ttl.0 < MIN_LEASE_TTL {
+            return Err("node.lease_ttl must be at least 2s: the lease is kept alive every third of it, in whole seconds".into());
+        }
         Ok(NodeSection {
             id: raw.id,
             workers: raw.workers,
             public_ipv4: raw.public_ipv4,
             public_ipv6: raw.public_ipv6,
+            lease_ttl: raw.lease_ttl,
         })
     }
 }
@@ -440,8 +457,51 @@ impl Default for SoaSection {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreKind {
+    /// One node, state in a redb file under `store.path`.
     #[default]
     Embedded,
+    /// A fleet: state in etcd (`[store.etcd]`), each node keeping its last copy under
+    /// `store.path` to serve from when etcd is away.
+    Etcd,
+}
+
+/// Where the fleet's etcd is, and how to talk to it.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdSection {
+    /// Client URLs or host:port of the members; a request that fails on one goes to the next.
+    pub endpoints: Vec<String>,
+    /// Every key lives under it, so several platforms (or tests) can share one cluster.
+    pub prefix: String,
+    /// CA that signs the members' certificates (client TLS); with `cert` and `key` for mutual
+    /// TLS.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub user: Option<String>,
+    /// A file holding the password (kept out of the config file).
+    pub password_file: Option<PathBuf>,
+    /// Connecting to one member.
+    pub dial_timeout: Duration,
+    /// One request, over every retry and member; past it a write answers 503
+    /// `store_unavailable`.
+    pub request_timeout: Duration,
+}
+
+impl Default for EtcdSection {
+    fn default() -> Self {
+        EtcdSection {
+            endpoints: Vec::new(),
+            prefix: "/portcullis/".into(),
+            ca: None,
+            cert: None,
+            key: None,
+            user: None,
+            password_file: None,
+            dial_timeout: secs(2),
+            request_timeout: secs(5),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -461,6 +521,13 @@ pub struct StoreSection {
     /// store.
     #[serde(default = "default_tombstone_retention")]
     pub tombstone_retention: Duration,
+    #[serde(default)]
+    pub etcd: EtcdSection,
+    /// Keys that seal private keys (certificates', the ACME account's) before they are stored:
+    /// one `<key-id> <base64 of 32 bytes>` per line, the first seals, all open. Required with
+    /// `kind = "etcd"`, which keeps values unencrypted.
+    #[serde(default)]
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 fn default_tombstone_retention() -> Duration {
@@ -492,6 +559,8 @@ impl Default for StoreSection {
             path: default_state_dir(),
             history: default_history(),
             tombstone_retention: default_tombstone_retention(),
+            etcd: EtcdSection::default(),
+            encryption_key_file: None,
         }
     }
 }
@@ -663,12 +732,37 @@ impl NodeConfig {
             }
         };
         let de = toml::Deserializer::parse(text).map_err(|e| error(e.span(), None, e.message()))?;
-        serde_path_to_error::deserialize(de).map_err(|e| {
+        let config: NodeConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let key = (path != ".").then_some(path);
             let inner = e.into_inner();
             error(inner.span(), key, inner.message())
-        })
+        })?;
+        config
+            .check_store()
+            .map_err(|(key, message)| error(None, Some(key.into()), &message))?;
+        Ok(config)
+    }
+
+    /// What the store section needs beyond its types: an etcd store needs somewhere to go,
+    /// and a key to seal private keys with before they leave the node.
+    fn check_store(&self) -> Result<(), (&'static str, String)> {
+        if self.store.kind != StoreKind::Etcd {
+            return Ok(());
+        }
+        if self.store.etcd.endpoints.is_empty() {
+            return Err((
+                "store.etcd.endpoints",
+                "with store.kind = \"etcd\", list the etcd members' client addresses, e.g. [\"10.0.0.1:2379\", \"10.0.0.2:2379\"]".into(),
+            ));
+        }
+        if self.store.encryption_key_file.is_none() {
+            return Err((
+                "store.encryption_key_file",
+                "etcd keeps values unencrypted, so a fleet seals private keys with a key of its own: make one with `portcullis store new-key > /etc/portcullis/store.key` and give the same file to every node".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The configuration of `serve --dev`: loopback high ports, zone `app.localhost` (names under
@@ -681,6 +775,7 @@ impl NodeConfig {
                 workers: 0,
                 public_ipv4: vec![lo4],
                 public_ipv6: vec![Ipv6Addr::LOCALHOST],
+                lease_ttl: default_lease_ttl(),
             },
             listen: ListenSection {
                 dns: vec![SocketAddr::from((lo4, 8053))],

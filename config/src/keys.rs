@@ -14,6 +14,13 @@ pub const NODES: &str = "nodes/";
 pub const ACME_ACCOUNT: &str = "acme/account";
 pub const ECH_KEYS: &str = "ech/keys";
 pub const LOCKS: &str = "locks/";
+/// Each node's report of the revision it has applied, under its lease; not part of the
+/// Snapshot, and not a change the platform's parts react to.
+pub const STATUS: &str = "status/";
+
+pub fn status(node_id: &str) -> String {
+    format!("{STATUS}{node_id}")
+}
 
 pub fn service(id: &ServiceId) -> String {
     format!("{SERVICES}{id}")

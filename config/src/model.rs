@@ -527,6 +527,20 @@ pub struct Node {
     pub ipv6: Vec<Ipv6Addr>,
     #[serde(with = "time::serde::rfc3339")]
     pub last_seen: OffsetDateTime,
+    /// Random, kept in the node's state directory: a node restarted on the same directory
+    /// takes over its own entry at once, while another process claiming the same id waits for
+    /// the entry's lease to end, and is refused if it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+}
+
+/// What a node last reported of itself (`status/<id>`, under its lease).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The store revision its Snapshot had applied.
+    pub applied_revision: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub reported_at: OffsetDateTime,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -649,8 +663,12 @@ pub struct AcmeAccount {
     pub account_url: String,
     /// RFC 7638 thumbprint of the account key, base64url.
     pub thumbprint: String,
-    /// instant-acme's serialized credentials (contain the private key).
+    /// instant-acme's serialized credentials (contain the private key). Empty in the store
+    /// when `sealed_credentials` holds them.
     pub credentials_json: String,
+    /// The credentials sealed with the fleet key (base64), where one is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_credentials: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }

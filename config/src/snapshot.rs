@@ -5,6 +5,7 @@
 //! the current Snapshot and swaps it in atomically; readers keep whichever one they loaded.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -19,7 +20,7 @@ use crate::model::{Certificate, Domain, EchKeys, Node, Record, Service, ServiceI
 use crate::names::{DomainName, MAX_NAME_LEN, host_name, normalize_host, uuid_bits};
 use crate::service_index::ServiceIndex;
 use crate::state::decode;
-use crate::store::{EventKind, KeyValue, PageRequest, Revision, Store};
+use crate::store::{EventKind, KeyValue, PageRequest, Replica, Revision, Store};
 
 /// A persistent hash map: a clone shares its nodes, and a change copies one path of them, so a
 /// Snapshot with a change more costs the same whatever its size.
@@ -58,6 +59,9 @@ pub struct Snapshot {
     /// The last bursts of changes, oldest first, each continuing the one before; empty after a
     /// full (re)load.
     history: Arc<[Arc<Changes>]>,
+    /// The revision of the last change to platform state, leaving out nodes' status reports:
+    /// a node that has applied it is up to date, however many reports came after.
+    data_revision: Revision,
 }
 
 /// The store keys changed between two consecutive Snapshots. A cache built from the Snapshot at
@@ -97,6 +101,7 @@ impl Snapshot {
             account: None,
             ech_keys: Arc::new(EchKeys::default()),
             history: Arc::new([]),
+            data_revision: 0,
         }
     }
 
@@ -113,11 +118,17 @@ impl Snapshot {
             snapshot.apply_put(kv);
         }
         snapshot.revision = revision;
+        snapshot.data_revision = revision;
         snapshot
     }
 
     pub fn revision(&self) -> Revision {
         self.revision
+    }
+
+    /// The revision of the last change other than a node's status report.
+    pub fn data_revision(&self) -> Revision {
+        self.data_revision
     }
 
     pub fn zone(&self) -> &DomainName {
@@ -209,6 +220,13 @@ impl Snapshot {
             EventKind::Delete { key } => self.apply_delete(key),
         }
         self.revision = self.revision.max(revision);
+        let key = match event {
+            EventKind::Put(kv) => kv.key.as_str(),
+            EventKind::Delete { key } => key.as_str(),
+        };
+        if !key.starts_with(keys::STATUS) {
+            self.data_revision = self.data_revision.max(revision);
+        }
     }
 
     fn apply_put(&mut self, kv: &KeyValue) {
@@ -330,6 +348,7 @@ impl Snapshot {
 pub struct SnapshotHandle {
     current: Arc<ArcSwap<Snapshot>>,
     published: watch::Receiver<Revision>,
+    health: Arc<StoreHealth>,
 }
 
 impl SnapshotHandle {
@@ -340,6 +359,11 @@ impl SnapshotHandle {
 
     pub fn load_full(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Whether the store is reachable, and whether this Snapshot came from the local copy.
+    pub fn health(&self) -> &Arc<StoreHealth> {
+        &self.health
     }
 
     /// Wakes on every published Snapshot (background work that reacts to changes).
@@ -369,15 +393,85 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
 impl SnapshotSync {
     /// Loads the whole state, publishes the first Snapshot, then follows the store.
     pub async fn start(store: Arc<dyn Store>, zone: DomainName) -> Result<Self, StoreError> {
-        let (snapshot, revision) = load(store.as_ref(), zone.clone()).await?;
+        Self::start_with_cache(store, None, zone).await
+    }
+
+    /// As [`SnapshotSync::start`]; when the store cannot be reached and `cache` (the node's
+    /// local copy of a fleet store) has been filled before, starts from the copy instead and
+    /// catches up once the store is back.
+    pub async fn start_with_cache(
+        store: Arc<dyn Store>,
+        cache: Option<Replica>,
+        zone: DomainName,
+    ) -> Result<Self, StoreError> {
+        let health = Arc::new(StoreHealth::default());
+        let (snapshot, revision) = match (load(store.as_ref(), zone.clone()).await, cache) {
+            (Ok(loaded), _) => loaded,
+            (Err(StoreError::Unavailable(reason)), Some(cache)) if cache.revision().await? > 0 => {
+                let loaded = load(cache.reader().as_ref(), zone.clone()).await?;
+                tracing::warn!(
+                    %reason,
+                    revision = loaded.1,
+                    copy = %cache.path().display(),
+                    "store unreachable at start: serving this node's last copy until it is back"
+                );
+                health.set_unreachable(&reason);
+                health.serving_cache.store(true, Ordering::Relaxed);
+                loaded
+            }
+            (Err(e), _) => return Err(e),
+        };
         let current = Arc::new(ArcSwap::from_pointee(snapshot));
         let (tx, published) = watch::channel(revision);
         let handle = SnapshotHandle {
             current: current.clone(),
             published,
+            health: health.clone(),
         };
-        let task = tokio::spawn(follow(store, zone, current, tx, revision));
+        let task = tokio::spawn(follow(store, zone, current, tx, revision, health));
         Ok(SnapshotSync { handle, task })
+    }
+}
+
+/// Whether this node reaches its store, as its parts last saw it: the Snapshot's watch, and
+/// the node's lease keep-alive, which notices an outage within a third of the lease.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    unreachable: AtomicBool,
+    /// The Snapshot was loaded from the local copy and has not caught up with the store yet.
+    serving_cache: AtomicBool,
+    reason: std::sync::Mutex<Option<(String, time::OffsetDateTime)>>,
+}
+
+impl StoreHealth {
+    pub fn set_unreachable(&self, reason: &str) {
+        if !self.unreachable.swap(true, Ordering::Relaxed)
+            && let Ok(mut r) = self.reason.lock()
+        {
+            *r = Some((reason.to_string(), time::OffsetDateTime::now_utc()));
+        }
+    }
+
+    pub fn set_reachable(&self) {
+        if self.unreachable.swap(false, Ordering::Relaxed)
+            && let Ok(mut r) = self.reason.lock()
+        {
+            *r = None;
+        }
+    }
+
+    pub fn reachable(&self) -> bool {
+        !self.unreachable.load(Ordering::Relaxed)
+    }
+
+    /// Serving state loaded from the node's copy, not yet caught up with the store.
+    pub fn serving_cache(&self) -> bool {
+        self.serving_cache.load(Ordering::Relaxed)
+    }
+
+    /// Why and since when the store is unreachable.
+    pub fn outage(&self) -> Option<(String, time::OffsetDateTime)> {
+        self.reason.lock().ok().and_then(|r| r.clone())
     }
 }
 
@@ -424,6 +518,7 @@ async fn load(store: &dyn Store, zone: DomainName) -> Result<(Snapshot, Revision
         insert_all(&mut snapshot, done).await?;
     }
     snapshot.revision = start;
+    snapshot.data_revision = start;
     Ok((snapshot, start))
 }
 
@@ -446,55 +541,85 @@ async fn follow(
     current: Arc<ArcSwap<Snapshot>>,
     published: watch::Sender<Revision>,
     mut revision: Revision,
+    health: Arc<StoreHealth>,
 ) {
     loop {
-        match store.watch("", revision + 1).await {
-            Ok(mut watch) => loop {
-                let Some(first) = watch.next().await else {
-                    // The store itself is gone: the node is shutting down.
-                    return;
-                };
-                // Apply this batch and every one already waiting, then publish once.
-                let mut next: Option<Snapshot> = None;
-                let mut changes = Changes {
-                    since: revision,
-                    until: revision,
-                    keys: Vec::new(),
-                };
-                let mut pending = Some(first);
-                let mut failed = None;
-                while let Some(batch) = pending.take() {
-                    match batch {
-                        Ok(batch) => {
-                            let snapshot = next.get_or_insert_with(|| (**current.load()).clone());
-                            for event in &batch.events {
-                                snapshot.apply(batch.revision, &event.kind);
-                                changes.keys.push(event.key().into());
-                            }
-                            revision = batch.revision;
-                            pending = watch.try_next();
-                        }
-                        Err(e) => failed = Some(e),
+        let failure = match store.watch("", revision + 1).await {
+            Ok(mut watch) => {
+                health.set_reachable();
+                health.serving_cache.store(false, Ordering::Relaxed);
+                loop {
+                    let Some(first) = watch.next().await else {
+                        // The store itself is gone: the node is shutting down.
+                        return;
+                    };
+                    let failed =
+                        apply_burst(&current, &published, &mut revision, first, &mut watch);
+                    if let Some(e) = failed {
+                        break e;
                     }
                 }
-                if let Some(mut snapshot) = next {
-                    snapshot.revision = revision;
-                    changes.until = revision;
-                    snapshot.push_changes(changes);
-                    current.store(Arc::new(snapshot));
-                    published.send_replace(revision);
+            }
+            Err(e) => e,
+        };
+        match failure {
+            // The watch fell out of the store's history and may have missed changes: start
+            // over from a full read, serving the last Snapshot meanwhile.
+            StoreError::Compacted { .. } => {
+                tracing::warn!(error = %failure, "store history moved past this node; reloading state");
+                reload(store.as_ref(), &zone, &current, &published, &mut revision).await;
+            }
+            e => {
+                // Nothing was missed: watch again from the same revision once the store answers.
+                if let StoreError::Unavailable(reason) = &e {
+                    health.set_unreachable(reason);
                 }
-                if let Some(e) = failed {
-                    tracing::warn!(error = %e, "store watch failed; reloading state");
-                    break;
-                }
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot watch the store; reloading state"),
+                tracing::debug!(error = %e, revision, "store watch interrupted; resuming");
+                tokio::time::sleep(RETRY_AFTER_ERROR).await;
+            }
         }
-        // A watch that failed (e.g. its revision was compacted) may have missed changes: start
-        // over from a full read, serving the last Snapshot meanwhile.
-        reload(store.as_ref(), &zone, &current, &published, &mut revision).await;
     }
+}
+
+/// Applies `first` and every batch already waiting to a copy of the current Snapshot, then
+/// publishes it once. Returns the error that ended the watch, if one came.
+fn apply_burst(
+    current: &ArcSwap<Snapshot>,
+    published: &watch::Sender<Revision>,
+    revision: &mut Revision,
+    first: Result<crate::store::WatchBatch, StoreError>,
+    watch: &mut crate::store::Watch,
+) -> Option<StoreError> {
+    let mut next: Option<Snapshot> = None;
+    let mut changes = Changes {
+        since: *revision,
+        until: *revision,
+        keys: Vec::new(),
+    };
+    let mut pending = Some(first);
+    let mut failed = None;
+    while let Some(batch) = pending.take() {
+        match batch {
+            Ok(batch) => {
+                let snapshot = next.get_or_insert_with(|| (**current.load()).clone());
+                for event in &batch.events {
+                    snapshot.apply(batch.revision, &event.kind);
+                    changes.keys.push(event.key().into());
+                }
+                *revision = batch.revision;
+                pending = watch.try_next();
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    if let Some(mut snapshot) = next {
+        snapshot.revision = *revision;
+        changes.until = *revision;
+        snapshot.push_changes(changes);
+        current.store(Arc::new(snapshot));
+        published.send_replace(*revision);
+    }
+    failed
 }
 
 async fn reload(

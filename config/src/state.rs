@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use base64::Engine as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
@@ -15,7 +16,8 @@ use crate::model::{
     ServiceId, ServiceOptions, ServiceStatus, Tombstone,
 };
 use crate::names::DomainName;
-use crate::store::{Compare, KeyValue, LeaseId, Op, PageRequest, Revision, Store, Txn};
+use crate::seal::{Sealer, open_if_sealed};
+use crate::store::{Compare, KeyValue, LeaseId, LockGuard, Op, PageRequest, Revision, Store, Txn};
 
 /// How many times a read-modify-write retries when another writer got there first.
 const CAS_ATTEMPTS: usize = 16;
@@ -24,6 +26,8 @@ const CAS_ATTEMPTS: usize = 16;
 pub struct State {
     store: Arc<dyn Store>,
     zone: DomainName,
+    /// Seals private keys before they are written (`store.encryption_key_file`).
+    sealer: Option<Arc<Sealer>>,
 }
 
 /// A change to a service; absent fields stay as they are.
@@ -58,7 +62,17 @@ pub fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, StateError> {
 
 impl State {
     pub fn new(store: Arc<dyn Store>, zone: DomainName) -> Self {
-        State { store, zone }
+        State {
+            store,
+            zone,
+            sealer: None,
+        }
+    }
+
+    /// Private keys written from now on are sealed with `sealer`; sealed ones are opened with it.
+    pub fn with_sealer(mut self, sealer: Arc<Sealer>) -> Self {
+        self.sealer = Some(sealer);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -335,6 +349,19 @@ impl State {
         certificate: &Certificate,
         material: Option<&CertificateMaterial>,
     ) -> Result<Option<Revision>, StateError> {
+        self.put_certificate_fenced(owner, certificate, material, None)
+            .await
+    }
+
+    /// As [`State::put_certificate`], and only while `fence` (the order lock of the name)
+    /// still holds: a node whose lock passed on to another cannot overwrite its work.
+    pub async fn put_certificate_fenced(
+        &self,
+        owner: &ServiceId,
+        certificate: &Certificate,
+        material: Option<&CertificateMaterial>,
+        fence: Option<&LockGuard>,
+    ) -> Result<Option<Revision>, StateError> {
         let primary = certificate
             .domains
             .first()
@@ -342,12 +369,18 @@ impl State {
         let key = keys::certificate(primary.as_str());
         let mut success = vec![Op::put(key.clone(), encode(&key, certificate)?)];
         if let Some(material) = material {
-            success.push(Op::put(certificate.key_ref.clone(), material.encode()));
+            let value = match &self.sealer {
+                Some(sealer) => sealer.seal(&certificate.key_ref, &material.encode())?,
+                None => material.encode(),
+            };
+            success.push(Op::put(certificate.key_ref.clone(), value));
         }
         let out = self
             .store
             .txn(Txn {
-                compare: vec![Compare::Present(keys::service(owner))],
+                compare: std::iter::once(Compare::Present(keys::service(owner)))
+                    .chain(fence.map(LockGuard::fence))
+                    .collect(),
                 success,
                 failure: vec![],
             })
@@ -361,9 +394,14 @@ impl State {
         &self,
         certificate: &Certificate,
     ) -> Result<Option<CertificateMaterial>, StateError> {
-        let Some(kv) = self.store.get(&certificate.key_ref).await? else {
+        let Some(mut kv) = self.store.get(&certificate.key_ref).await? else {
             return Ok(None);
         };
+        kv.value = open_if_sealed(
+            self.sealer.as_deref(),
+            &kv.key,
+            std::mem::take(&mut kv.value),
+        )?;
         let legacy_chain = if CertificateMaterial::is_legacy(&kv.value) {
             let primary = certificate
                 .domains
@@ -383,6 +421,20 @@ impl State {
                 key: kv.key,
                 reason: e.to_string(),
             })
+    }
+
+    /// A certificate record as the store has it now (not as this node's Snapshot last saw it).
+    pub async fn get_certificate_versioned(
+        &self,
+        name: &str,
+    ) -> Result<Option<Versioned<Certificate>>, StateError> {
+        match self.store.get(&keys::certificate(name)).await? {
+            Some(kv) => Ok(Some(Versioned {
+                value: decode(&kv)?,
+                mod_revision: kv.mod_revision,
+            })),
+            None => Ok(None),
+        }
     }
 
     /// Asks the issuer to renew a certificate now. The current one keeps being served until
@@ -449,11 +501,41 @@ impl State {
 
     /// The ACME account, if one was created.
     pub async fn get_account(&self) -> Result<Option<crate::model::AcmeAccount>, StateError> {
-        self.store
-            .get(keys::ACME_ACCOUNT)
-            .await?
-            .map(|kv| decode(&kv))
-            .transpose()
+        let Some(kv) = self.store.get(keys::ACME_ACCOUNT).await? else {
+            return Ok(None);
+        };
+        let mut account: crate::model::AcmeAccount = decode(&kv)?;
+        if let Some(sealed) = account.sealed_credentials.take() {
+            let sealed = base64::engine::general_purpose::STANDARD
+                .decode(sealed)
+                .map_err(|e| StateError::Codec {
+                    key: kv.key.clone(),
+                    reason: format!("sealed credentials: {e}"),
+                })?;
+            let plain = open_if_sealed(self.sealer.as_deref(), keys::ACME_ACCOUNT, sealed)?;
+            account.credentials_json = String::from_utf8(plain).map_err(|e| StateError::Codec {
+                key: kv.key.clone(),
+                reason: format!("sealed credentials: {e}"),
+            })?;
+        }
+        Ok(Some(account))
+    }
+
+    /// The account as stored: its credentials (the account's private key) sealed when a fleet
+    /// key is configured.
+    fn account_value(&self, account: &crate::model::AcmeAccount) -> Result<Vec<u8>, StateError> {
+        let key = keys::ACME_ACCOUNT;
+        match &self.sealer {
+            Some(sealer) => {
+                let mut stored = account.clone();
+                let sealed = sealer.seal(key, stored.credentials_json.as_bytes())?;
+                stored.credentials_json = String::new();
+                stored.sealed_credentials =
+                    Some(base64::engine::general_purpose::STANDARD.encode(sealed));
+                encode(key, &stored)
+            }
+            None => encode(key, account),
+        }
     }
 
     /// Stores the ACME account unless one exists (another node of a fleet may have won the
@@ -463,7 +545,7 @@ impl State {
         account: &crate::model::AcmeAccount,
     ) -> Result<crate::model::AcmeAccount, StateError> {
         let key = keys::ACME_ACCOUNT.to_string();
-        let value = encode(&key, account)?;
+        let value = self.account_value(account)?;
         if self.put_if_absent(key, value).await?.is_some() {
             return Ok(account.clone());
         }
@@ -476,7 +558,7 @@ impl State {
     /// (`issuer.account_key_file`), which every node registers to the same account.
     pub async fn put_account(&self, account: &crate::model::AcmeAccount) -> Result<(), StateError> {
         let key = keys::ACME_ACCOUNT.to_string();
-        let value = encode(&key, account)?;
+        let value = self.account_value(account)?;
         self.store.put(&key, value).await?;
         Ok(())
     }

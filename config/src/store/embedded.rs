@@ -95,7 +95,7 @@ struct Shared {
     commits: AtomicU64,
 }
 
-fn backend<E: Into<redb::Error>>(e: E) -> StoreError {
+pub(super) fn backend<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Backend(e.into().to_string())
 }
 
@@ -231,7 +231,7 @@ fn read_meta<T: ReadableTable<&'static str, u64>>(meta: &T, key: &str) -> Result
 
 const ENTRY_HEADER: usize = 32;
 
-fn encode_entry(kv: &KeyValue) -> Vec<u8> {
+pub(super) fn encode_entry(kv: &KeyValue) -> Vec<u8> {
     let mut out = Vec::with_capacity(ENTRY_HEADER + kv.value.len());
     out.extend_from_slice(&(kv.create_revision as u64).to_le_bytes());
     out.extend_from_slice(&(kv.mod_revision as u64).to_le_bytes());
@@ -271,7 +271,46 @@ fn decode_header(key: &str, bytes: &[u8]) -> Result<Header, StoreError> {
     })
 }
 
-fn decode_entry(key: &str, bytes: &[u8]) -> Result<KeyValue, StoreError> {
+/// One page of the keys under `prefix` of a table of encoded entries.
+pub(super) fn read_page<T: ReadableTable<&'static str, &'static [u8]>>(
+    kv: &T,
+    prefix: &str,
+    page: &PageRequest,
+    revision: Revision,
+) -> Result<Page, StoreError> {
+    let start = match &page.after {
+        Some(after) if after.as_str() >= prefix => after.as_str(),
+        _ => prefix,
+    };
+    let end = prefix_end(prefix);
+    let range = match &end {
+        Some(end) => kv.range::<&str>(start..end.as_str()),
+        None => kv.range::<&str>(start..),
+    }
+    .map_err(backend)?;
+    let limit = page.limit.max(1);
+    let mut items = Vec::with_capacity(limit.min(1024));
+    let mut more = false;
+    for item in range {
+        let (key, value) = item.map_err(backend)?;
+        let key = key.value();
+        if page.after.as_deref() == Some(key) || !key.starts_with(prefix) {
+            continue;
+        }
+        if items.len() == limit {
+            more = true;
+            break;
+        }
+        items.push(decode_entry(key, value.value())?);
+    }
+    Ok(Page {
+        items,
+        revision,
+        more,
+    })
+}
+
+pub(super) fn decode_entry(key: &str, bytes: &[u8]) -> Result<KeyValue, StoreError> {
     let header = decode_header(key, bytes)?;
     Ok(KeyValue {
         key: key.into(),
@@ -872,36 +911,7 @@ impl Store for EmbeddedStore {
             let meta = rtx.open_table(META).map_err(backend)?;
             let revision = read_meta(&meta, META_REVISION)? as Revision;
             let kv = rtx.open_table(KV).map_err(backend)?;
-            let start = match &page.after {
-                Some(after) if after.as_str() >= prefix.as_str() => after.clone(),
-                _ => prefix.clone(),
-            };
-            let end = prefix_end(&prefix);
-            let range = match &end {
-                Some(end) => kv.range::<&str>(start.as_str()..end.as_str()),
-                None => kv.range::<&str>(start.as_str()..),
-            }
-            .map_err(backend)?;
-            let limit = page.limit.max(1);
-            let mut items = Vec::with_capacity(limit.min(1024));
-            let mut more = false;
-            for item in range {
-                let (key, value) = item.map_err(backend)?;
-                let key = key.value();
-                if page.after.as_deref() == Some(key) || !key.starts_with(prefix.as_str()) {
-                    continue;
-                }
-                if items.len() == limit {
-                    more = true;
-                    break;
-                }
-                items.push(decode_entry(key, value.value())?);
-            }
-            Ok(Page {
-                items,
-                revision,
-                more,
-            })
+            read_page(&kv, &prefix, &page, revision)
         })
         .await
     }

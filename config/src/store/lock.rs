@@ -55,3 +55,40 @@ pub async fn lock(store: &dyn Store, name: &str, lease: LeaseId) -> Result<LockG
         }
     }
 }
+
+/// Takes the lock `name` for this lease if nobody holds or waits for it; `None` when another
+/// lease got there first (its holder does the work, and this caller need not wait for it).
+pub async fn try_lock(
+    store: &dyn Store,
+    name: &str,
+    lease: LeaseId,
+) -> Result<Option<LockGuard>, StoreError> {
+    let prefix = format!("locks/{name}/");
+    let key = format!("{prefix}{:016x}", lease.0);
+    store.txn(Txn::claim(&key, lease)).await?;
+    let (contenders, _) = store.list_all(&prefix).await?;
+    let Some(mine) = contenders.iter().find(|kv| kv.key == key) else {
+        return Err(StoreError::LeaseNotFound(lease.0));
+    };
+    if contenders
+        .iter()
+        .any(|kv| kv.create_revision < mine.create_revision)
+    {
+        store.delete(&key).await?;
+        return Ok(None);
+    }
+    Ok(Some(LockGuard {
+        fencing_token: mine.create_revision,
+        key,
+        lease,
+    }))
+}
+
+impl LockGuard {
+    /// The condition a write guarded by this lock carries: it applies only while this holder
+    /// still holds the lock (a holder whose lease expired, and whose lock passed on, writes
+    /// nothing).
+    pub fn fence(&self) -> crate::store::Compare {
+        crate::store::Compare::ModRevision(self.key.clone(), self.fencing_token)
+    }
+}

@@ -5,7 +5,8 @@
 //! fencing token.
 
 mod embedded;
-mod lock;
+pub mod lock;
+mod replica;
 pub mod semaphore;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use tokio::sync::mpsc;
 
 pub use embedded::{DEFAULT_HISTORY, EmbeddedStore};
 pub use lock::LockGuard;
+pub use replica::{Replica, ReplicatedStore, follow as follow_into_replica};
 
 use crate::error::StoreError;
 
@@ -294,4 +296,4 @@ pub fn prefix_end(prefix: &str) -> Option<String> {
     None
 }
 
-pub use lock::lock;
+pub use lock::{lock, try_lock};

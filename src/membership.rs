@@ -1,0 +1,267 @@
+//! The node's place in the fleet: its entry `nodes/<id>` under a lease (what puts its addresses
+//! in DNS answers), the keep-alive that holds it, the status report of the revision it has
+//! applied, and leaving first on shutdown so that answers stop naming it before it stops
+//! serving.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use portcullis_config::model::{Node, NodeStatus};
+use portcullis_config::store::{Compare, EventKind, LeaseId, Op, Txn};
+use portcullis_config::{NodeConfig, SnapshotHandle, State, StoreError, keys, state::encode};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Another live process holds this node's id.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another node with id `{id}` is live: its entry {key} stayed alive for {waited_s} s (longer than its lease). Give this node its own node.id, or stop the other node first"
+)]
+pub struct DuplicateNode {
+    pub id: String,
+    pub key: String,
+    pub waited_s: u64,
+}
+
+pub struct Membership {
+    state: State,
+    snapshot: SnapshotHandle,
+    node: Node,
+    ttl: Duration,
+    /// Refuse to replace a live entry of another process (the fleet); alone on an embedded
+    /// store no other process can reach the store, so an entry is always a past life's.
+    exclusive: bool,
+    lease: watch::Sender<LeaseId>,
+    reported: i64,
+}
+
+/// The node's instance id, made once and kept in its state directory.
+pub fn instance_id(state_dir: &Path) -> Result<String> {
+    let path = state_dir.join("node-instance");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
+        _ => {
+            let mut bytes = [0u8; 16];
+            getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::write(&path, format!("{id}\n"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(id)
+        }
+    }
+}
+
+impl Membership {
+    /// Joins: puts `nodes/<id>` under a new lease. A previous life of this node (same instance)
+    /// is replaced at once; another process's live entry is waited out for one lease, then
+    /// refused with [`DuplicateNode`].
+    pub async fn join(
+        state: State,
+        snapshot: SnapshotHandle,
+        config: &NodeConfig,
+        exclusive: bool,
+    ) -> Result<Membership> {
+        let node = Node {
+            id: config.node.id.to_string(),
+            ipv4: config.node.public_ipv4.clone(),
+            ipv6: config.node.public_ipv6.clone(),
+            last_seen: OffsetDateTime::now_utc(),
+            instance: Some(instance_id(&config.store.path)?),
+        };
+        let ttl = config.node.lease_ttl.0;
+        let lease = announce(&state, &node, ttl, exclusive).await?;
+        let (lease, _) = watch::channel(lease);
+        Ok(Membership {
+            state,
+            snapshot,
+            node,
+            ttl,
+            exclusive,
+            lease,
+            reported: 0,
+        })
+    }
+
+    /// Follows the node's current lease (it changes when the node had to announce itself
+    /// again), for work that holds locks and slots with it.
+    pub fn lease(&self) -> watch::Receiver<LeaseId> {
+        self.lease.subscribe()
+    }
+
+    /// Keeps the entry alive until `shutdown`, every third of the lease; announces the node
+    /// again if its lease ended (an outage longer than the lease), reports the revision it
+    /// applied when the platform's state moved, and tells the Snapshot's health whether the
+    /// store answers.
+    pub async fn keep(mut self, shutdown: CancellationToken) -> Membership {
+        let mut tick = tokio::time::interval(self.ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return self,
+                _ = tick.tick() => {}
+            }
+            self.beat().await;
+        }
+    }
+
+    async fn beat(&mut self) {
+        let health = self.snapshot.health().clone();
+        let lease = *self.lease.borrow();
+        match self.state.store().keep_alive(lease).await {
+            Ok(()) => health.set_reachable(),
+            Err(StoreError::LeaseNotFound(_)) => {
+                tracing::warn!(
+                    "this node's lease ended (the store was away longer than node.lease_ttl); announcing it again"
+                );
+                match announce(&self.state, &self.node, self.ttl, self.exclusive).await {
+                    Ok(new) => {
+                        self.lease.send_replace(new);
+                        self.reported = 0;
+                        health.set_reachable();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "announcing this node failed; retrying")
+                    }
+                }
+            }
+            Err(StoreError::Unavailable(reason)) => {
+                if health.reachable() {
+                    tracing::warn!(%reason, "store unreachable: serving the last state; writes answer 503 until it is back");
+                }
+                health.set_unreachable(&reason);
+            }
+            Err(e) => tracing::warn!(error = %e, "keeping this node's lease alive failed"),
+        }
+        let snapshot = self.snapshot.load_full();
+        metrics::gauge!("portcullis_store_serving_from_cache").set(f64::from(u8::from(
+            !health.reachable() || health.serving_cache(),
+        )));
+        if !health.reachable() {
+            return;
+        }
+        if let Ok(current) = self.state.store().current_revision().await {
+            metrics::gauge!("portcullis_store_revision_lag")
+                .set((current - snapshot.revision()).max(0) as f64);
+        }
+        if snapshot.data_revision() > self.reported || self.reported == 0 {
+            let status = NodeStatus {
+                applied_revision: snapshot.revision(),
+                reported_at: OffsetDateTime::now_utc(),
+            };
+            let key = keys::status(&self.node.id);
+            let lease = *self.lease.borrow();
+            let written = match encode(&key, &status) {
+                Ok(value) => self
+                    .state
+                    .store()
+                    .put_with_lease(&key, value, lease)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match written {
+                Ok(_) => self.reported = snapshot.data_revision().max(1),
+                Err(e) => tracing::debug!(error = %e, "cannot report this node's status"),
+            }
+        }
+    }
+
+    /// Leaves the fleet: ends the lease (deleting the entry and the status), then waits, at
+    /// most `wait`, until this node's own Snapshot no longer lists it, which is when the other
+    /// nodes' DNS stops naming it too (they see the same change).
+    pub async fn leave(&self, wait: Duration) {
+        let lease = *self.lease.borrow();
+        if let Err(e) = self.state.store().revoke_lease(lease).await {
+            tracing::warn!(error = %e, "could not withdraw this node's entry; it leaves when its lease ends");
+            return;
+        }
+        let mut published = self.snapshot.subscribe();
+        let gone = |s: &SnapshotHandle| !s.load().nodes().any(|n| n.id == self.node.id);
+        let _ = tokio::time::timeout(wait, async {
+            while !gone(&self.snapshot) {
+                if published.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Puts the node's entry under a new lease; see [`Membership::join`].
+async fn announce(state: &State, node: &Node, ttl: Duration, exclusive: bool) -> Result<LeaseId> {
+    let store = state.store();
+    let key = keys::node(&node.id);
+    let value = encode(&key, node)?;
+    let lease = store
+        .grant_lease(ttl)
+        .await
+        .context("granting this node's lease")?;
+    let put = Op::Put {
+        key: key.clone(),
+        value: value.clone(),
+        lease: Some(lease),
+    };
+    // Waiting out one lease is enough for an entry a dead process left; a second lease's worth
+    // covers a keep-alive sent just before its holder died.
+    let deadline = tokio::time::Instant::now() + ttl * 2 + Duration::from_secs(1);
+    loop {
+        let existing = store.get(&key).await.context("reading this node's entry")?;
+        let mine = existing.as_ref().is_none_or(|kv| {
+            !exclusive
+                || portcullis_config::state::decode::<Node>(kv)
+                    .is_ok_and(|n| n.instance.is_some() && n.instance == node.instance)
+        });
+        if mine {
+            let compare = match &existing {
+                Some(kv) => Compare::ModRevision(key.clone(), kv.mod_revision),
+                None => Compare::Absent(key.clone()),
+            };
+            let out = store
+                .txn(Txn {
+                    compare: vec![compare],
+                    success: vec![put.clone()],
+                    failure: vec![],
+                })
+                .await
+                .context("announcing this node")?;
+            if out.succeeded {
+                if let Some(old) = existing.and_then(|kv| kv.lease).filter(|l| *l != lease) {
+                    // A past life's lease: end it now rather than when it runs out.
+                    let _ = store.revoke_lease(old).await;
+                }
+                return Ok(lease);
+            }
+            continue;
+        }
+        let Some(existing) = existing else { continue };
+        if tokio::time::Instant::now() >= deadline {
+            let _ = store.revoke_lease(lease).await;
+            return Err(DuplicateNode {
+                id: node.id.clone(),
+                key,
+                waited_s: (ttl * 2).as_secs() + 1,
+            }
+            .into());
+        }
+        tracing::info!(id = %node.id, "another process holds this node id; waiting for its lease to end");
+        let mut watch = store
+            .watch(&key, existing.mod_revision + 1)
+            .await
+            .context("watching this node's entry")?;
+        let _ = tokio::time::timeout_at(deadline, async {
+            while let Some(Ok(batch)) = watch.next().await {
+                if batch
+                    .events
+                    .iter()
+                    .any(|e| matches!(e.kind, EventKind::Delete { .. }) && e.key() == key)
+                {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
