@@ -14,6 +14,20 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// The lease of a node that could not announce itself yet.
+const UNANNOUNCED: LeaseId = LeaseId(0);
+
+fn is_unavailable(e: &anyhow::Error) -> bool {
+    matches!(
+        e.chain()
+            .find_map(|c| c.downcast_ref::<StoreError>()),
+        Some(StoreError::Unavailable(_))
+    )
+}
+
+/// How long a leaving node keeps serving once it is out of the answers.
+const LEAVE_DRAIN: Duration = Duration::from_millis(500);
+
 /// Another live process holds this node's id.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -71,7 +85,16 @@ impl Membership {
             instance: Some(instance_id(&config.store.path)?),
         };
         let ttl = config.node.lease_ttl.0;
-        let lease = announce(&state, &node, ttl, exclusive).await?;
+        // A node that starts while the store is away serves its last state, and joins once the
+        // store answers (its keep-alive finds no lease and announces it).
+        let lease = match announce(&state, &node, ttl, exclusive).await {
+            Ok(lease) => lease,
+            Err(e) if is_unavailable(&e) => {
+                tracing::warn!(error = %format!("{e:#}"), "store unreachable: this node joins the fleet once it is back");
+                UNANNOUNCED
+            }
+            Err(e) => return Err(e),
+        };
         let (lease, _) = watch::channel(lease);
         Ok(Membership {
             state,
@@ -173,6 +196,9 @@ impl Membership {
     /// nodes' DNS stops naming it too (they see the same change).
     pub async fn leave(&self, wait: Duration) {
         let lease = *self.lease.borrow();
+        if lease == UNANNOUNCED {
+            return;
+        }
         if let Err(e) = self.state.store().revoke_lease(lease).await {
             tracing::warn!(error = %e, "could not withdraw this node's entry; it leaves when its lease ends");
             return;
@@ -187,6 +213,9 @@ impl Membership {
             }
         })
         .await;
+        // The other nodes apply the same change within moments of this one; clients that
+        // asked just before get a node that still answers.
+        tokio::time::sleep(LEAVE_DRAIN).await;
     }
 }
 

@@ -101,6 +101,9 @@ pub struct FleetSlots {
 
 const ORDER_SLOTS: &str = "acme-orders";
 
+/// Orders wait this long for the node to join the fleet.
+const NOT_JOINED_RECHECK: Duration = Duration::seconds(5);
+
 /// A name another node holds the order lock of is looked at again after this, should that
 /// node die before it records anything (its lock goes with its lease, well before this).
 const LEFT_TO_PEER_RECHECK: Duration = Duration::seconds(30);
@@ -385,6 +388,13 @@ impl CertificateManager {
         };
         let name = id.canonical_domain(self.snapshot.load().zone());
         let lease = *fleet.lease.borrow();
+        if lease.0 == 0 {
+            // The node has not joined the fleet yet (its store was away at start): without a
+            // lease, a lock would outlive a holder that dies.
+            return Ok(Outcome::Deferred(
+                OffsetDateTime::now_utc() + NOT_JOINED_RECHECK,
+            ));
+        }
         let lock_name = format!("orders/{name}");
         let Some(guard) = lock::try_lock(fleet.store.as_ref(), &lock_name, lease).await? else {
             metrics::counter!("portcullis_certificate_orders_left_to_peers_total").increment(1);
