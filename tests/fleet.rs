@@ -318,3 +318,309 @@ async fn a_second_process_with_a_live_nodes_id_is_refused() {
     );
     drop(first);
 }
+
+/// Requests and queries through every node until `stop`: each one counted, each failure kept.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    async fn start(nodes: &[Node], host: &str, client: Arc<TlsClient>) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for node in nodes {
+            let (https, dns) = support::fleet::addresses(node).await;
+            let (stop, done, failures, client, host) = (
+                stop.clone(),
+                done.clone(),
+                failures.clone(),
+                client.clone(),
+                host.to_string(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match https_get(&client, https, &host).await {
+                        Ok((StatusCode::OK, _, _)) => {}
+                        Ok((status, body, _)) => {
+                            failures.lock().unwrap().push(format!("{https}: {status} {body}"))
+                        }
+                        Err(e) => failures.lock().unwrap().push(e),
+                    }
+                    let name = host.clone();
+                    let answer =
+                        tokio::task::spawn_blocking(move || a_records(dns, &name)).await.unwrap();
+                    if answer.is_empty() {
+                        failures.lock().unwrap().push(format!("{dns}: no A for {host}"));
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(POLL).await;
+                }
+            }));
+        }
+        Traffic {
+            stop,
+            done,
+            failures,
+            tasks,
+        }
+    }
+
+    /// Stops, and fails the test on any failed request or query.
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let failures = self.failures.lock().unwrap();
+        assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+        assert!(self.done.load(Ordering::Relaxed) > 20);
+    }
+}
+
+async fn add_record(node: &Node, name: &str) -> support::Reply {
+    node.api(
+        Method::POST,
+        "/v1/records",
+        Some(json!({ "name": format!("{name}.{ZONE}"), "type": "TXT", "ttl": 60, "data": ["\"x\""] })),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_etcd_leader_fails_no_request() {
+    let mut cluster = EtcdCluster::start(3);
+    let plan = FleetPlan::new();
+    let nodes = plan.start(&cluster, 3);
+    let backend = Backend::start("steady").await;
+    let id = create(&nodes[0], &[backend.addr]).await;
+    let host = format!("{id}.{ZONE}");
+    let client = Arc::new(TlsClient::new(&roots(&nodes), &[b"http/1.1"]));
+    for node in &nodes {
+        let https = node.listener("https").await;
+        wait_for("the service on every node", async || {
+            let (status, _, _) = https_get(&client, https, &host).await.ok()?;
+            (status == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
+    let traffic = Traffic::start(&nodes, &host, client.clone()).await;
+    let leader = cluster.leader();
+    cluster.kill(leader);
+    let killed = Instant::now();
+    // Writes come back within seconds, through every node.
+    for (i, node) in nodes.iter().enumerate() {
+        wait_for("a write to succeed after the leader died", async || {
+            let r = add_record(node, &format!("after-{i}")).await;
+            (r.status == StatusCode::CREATED).then_some(())
+        })
+        .await;
+    }
+    assert!(killed.elapsed() < Duration::from_secs(15), "{:?}", killed.elapsed());
+    cluster.restart(leader);
+    traffic.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_etcd_member_down_the_fleet_serves_and_refuses_writes() {
+    let mut cluster = EtcdCluster::start(3);
+    let plan = FleetPlan::new();
+    let mut nodes = plan.start(&cluster, 3);
+    let backend = Backend::start("steady").await;
+    let id = create(&nodes[0], &[backend.addr]).await;
+    let host = format!("{id}.{ZONE}");
+    // An ACME account, as an issuer would have stored it: challenges are answered from it.
+    let thumbprint = "dGhpcyBpcyBhIHRodW1icHJpbnQ";
+    let account = json!({
+        "directory_url": "https://ca.example.test/dir",
+        "account_url": "https://ca.example.test/acct/1",
+        "thumbprint": thumbprint,
+        "credentials_json": "",
+        "created_at": "2026-01-01T00:00:00Z",
+    });
+    cluster.put(&format!("{}acme/account", plan.prefix), &account.to_string());
+    let client = Arc::new(TlsClient::new(&roots(&nodes), &[b"http/1.1"]));
+    let challenge = async |node: &Node| {
+        let http = node.listener("http").await;
+        support::http(
+            Method::GET,
+            &format!("http://{http}/.well-known/acme-challenge/tok_en-1"),
+            None,
+            None,
+        )
+        .await
+    };
+    for node in &nodes {
+        let https = node.listener("https").await;
+        wait_for("the service and the account on every node", async || {
+            let (status, _, _) = https_get(&client, https, &host).await.ok()?;
+            let answer = challenge(node).await;
+            (status == StatusCode::OK && answer.status == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
+
+    let traffic = Traffic::start(&nodes, &host, client.clone()).await;
+    for member in 0..3 {
+        cluster.kill(member);
+    }
+    // Writes are refused, saying why, and nothing is half-written.
+    let refused = wait_for("writes to answer 503", async || {
+        let r = add_record(&nodes[1], "during").await;
+        (r.status == StatusCode::SERVICE_UNAVAILABLE).then_some(r)
+    })
+    .await;
+    assert_eq!(refused.code(), "store_unavailable");
+    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("unreachable"));
+    for node in &nodes {
+        let answer = challenge(node).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(
+            String::from_utf8_lossy(&answer.body).trim(),
+            format!("tok_en-1.{thumbprint}")
+        );
+    }
+    // A node restarted meanwhile serves its copy, and says so.
+    nodes[2].stop();
+    nodes[2].restart();
+    let ready = nodes[2]
+        .api(Method::GET, "/readyz", None)
+        .await
+        .json();
+    assert_eq!(ready["store"]["serving_from_cache"], true, "{ready}");
+    let https = nodes[2].listener("https").await;
+    let (status, _, _) = https_get(&client, https, &host).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let dns = nodes[2].dns_addr().await;
+    assert!(!a_records(dns, &host).is_empty());
+    traffic.finish().await;
+
+    // etcd returns: a change made now reaches every node, the restarted one too.
+    for member in 0..3 {
+        cluster.restart(member);
+    }
+    let late = wait_for("a write once etcd is back", async || {
+        let r = nodes[0]
+            .api(Method::POST, "/v1/services", Some(json!({ "backends": [backend.addr.to_string()] })))
+            .await;
+        (r.status == StatusCode::CREATED).then(|| r.json()["id"].as_str().unwrap().to_string())
+    })
+    .await;
+    for node in &nodes {
+        let dns = node.dns_addr().await;
+        wait_for("the late service on every node", async || {
+            (!a_records(dns, &format!("{late}.{ZONE}")).is_empty()).then_some(())
+        })
+        .await;
+    }
+    let ready = nodes[2].api(Method::GET, "/readyz", None).await.json();
+    assert_eq!(ready["store"]["reachable"], true, "{ready}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_past_a_compaction_reads_everything_again() {
+    let mut cluster = EtcdCluster::start(3);
+    let plan = FleetPlan::new();
+    let endpoints = cluster.endpoints();
+    let a = plan.start_node(0, &endpoints[..2], |t| t);
+    let c = plan.start_node(2, &endpoints[2..], |t| t);
+    let doomed = create(&a, &["127.0.0.1:9".parse().unwrap()]).await;
+    let c_dns = c.dns_addr().await;
+    wait_for("C to see the first service", async || {
+        (!a_records(c_dns, &format!("{doomed}.{ZONE}")).is_empty()).then_some(())
+    })
+    .await;
+
+    // C's only member goes; the other two go on, and compact past what C has seen.
+    cluster.kill(2);
+    let r = a.api(Method::DELETE, &format!("/v1/services/{doomed}"), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let mut fresh = Vec::new();
+    for _ in 0..5 {
+        fresh.push(create(&a, &["127.0.0.1:9".parse().unwrap()]).await);
+    }
+    let revision = a.api(Method::GET, "/readyz", None).await.json()["revision"]
+        .as_i64()
+        .unwrap();
+    cluster.compact(revision);
+    assert!(
+        !a_records(c_dns, &format!("{doomed}.{ZONE}")).is_empty(),
+        "cut off, C still serves what it had"
+    );
+
+    cluster.restart(2);
+    wait_for("C to converge after re-reading", async || {
+        let gone = a_records(c_dns, &format!("{doomed}.{ZONE}")).is_empty();
+        let all = fresh
+            .iter()
+            .all(|id| !a_records(c_dns, &format!("{id}.{ZONE}")).is_empty());
+        (gone && all).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_sharing_a_ca_order_each_name_once() {
+    let cluster = EtcdCluster::start(3);
+    let plan = FleetPlan::new();
+    let pebble_plan = support::pebble::PebblePlan::new();
+    // Pebble validates http-01 on one port: each node listens on it at its own address, and
+    // whichever node DNS names answers every challenge.
+    let http_port = support::free_port();
+    let issuer = pebble_plan.issuer_section();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            plan.start_node(i, &cluster.endpoints(), |t| {
+                t.replace(&format!("http = \"{}:0\"", node_ip(i)), &format!("http = \"{}:{http_port}\"", node_ip(i)))
+                    .replace("[issuer]\nkind = \"dev\"\n", &issuer)
+            })
+        })
+        .collect();
+    let dns = nodes[0].dns_addr().await;
+    let pebble = pebble_plan.start(dns, http_port, "");
+
+    // 60 services created across the three nodes at once.
+    let mut creating = Vec::new();
+    for i in 0..60 {
+        let admin = nodes[i % 3].admin.clone();
+        let token = nodes[i % 3].token.clone();
+        creating.push(tokio::spawn(async move {
+            let r = support::http(
+                Method::POST,
+                &format!("{admin}/v1/services"),
+                Some(&token),
+                Some(("application/json", br#"{"backends":["127.0.0.1:9"]}"#.to_vec())),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::CREATED);
+        }));
+    }
+    for task in creating {
+        task.await.unwrap();
+    }
+    for node in &nodes {
+        wait_for("60 active certificates on every node", async || {
+            let v = node.api(Method::GET, "/v1/certificates", None).await.json();
+            let certs = v["certificates"].as_array()?.clone();
+            let active = certs.iter().filter(|c| c["status"] == "active").count();
+            (active == 60).then_some(())
+        })
+        .await;
+    }
+    let orders = pebble.log().matches("Added order").count();
+    assert_eq!(orders, 60, "orders at Pebble:\n{}", pebble.log());
+
+    // No private key is readable in etcd: certificates' keys and the account's are sealed.
+    let raw = cluster.get_prefix_raw(&plan.prefix);
+    assert!(!raw.contains("PRIVATE KEY"), "a PEM private key in etcd");
+    let keys = cluster.get_prefix_raw(&format!("{}keys/", plan.prefix));
+    let sealed = keys.lines().filter(|l| l.starts_with("PCS1")).count();
+    assert_eq!(sealed, 60, "every stored key is sealed:\n{keys}");
+    let account = cluster.get_prefix_raw(&format!("{}acme/account", plan.prefix));
+    assert!(account.contains("\"sealed_credentials\""), "{account}");
+    assert!(account.contains("\"credentials_json\":\"\""), "{account}");
+}
