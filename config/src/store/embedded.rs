@@ -408,6 +408,7 @@ enum Write {
         pending: Pending<LeaseId>,
     },
     KeepAlive(LeaseId, Pending<()>),
+    Compact(Revision, Pending<()>),
     /// Ends leases and deletes their keys, in one revision. With `expired_at`, only the leases
     /// whose deadline has passed by then: the sweep read them a moment ago and must not end one
     /// renewed since. Without, every lease named (a revoke).
@@ -452,6 +453,9 @@ impl Write {
             Write::KeepAlive(lease, pending) => {
                 pending.outcome = Some(settle(t.keep_alive(*lease))?);
             }
+            Write::Compact(revision, pending) => {
+                pending.outcome = Some(settle(t.compact(*revision))?);
+            }
             Write::EndLeases {
                 ids,
                 expired_at,
@@ -466,6 +470,7 @@ impl Write {
             Write::Txn(_, pending) => pending.send(group_failure),
             Write::Grant { pending, .. } => pending.send(group_failure),
             Write::KeepAlive(_, pending) => pending.send(group_failure),
+            Write::Compact(_, pending) => pending.send(group_failure),
             Write::EndLeases { pending, .. } => pending.send(group_failure),
         }
     }
@@ -719,6 +724,26 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
+    fn compact(&mut self, revision: Revision) -> Result<(), Refusal> {
+        if revision > self.revision {
+            return Err(Refusal::Write(StoreError::Invalid(format!(
+                "cannot compact to revision {revision}: the store is at {}",
+                self.revision
+            ))));
+        }
+        if revision <= read_meta(&self.meta, META_COMPACTED)? as Revision {
+            return Ok(());
+        }
+        self.log
+            .retain_in(..=revision as u64, |_, _| false)
+            .map_err(backend)?;
+        self.meta
+            .insert(META_COMPACTED, revision as u64)
+            .map_err(backend)?;
+        self.dirty = true;
+        Ok(())
+    }
+
     fn end_leases(&mut self, ids: &[u64], expired_at: Option<u64>) -> Result<(), Refusal> {
         let next = self.revision + 1;
         let mut events = Vec::new();
@@ -944,6 +969,12 @@ impl Store for EmbeddedStore {
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
         Ok(*self.inner.shared.revision.borrow())
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.inner
+            .submit(|pending| Write::Compact(revision, pending))
+            .await
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

@@ -4,6 +4,8 @@
 //! operations atomically; locks and semaphores are built on those primitives, and locks carry a
 //! fencing token.
 
+#[cfg(feature = "contract")]
+pub mod contract;
 mod embedded;
 pub mod lock;
 mod replica;
@@ -195,6 +197,12 @@ pub trait Store: Send + Sync + 'static {
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch, StoreError>;
 
     async fn current_revision(&self) -> Result<Revision, StoreError>;
+
+    /// Drops the history at or below `revision`: a watch from a revision that old fails with
+    /// [`StoreError::Compacted`], and the space it took comes back. Compacting below what is
+    /// already compacted does nothing; above the current revision is [`StoreError::Invalid`].
+    /// (etcd keeps the events of `revision` itself; a watch from below it fails there too.)
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
 
