@@ -7,8 +7,8 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/portcullis-target
 export CARGO_TARGET_DIR
 
 # command:package pairs each target needs; later capabilities add theirs here.
-RUN_DEPS  := curl:curl kill:procps
-TEST_DEPS := curl:curl kill:procps dig:dnsutils knotd:knot pebble:pebble
+RUN_DEPS  := curl:curl kill:procps protoc:protobuf-compiler
+TEST_DEPS := curl:curl kill:procps dig:dnsutils knotd:knot pebble:pebble etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler
 
 .PHONY: run test deps-run deps-test build lint bench fuzz
 
