@@ -19,8 +19,7 @@ const UNANNOUNCED: LeaseId = LeaseId(0);
 
 fn is_unavailable(e: &anyhow::Error) -> bool {
     matches!(
-        e.chain()
-            .find_map(|c| c.downcast_ref::<StoreError>()),
+        e.chain().find_map(|c| c.downcast_ref::<StoreError>()),
         Some(StoreError::Unavailable(_))
     )
 }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use portcullis_config::file::StoreKind;
-use portcullis_config::store::Replica;
-use portcullis_config::{EmbeddedStore, NodeConfig, Store};
+use portcullis_config::store::{Replica, ReplicatedStore, follow_into_replica};
+use portcullis_config::{EmbeddedStore, NodeConfig, Store, StoreError};
+use portcullis_etcd::{EtcdOptions, EtcdStore};
 use tokio_util::sync::CancellationToken;
 
 pub struct OpenedStore {
@@ -38,8 +39,61 @@ async fn open_embedded(config: &NodeConfig) -> Result<OpenedStore> {
     })
 }
 
-async fn open_etcd(_config: &NodeConfig, _shutdown: CancellationToken) -> Result<OpenedStore> {
-    anyhow::bail!("etcd store not wired yet")
+async fn open_etcd(config: &NodeConfig, shutdown: CancellationToken) -> Result<OpenedStore> {
+    let etcd = &config.store.etcd;
+    let password = match &etcd.password_file {
+        Some(path) => Some(
+            fs::read_to_string(path)
+                .with_context(|| format!("reading store.etcd.password_file {}", path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        ),
+        None => None,
+    };
+    let options = EtcdOptions {
+        endpoints: etcd.endpoints.clone(),
+        prefix: etcd.prefix.clone(),
+        ca: etcd.ca.clone(),
+        cert: etcd.cert.clone(),
+        key: etcd.key.clone(),
+        user: etcd.user.clone(),
+        password,
+        dial_timeout: etcd.dial_timeout.0,
+        request_timeout: etcd.request_timeout.0,
+    };
+    let copy_path = config.store.path.join("replica.redb");
+    let replica = Replica::open(&copy_path).await.with_context(|| {
+        format!(
+            "opening this node's copy of the store {}",
+            copy_path.display()
+        )
+    })?;
+    make_private(&copy_path);
+    let upstream = match EtcdStore::connect(options.clone()).await {
+        Ok(store) => store,
+        // With a copy to serve, a node starts anyway and catches up when etcd is back.
+        Err(StoreError::Unavailable(reason)) if replica.revision().await? > 0 => {
+            tracing::warn!(%reason, "etcd unreachable at start: serving this node's copy of the store");
+            EtcdStore::unconnected(options).await?
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "connecting to etcd ({}); check store.etcd.endpoints and credentials",
+                etcd.endpoints.join(", ")
+            )));
+        }
+    };
+    let upstream: Arc<dyn Store> = Arc::new(upstream);
+    tokio::spawn(follow_into_replica(
+        replica.clone(),
+        upstream.clone(),
+        shutdown,
+    ));
+    Ok(OpenedStore {
+        store: Arc::new(ReplicatedStore::new(upstream, replica.clone())),
+        replica: Some(replica),
+        shared: true,
+    })
 }
 
 /// The store holds private keys (certificates', the ACME account's): owner only, whatever the

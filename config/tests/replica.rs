@@ -72,6 +72,10 @@ impl Store for Switchable {
         self.check()?;
         self.inner.revoke_lease(lease).await
     }
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.compact(revision).await
+    }
 }
 
 async fn wait_until_copied(replica: &Replica, revision: Revision) {

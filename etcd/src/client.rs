@@ -87,6 +87,13 @@ pub(crate) fn count_failure(kind: &'static str) {
 
 impl Cluster {
     pub(crate) async fn connect(options: EtcdOptions) -> Result<Cluster, StoreError> {
+        let cluster = Self::new(options).await?;
+        cluster.probe().await?;
+        Ok(cluster)
+    }
+
+    /// The cluster's members, not contacted yet: the first request connects.
+    pub(crate) async fn new(options: EtcdOptions) -> Result<Cluster, StoreError> {
         if options.endpoints.is_empty() {
             return Err(StoreError::Invalid("no etcd endpoint is configured".into()));
         }
@@ -146,7 +153,6 @@ impl Cluster {
             dial_timeout: options.dial_timeout,
             request_timeout: options.request_timeout,
         };
-        cluster.probe().await?;
         Ok(cluster)
     }
 

@@ -93,6 +93,17 @@ impl EtcdStore {
         })
     }
 
+    /// As [`EtcdStore::connect`] without reaching any member first (bad settings still fail):
+    /// for a node that starts while etcd is away and serves its local copy meanwhile.
+    pub async fn unconnected(options: EtcdOptions) -> Result<EtcdStore, StoreError> {
+        let prefix = Prefix::new(&options.prefix)?;
+        let cluster = Cluster::new(options).await?;
+        Ok(EtcdStore {
+            cluster: Arc::new(cluster),
+            prefix,
+        })
+    }
+
     /// The endpoint requests go to now (it changes on failover).
     pub fn current_endpoint(&self) -> &str {
         self.cluster.current_endpoint()

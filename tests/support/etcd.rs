@@ -217,6 +217,19 @@ impl EtcdCluster {
         self.wait_healthy(&[self.endpoint(i)]);
     }
 
+    /// Starts every stopped member at once (one alone has no quorum), and waits until all are
+    /// healthy.
+    pub fn restart_all(&mut self) {
+        let stopped: Vec<usize> = (0..self.members.len())
+            .filter(|i| self.members[*i].child.is_none())
+            .collect();
+        for &i in &stopped {
+            self.spawn(i);
+        }
+        let endpoints: Vec<String> = stopped.iter().map(|i| self.endpoint(*i)).collect();
+        self.wait_healthy(&endpoints);
+    }
+
     /// The index of the member that leads now.
     pub fn leader(&self) -> usize {
         let start = Instant::now();
@@ -252,6 +265,16 @@ impl EtcdCluster {
         assert!(
             out.status.success(),
             "etcdctl compact: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `etcdctl put`: a value written by hand, behind every node's back.
+    pub fn put(&self, key: &str, value: &str) {
+        let out = self.etcdctl(&self.running(), &["put", key, value]);
+        assert!(
+            out.status.success(),
+            "etcdctl put: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

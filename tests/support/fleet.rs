@@ -51,8 +51,11 @@ impl FleetPlan {
     ) -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("portcullis.toml");
-        std::fs::write(&config, edit(self.config(i, &dir.path().join("state"), endpoints)))
-            .expect("write config");
+        std::fs::write(
+            &config,
+            edit(self.config(i, &dir.path().join("state"), endpoints)),
+        )
+        .expect("write config");
         Node::start_with(dir, &config)
     }
 
@@ -64,8 +67,14 @@ impl FleetPlan {
             .collect::<Vec<_>>()
             .join(", ");
         super::config_text(state)
-            .replace("id = \"test-1\"", &format!("id = \"{}\"\nlease_ttl = \"2s\"", node_id(i)))
-            .replace("public_ipv4 = [\"127.0.0.1\"]", &format!("public_ipv4 = [\"{ip}\"]"))
+            .replace(
+                "id = \"test-1\"",
+                &format!("id = \"{}\"\nlease_ttl = \"2s\"", node_id(i)),
+            )
+            .replace(
+                "public_ipv4 = [\"127.0.0.1\"]",
+                &format!("public_ipv4 = [\"{ip}\"]"),
+            )
             .replace("dns = [\"127.0.0.1:0\"]", &format!("dns = [\"{ip}:0\"]"))
             .replace("http = \"127.0.0.1:0\"", &format!("http = \"{ip}:0\""))
             .replace("https = \"127.0.0.1:0\"", &format!("https = \"{ip}:0\""))

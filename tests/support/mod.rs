@@ -6,6 +6,8 @@
 
 pub mod backend;
 pub mod dns;
+pub mod etcd;
+pub mod fleet;
 pub mod pebble;
 pub mod tls;
 

@@ -114,7 +114,8 @@ impl PebblePlan {
             .arg(dns.to_string())
             .env("PEBBLE_VA_NOSLEEP", "1")
             .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .stdout(Stdio::null())
+            // Some builds print what they store (orders, authorizations) on stdout.
+            .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("pebble (Debian package pebble) is installed by make test");

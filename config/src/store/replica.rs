@@ -300,6 +300,9 @@ impl Store for ReplicaReader {
     async fn revoke_lease(&self, _: LeaseId) -> Result<(), StoreError> {
         Err(read_only())
     }
+    async fn compact(&self, _: Revision) -> Result<(), StoreError> {
+        Err(read_only())
+    }
 }
 
 /// The fleet's store as a node uses it: everything goes upstream, and a point read that
@@ -362,5 +365,8 @@ impl Store for ReplicatedStore {
     }
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.upstream.revoke_lease(lease).await
+    }
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.upstream.compact(revision).await
     }
 }
