@@ -662,3 +662,47 @@ async fn three_nodes_sharing_a_ca_order_each_name_once() {
     assert!(account.contains("\"sealed_credentials\""), "{account}");
     assert!(account.contains("\"credentials_json\":\"\""), "{account}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_endpoints_and_bad_values_are_reported_not_fatal() {
+    // Nothing listens there: exit 70 with a line naming the endpoint and why.
+    let plan = FleetPlan::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("portcullis.toml");
+    let nowhere = format!("127.0.0.1:{}", support::free_port());
+    std::fs::write(
+        &config,
+        plan.config(0, &dir.path().join("state"), std::slice::from_ref(&nowhere)),
+    )
+    .unwrap();
+    let out = std::process::Command::new(support::bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(70), "{err}");
+    assert!(err.contains(&nowhere) && err.contains("store.etcd.endpoints"), "{err}");
+
+    // A value written by hand that does not parse: logged with its key, counted, skipped;
+    // everything else is served.
+    let cluster = EtcdCluster::start(1);
+    let node = plan.start_node(0, &cluster.endpoints(), |t| t);
+    let bad = format!("{}services/00000000-0000-4000-8000-000000000001", plan.prefix);
+    cluster.put(&bad, "{not json");
+    let id = create(&node, &["127.0.0.1:9".parse().unwrap()]).await;
+    let dns = node.dns_addr().await;
+    wait_for("the good service in DNS", async || {
+        (!a_records(dns, &format!("{id}.{ZONE}")).is_empty()).then_some(())
+    })
+    .await;
+    assert!(node.metrics().await.contains("portcullis_store_undecodable_values_total 1"));
+    assert!(node.log().contains("services/00000000-0000-4000-8000-000000000001"));
+
+    // The same value read at start (a restart loads it from etcd) does not stop the node.
+    let mut node = node;
+    node.stop();
+    node.restart();
+    let dns = node.dns_addr().await;
+    assert!(!a_records(dns, &format!("{id}.{ZONE}")).is_empty());
+}

@@ -324,6 +324,7 @@ impl Entry {
         entry
             .inspect_err(|e| {
                 tracing::warn!(key, error = %e, "skipping a stored value that does not decode");
+                metrics::counter!("portcullis_store_undecodable_values_total").increment(1);
             })
             .ok()
     }

@@ -3,7 +3,7 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 /// A running Pebble; stopped on drop.
 pub struct Pebble {
