@@ -10,11 +10,16 @@ export CARGO_TARGET_DIR
 RUN_DEPS  := curl:curl kill:procps protoc:protobuf-compiler
 TEST_DEPS := curl:curl kill:procps dig:dnsutils knotd:knot pebble:pebble etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler
 
-.PHONY: run test deps-run deps-test build lint bench fuzz
+.PHONY: run test fleet deps-run deps-test deps-fleet build lint bench fuzz
 
 run: deps-run
 	cargo build --bin portcullis
 	scripts/dev.sh "$(CARGO_TARGET_DIR)/debug/portcullis"
+
+# Three etcd members and three nodes on loopback: the fleet, to try by hand.
+fleet: deps-fleet
+	cargo build --bin portcullis
+	scripts/fleet.sh "$(CARGO_TARGET_DIR)/debug/portcullis"
 
 test: deps-test
 	cargo fmt --all -- --check
@@ -40,3 +45,6 @@ deps-run:
 
 deps-test:
 	@scripts/deps.sh $(TEST_DEPS)
+
+deps-fleet:
+	@scripts/deps.sh $(RUN_DEPS) etcd:etcd-server etcdctl:etcd-client dig:dnsutils

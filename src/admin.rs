@@ -448,6 +448,8 @@ struct NodeView {
     reported_at: Option<time::OffsetDateTime>,
 }
 
+use portcullis_config::model::NodeStatus;
+
 async fn list_nodes(AxumState(admin): AxumState<Admin>) -> Result<Response, ApiError> {
     let snapshot = admin.snapshot.load_full();
     let (reports, _) = admin
@@ -461,16 +463,19 @@ async fn list_nodes(AxumState(admin): AxumState<Admin>) -> Result<Response, ApiE
         let Some(id) = kv.key.strip_prefix(portcullis_config::keys::STATUS) else {
             continue;
         };
-        if let Ok(status) =
-            portcullis_config::state::decode::<portcullis_config::model::NodeStatus>(kv)
-        {
+        if let Ok(status) = portcullis_config::state::decode::<NodeStatus>(kv) {
             statuses.insert(id.to_string(), status);
         }
     }
     let nodes: Vec<NodeView> = snapshot
         .nodes()
         .map(|node| {
-            let status = statuses.get(&node.id);
+            // This node's own figure is live, not its last report.
+            let own = (node.id == admin.listeners.node_id).then(|| NodeStatus {
+                applied_revision: snapshot.revision(),
+                reported_at: time::OffsetDateTime::now_utc(),
+            });
+            let status = own.as_ref().or_else(|| statuses.get(&node.id));
             NodeView {
                 id: node.id.clone(),
                 ipv4: node.ipv4.clone(),

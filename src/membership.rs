@@ -14,6 +14,9 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// The least time between two status reports driven by changes.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
 /// The lease of a node that could not announce itself yet.
 const UNANNOUNCED: LeaseId = LeaseId(0);
 
@@ -119,12 +122,25 @@ impl Membership {
     pub async fn keep(mut self, shutdown: CancellationToken) -> Membership {
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = self.snapshot.subscribe();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return self,
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.beat().await,
+                // Platform state moved: report the new revision soon (at most once a
+                // REPORT_EVERY), so `node list` shows a lag that is real, not a stale report.
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return self;
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return self,
+                        () = tokio::time::sleep(REPORT_EVERY) => {}
+                    }
+                    changes.mark_unchanged();
+                    self.report().await;
+                }
             }
-            self.beat().await;
         }
     }
 
@@ -166,6 +182,15 @@ impl Membership {
         if let Ok(current) = self.state.store().current_revision().await {
             metrics::gauge!("portcullis_store_revision_lag")
                 .set((current - snapshot.revision()).max(0) as f64);
+        }
+        self.report().await;
+    }
+
+    /// Writes this node's status when platform state moved since its last report.
+    async fn report(&mut self) {
+        let snapshot = self.snapshot.load_full();
+        if *self.lease.borrow() == UNANNOUNCED || !self.snapshot.health().reachable() {
+            return;
         }
         if snapshot.data_revision() > self.reported || self.reported == 0 {
             let status = NodeStatus {

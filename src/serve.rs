@@ -222,6 +222,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         .with_context(|| format!("cannot write {}", url_file.display()))?;
 
     let listeners = Listeners {
+        node_id: config.node.id.to_string(),
         admin: admin_url.clone(),
         http: http_addr.to_string(),
         https: https_addr.to_string(),
@@ -308,6 +309,8 @@ fn metrics_handle(
 /// Where this node listens, as bound (port 0 in the config becomes the real port here).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Listeners {
+    /// This node's id in the fleet.
+    pub node_id: String,
     pub admin: String,
     pub http: String,
     pub https: String,

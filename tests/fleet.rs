@@ -682,13 +682,19 @@ async fn bad_endpoints_and_bad_values_are_reported_not_fatal() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(70), "{err}");
-    assert!(err.contains(&nowhere) && err.contains("store.etcd.endpoints"), "{err}");
+    assert!(
+        err.contains(&nowhere) && err.contains("store.etcd.endpoints"),
+        "{err}"
+    );
 
     // A value written by hand that does not parse: logged with its key, counted, skipped;
     // everything else is served.
     let cluster = EtcdCluster::start(1);
     let node = plan.start_node(0, &cluster.endpoints(), |t| t);
-    let bad = format!("{}services/00000000-0000-4000-8000-000000000001", plan.prefix);
+    let bad = format!(
+        "{}services/00000000-0000-4000-8000-000000000001",
+        plan.prefix
+    );
     cluster.put(&bad, "{not json");
     let id = create(&node, &["127.0.0.1:9".parse().unwrap()]).await;
     let dns = node.dns_addr().await;
@@ -696,8 +702,15 @@ async fn bad_endpoints_and_bad_values_are_reported_not_fatal() {
         (!a_records(dns, &format!("{id}.{ZONE}")).is_empty()).then_some(())
     })
     .await;
-    assert!(node.metrics().await.contains("portcullis_store_undecodable_values_total 1"));
-    assert!(node.log().contains("services/00000000-0000-4000-8000-000000000001"));
+    assert!(
+        node.metrics()
+            .await
+            .contains("portcullis_store_undecodable_values_total 1")
+    );
+    assert!(
+        node.log()
+            .contains("services/00000000-0000-4000-8000-000000000001")
+    );
 
     // The same value read at start (a restart loads it from etcd) does not stop the node.
     let mut node = node;
