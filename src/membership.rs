@@ -123,22 +123,31 @@ impl Membership {
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut changes = self.snapshot.subscribe();
+        // Platform state moved: report the new revision soon, at most once a REPORT_EVERY, so
+        // `node list` shows a lag that is real rather than a stale report. The keep-alive never
+        // waits for it.
+        let mut report_at: Option<tokio::time::Instant> = None;
         loop {
+            let report = async {
+                match report_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                biased;
                 () = shutdown.cancelled() => return self,
                 _ = tick.tick() => self.beat().await,
-                // Platform state moved: report the new revision soon (at most once a
-                // REPORT_EVERY), so `node list` shows a lag that is real, not a stale report.
-                changed = changes.changed() => {
+                () = report => {
+                    report_at = None;
+                    self.report().await;
+                }
+                changed = changes.changed(), if report_at.is_none() => {
                     if changed.is_err() {
                         return self;
                     }
-                    tokio::select! {
-                        () = shutdown.cancelled() => return self,
-                        () = tokio::time::sleep(REPORT_EVERY) => {}
-                    }
                     changes.mark_unchanged();
-                    self.report().await;
+                    report_at = Some(tokio::time::Instant::now() + REPORT_EVERY);
                 }
             }
         }

@@ -641,13 +641,33 @@ async fn three_nodes_sharing_a_ca_order_each_name_once() {
         task.await.unwrap();
     }
     for node in &nodes {
-        wait_for("60 active certificates on every node", async || {
+        let start = Instant::now();
+        loop {
             let v = node.api(Method::GET, "/v1/certificates", None).await.json();
-            let certs = v["certificates"].as_array()?.clone();
+            let certs = v["certificates"].as_array().unwrap().clone();
             let active = certs.iter().filter(|c| c["status"] == "active").count();
-            (active == 60).then_some(())
-        })
-        .await;
+            if active == 60 {
+                break;
+            }
+            if start.elapsed() > DEADLINE {
+                let mut statuses: Vec<String> = certs
+                    .iter()
+                    .map(|c| format!("{} {}", c["status"], c["last_error"]))
+                    .collect();
+                statuses.sort();
+                statuses.dedup();
+                panic!(
+                    "{active} of 60 certificates active: {statuses:?}\n{}\n{}",
+                    nodes
+                        .iter()
+                        .map(|n| n.log())
+                        .collect::<Vec<_>>()
+                        .join("\n----\n"),
+                    pebble.log()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
     let orders = pebble.log().matches("Added order").count();
     assert_eq!(orders, 60, "orders at Pebble:\n{}", pebble.log());

@@ -338,7 +338,13 @@ impl CertificateManager {
                                 self.reschedule(&mut schedule, &snapshot, id, now);
                             }
                         }
-                        Ok(Outcome::Recorded(None)) => {} // the service went away meanwhile
+                        Ok(Outcome::Recorded(None)) => {
+                            // The service went away meanwhile, or this node lost the name's
+                            // order lock (its lease ended) and wrote nothing: look again later.
+                            if self.snapshot.load().service(&id).is_some() {
+                                schedule.set(id, now + self.policy.first_retry, false);
+                            }
+                        }
                         Ok(Outcome::Deferred(until)) => schedule.set(id, until, false),
                         Err(e) => {
                             // The store failed: try again after the first backoff step.
