@@ -103,6 +103,15 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
             "private keys are sealed before they are stored"
         );
         state = state.with_sealer(Arc::new(sealer));
+        match state.reseal_account().await {
+            Ok(true) => tracing::info!(
+                "the ACME account's key is now sealed with the first key of store.encryption_key_file"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot seal the ACME account anew; it stays as it is")
+            }
+        }
     }
     let sync = SnapshotSync::start_with_cache(
         store.clone(),

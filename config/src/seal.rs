@@ -171,6 +171,11 @@ impl Sealer {
     }
 }
 
+/// The id of the key a sealed value was sealed with.
+pub fn sealed_with(value: &[u8]) -> Option<&str> {
+    split("", value).ok().map(|(id, _, _)| id)
+}
+
 /// Whether a stored value is sealed (values written without a key are not).
 pub fn is_sealed(value: &[u8]) -> bool {
     value.starts_with(MAGIC)

@@ -521,6 +521,35 @@ impl State {
         Ok(Some(account))
     }
 
+    /// Seals the stored ACME account anew with the first key of the key file when it was
+    /// sealed with another (a rotation) or not at all; true when it did. Certificates' keys
+    /// need no such pass: each renewal seals its new key with the first key.
+    pub async fn reseal_account(&self) -> Result<bool, StateError> {
+        let Some(sealer) = &self.sealer else {
+            return Ok(false);
+        };
+        let Some(kv) = self.store.get(keys::ACME_ACCOUNT).await? else {
+            return Ok(false);
+        };
+        let stored: crate::model::AcmeAccount = decode(&kv)?;
+        let current = stored.sealed_credentials.as_deref().and_then(|b64| {
+            let sealed = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+            crate::seal::sealed_with(&sealed).map(str::to_string)
+        });
+        if current.as_deref() == Some(sealer.current_id()) {
+            return Ok(false);
+        }
+        let Some(account) = self.get_account().await? else {
+            return Ok(false);
+        };
+        let value = self.account_value(&account)?;
+        Ok(self
+            .store
+            .compare_and_swap(keys::ACME_ACCOUNT, Some(kv.mod_revision), value)
+            .await?
+            .is_some())
+    }
+
     /// The account as stored: its credentials (the account's private key) sealed when a fleet
     /// key is configured.
     fn account_value(&self, account: &crate::model::AcmeAccount) -> Result<Vec<u8>, StateError> {

@@ -88,9 +88,8 @@ async fn propagation(args: &[String]) {
     for i in 0..count {
         let label = format!("p{run}-{i}");
         let name = Name::from_ascii(format!("{label}.{zone}.")).unwrap();
-        let body = format!(
-            r#"{{"name":"{label}.{zone}","type":"TXT","ttl":60,"data":["\"{i}\""]}}"#
-        );
+        let body =
+            format!(r#"{{"name":"{label}.{zone}","type":"TXT","ttl":60,"data":["\"{i}\""]}}"#);
         let url = format!("{admin}/v1/records");
         let start = Instant::now();
         // The write and the polling of the other node run at once: the clock stops when the
@@ -112,7 +111,11 @@ async fn propagation(args: &[String]) {
         });
         let status = post(&client, &url, &token, body).await;
         assert_eq!(status, 201, "write {i} refused");
-        took.push(poll.await.unwrap().expect("a change never reached the other node"));
+        took.push(
+            poll.await
+                .unwrap()
+                .expect("a change never reached the other node"),
+        );
     }
     took.sort();
     println!(
@@ -138,7 +141,13 @@ async fn writes(args: &[String]) {
             let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
             let url = format!("{admin}/v1/services");
             while Instant::now() < deadline {
-                let status = post(&client, &url, &token, r#"{"backends":["127.0.0.1:9"]}"#.into()).await;
+                let status = post(
+                    &client,
+                    &url,
+                    &token,
+                    r#"{"backends":["127.0.0.1:9"]}"#.into(),
+                )
+                .await;
                 assert_eq!(status, 201, "a create was refused");
                 done.fetch_add(1, Ordering::Relaxed);
             }
