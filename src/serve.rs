@@ -113,12 +113,15 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
             }
         }
     }
-    let sync = SnapshotSync::start_with_cache(
-        store.clone(),
-        opened.replica.clone(),
-        config.zone.name.clone(),
-    )
-    .await
+    let sync = match (opened.unreachable.clone(), opened.replica.clone()) {
+        (Some(reason), Some(copy)) => {
+            SnapshotSync::start_from_copy(store.clone(), copy, config.zone.name.clone(), reason)
+                .await
+        }
+        (_, copy) => {
+            SnapshotSync::start_with_cache(store.clone(), copy, config.zone.name.clone()).await
+        }
+    }
     .context("loading state from the store")?;
     let snapshot = sync.handle.clone();
 

@@ -17,6 +17,8 @@ pub struct OpenedStore {
     pub replica: Option<Replica>,
     /// Other processes share the store (a fleet): a node id must be unique among them.
     pub shared: bool,
+    /// etcd did not answer at start (why): the node starts from its copy at once.
+    pub unreachable: Option<String>,
 }
 
 pub async fn open(config: &NodeConfig, shutdown: CancellationToken) -> Result<OpenedStore> {
@@ -36,6 +38,7 @@ async fn open_embedded(config: &NodeConfig) -> Result<OpenedStore> {
         store: Arc::new(store),
         replica: None,
         shared: false,
+        unreachable: None,
     })
 }
 
@@ -69,11 +72,12 @@ async fn open_etcd(config: &NodeConfig, shutdown: CancellationToken) -> Result<O
         )
     })?;
     make_private(&copy_path);
+    let mut unreachable = None;
     let upstream = match EtcdStore::connect(options.clone()).await {
         Ok(store) => store,
         // With a copy to serve, a node starts anyway and catches up when etcd is back.
         Err(StoreError::Unavailable(reason)) if replica.revision().await? > 0 => {
-            tracing::warn!(%reason, "etcd unreachable at start: serving this node's copy of the store");
+            unreachable = Some(reason);
             EtcdStore::unconnected(options).await?
         }
         Err(e) => {
@@ -93,6 +97,7 @@ async fn open_etcd(config: &NodeConfig, shutdown: CancellationToken) -> Result<O
         store: Arc::new(ReplicatedStore::new(upstream, replica.clone())),
         replica: Some(replica),
         shared: true,
+        unreachable,
     })
 }
 

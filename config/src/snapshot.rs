@@ -405,8 +405,32 @@ impl SnapshotSync {
         cache: Option<Replica>,
         zone: DomainName,
     ) -> Result<Self, StoreError> {
+        Self::start_inner(store, cache, zone, None).await
+    }
+
+    /// Starts from `cache` at once: the store is known to be unreachable (`reason`), so the
+    /// node does not wait out a request to it first. Catches up once the store is back.
+    pub async fn start_from_copy(
+        store: Arc<dyn Store>,
+        cache: Replica,
+        zone: DomainName,
+        reason: String,
+    ) -> Result<Self, StoreError> {
+        Self::start_inner(store, Some(cache), zone, Some(reason)).await
+    }
+
+    async fn start_inner(
+        store: Arc<dyn Store>,
+        cache: Option<Replica>,
+        zone: DomainName,
+        unreachable: Option<String>,
+    ) -> Result<Self, StoreError> {
         let health = Arc::new(StoreHealth::default());
-        let (snapshot, revision) = match (load(store.as_ref(), zone.clone()).await, cache) {
+        let first = match unreachable {
+            Some(reason) => Err(StoreError::Unavailable(reason)),
+            None => load(store.as_ref(), zone.clone()).await,
+        };
+        let (snapshot, revision) = match (first, cache) {
             (Ok(loaded), _) => loaded,
             (Err(StoreError::Unavailable(reason)), Some(cache)) if cache.revision().await? > 0 => {
                 let loaded = load(cache.reader().as_ref(), zone.clone()).await?;

@@ -23,6 +23,8 @@ const DEADLINE: Duration = Duration::from_secs(10);
 struct Switchable {
     inner: Arc<dyn Store>,
     down: AtomicBool,
+    /// Point reads that reached this store.
+    gets: std::sync::atomic::AtomicUsize,
 }
 
 impl Switchable {
@@ -41,6 +43,7 @@ impl Store for Switchable {
         &self,
         key: &str,
     ) -> Result<Option<portcullis_config::store::KeyValue>, StoreError> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         self.inner.get(key).await
     }
@@ -117,6 +120,7 @@ async fn the_node_serves_its_copy_while_the_store_is_away_and_catches_up_after()
     let upstream = Arc::new(Switchable {
         inner: embedded,
         down: AtomicBool::new(false),
+        gets: Default::default(),
     });
     let state = State::new(upstream.clone(), zone());
     let (first, _) = create(&state, "10.0.0.1:80").await;
@@ -148,6 +152,13 @@ async fn the_node_serves_its_copy_while_the_store_is_away_and_catches_up_after()
         Arc::new(ReplicatedStore::new(upstream.clone(), replica.clone()));
     let key = node_store.get("keys/x.example").await.unwrap().unwrap();
     assert_eq!(key.value, b"key");
+    // The next reads do not wait on the store again (a handshake must not wait out a timeout
+    // each time); only now and then does one try it.
+    let tried = upstream.gets.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        node_store.get("keys/x.example").await.unwrap().unwrap();
+    }
+    assert_eq!(upstream.gets.load(Ordering::SeqCst), tried);
     let write = node_store.put("services/nope", b"{}".to_vec()).await;
     assert!(
         matches!(write, Err(StoreError::Unavailable(_))),
@@ -176,9 +187,21 @@ async fn the_node_serves_its_copy_while_the_store_is_away_and_catches_up_after()
     assert!(!snapshot.health().serving_cache());
     assert!(snapshot.health().reachable());
     wait_until_copied(&replica, revision).await;
-
+    // Point reads go back to the store (a value only it has shows once one read tried it).
+    upstream
+        .put("keys/y.example", b"new".to_vec())
+        .await
+        .unwrap();
+    let start = Instant::now();
     stop.cancel();
     follower.await.unwrap();
+    while node_store.get("keys/y.example").await.unwrap().is_none() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "point reads never went back to the store"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     sync.task.abort();
 }
 

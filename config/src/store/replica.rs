@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -311,8 +311,20 @@ impl Store for ReplicaReader {
 pub struct ReplicatedStore {
     upstream: Arc<dyn Store>,
     replica: Replica,
-    /// Set while point reads are answered from the copy.
-    from_cache: AtomicBool,
+    /// While upstream is away: until when (ms since the epoch) point reads go straight to the
+    /// copy, so a handshake does not wait out a request timeout each time. 0: upstream is up.
+    copy_until_ms: AtomicU64,
+    /// One read at a time tries upstream again once that time has passed.
+    probing: AtomicBool,
+}
+
+/// How long point reads go to the copy before upstream is tried again.
+const COPY_WINDOW_MS: u64 = 1000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl ReplicatedStore {
@@ -320,7 +332,8 @@ impl ReplicatedStore {
         ReplicatedStore {
             upstream,
             replica,
-            from_cache: AtomicBool::new(false),
+            copy_until_ms: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
         }
     }
 
@@ -329,21 +342,50 @@ impl ReplicatedStore {
     }
 }
 
-#[async_trait]
-impl Store for ReplicatedStore {
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        match self.upstream.get(key).await {
+impl ReplicatedStore {
+    /// Upstream's answer, or the copy's when upstream could not be reached.
+    async fn answer(
+        &self,
+        key: &str,
+        got: Result<Option<KeyValue>, StoreError>,
+    ) -> Result<Option<KeyValue>, StoreError> {
+        match got {
             Err(StoreError::Unavailable(reason)) => {
-                if !self.from_cache.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(%reason, "store unreachable: reading the local copy");
+                if self
+                    .copy_until_ms
+                    .swap(now_ms() + COPY_WINDOW_MS, Ordering::Relaxed)
+                    == 0
+                {
+                    tracing::warn!(%reason, "store unreachable: point reads come from the local copy");
                 }
                 self.replica.get(key).await
             }
             other => {
-                self.from_cache.store(false, Ordering::Relaxed);
+                if self.copy_until_ms.swap(0, Ordering::Relaxed) != 0 {
+                    tracing::info!("store reachable again: point reads go to it");
+                }
                 other
             }
         }
+    }
+}
+
+#[async_trait]
+impl Store for ReplicatedStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let until = self.copy_until_ms.load(Ordering::Relaxed);
+        if until != 0 {
+            // Upstream was away a moment ago: the copy answers, and one read at a time (once
+            // the window has passed) tries upstream again.
+            if now_ms() < until || self.probing.swap(true, Ordering::Acquire) {
+                return self.replica.get(key).await;
+            }
+            let probe = self.upstream.get(key).await;
+            self.probing.store(false, Ordering::Release);
+            return self.answer(key, probe).await;
+        }
+        let got = self.upstream.get(key).await;
+        self.answer(key, got).await
     }
     async fn list(&self, prefix: &str, page: PageRequest) -> Result<Page, StoreError> {
         self.upstream.list(prefix, page).await
