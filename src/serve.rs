@@ -91,7 +91,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     let metrics = metrics_handle(shutdown.clone());
     let token: Arc<str> = load_or_create_token(&config.admin_token_file())?.into();
 
-    let opened = crate::store_setup::open(&config, shutdown.clone()).await?;
+    let mut opened = crate::store_setup::open(&config, shutdown.clone()).await?;
     let store = opened.store.clone();
     let mut state = State::new(store.clone(), config.zone.name.clone());
     if let Some(path) = &config.store.encryption_key_file {
@@ -124,6 +124,9 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     }
     .context("loading state from the store")?;
     let snapshot = sync.handle.clone();
+    if let Some(follower) = opened.follower.take() {
+        tokio::spawn(follower);
+    }
 
     let issuer = match config.issuer.kind {
         IssuerKind::Dev => {

@@ -19,6 +19,9 @@ pub struct OpenedStore {
     pub shared: bool,
     /// etcd did not answer at start (why): the node starts from its copy at once.
     pub unreachable: Option<String>,
+    /// Keeps the local copy in step with etcd; spawned once the Snapshot is loaded, so a
+    /// joining node's first full copy does not slow its own start.
+    pub follower: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
 pub async fn open(config: &NodeConfig, shutdown: CancellationToken) -> Result<OpenedStore> {
@@ -39,6 +42,7 @@ async fn open_embedded(config: &NodeConfig) -> Result<OpenedStore> {
         replica: None,
         shared: false,
         unreachable: None,
+        follower: None,
     })
 }
 
@@ -88,7 +92,7 @@ async fn open_etcd(config: &NodeConfig, shutdown: CancellationToken) -> Result<O
         }
     };
     let upstream: Arc<dyn Store> = Arc::new(upstream);
-    tokio::spawn(follow_into_replica(
+    let follower = Box::pin(follow_into_replica(
         replica.clone(),
         upstream.clone(),
         shutdown,
@@ -98,6 +102,7 @@ async fn open_etcd(config: &NodeConfig, shutdown: CancellationToken) -> Result<O
         replica: Some(replica),
         shared: true,
         unreachable,
+        follower: Some(follower),
     })
 }
 
