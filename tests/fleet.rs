@@ -297,21 +297,10 @@ async fn a_second_process_with_a_live_nodes_id_is_refused() {
     let cluster = EtcdCluster::start(1);
     let plan = FleetPlan::new();
     let first = plan.start_node(0, &cluster.endpoints(), |t| t);
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("portcullis.toml");
-    std::fs::write(
-        &config,
-        plan.config(0, &dir.path().join("state"), &cluster.endpoints())
-            .replace("127.0.0.11:0", "127.0.0.21:0"),
-    )
-    .unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (status, err) = plan.serve_expecting_exit(0, &cluster.endpoints(), |t| {
+        t.replace("127.0.0.11:0", "127.0.0.21:0")
+    });
+    assert!(!status.success());
     assert!(
         err.contains("another node with id `node-a` is live"),
         "{err}"
@@ -705,21 +694,9 @@ async fn three_nodes_sharing_a_ca_order_each_name_once() {
 async fn bad_endpoints_and_bad_values_are_reported_not_fatal() {
     // Nothing listens there: exit 70 with a line naming the endpoint and why.
     let plan = FleetPlan::new();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("portcullis.toml");
     let nowhere = format!("127.0.0.1:{}", support::free_port());
-    std::fs::write(
-        &config,
-        plan.config(0, &dir.path().join("state"), std::slice::from_ref(&nowhere)),
-    )
-    .unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(70), "{err}");
+    let (status, err) = plan.serve_expecting_exit(0, std::slice::from_ref(&nowhere), |t| t);
+    assert_eq!(status.code(), Some(70), "{err}");
     assert!(
         err.contains(&nowhere) && err.contains("store.etcd.endpoints"),
         "{err}"

@@ -91,6 +91,32 @@ impl FleetPlan {
             )
     }
 
+    /// Runs `serve` for node `i` in the foreground with `edit` applied to its configuration,
+    /// for a start that is expected to fail: its exit status and stderr.
+    pub fn serve_expecting_exit(
+        &self,
+        i: usize,
+        endpoints: &[String],
+        edit: impl FnOnce(String) -> String,
+    ) -> (std::process::ExitStatus, String) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("portcullis.toml");
+        std::fs::write(
+            &config,
+            edit(self.config(i, &dir.path().join("state"), endpoints)),
+        )
+        .expect("write config");
+        let out = Command::new(super::bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run portcullis");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Three nodes on every member of `cluster`.
     pub fn start(&self, cluster: &EtcdCluster, nodes: usize) -> Vec<Node> {
         (0..nodes)
