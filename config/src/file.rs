@@ -829,6 +829,34 @@ mod tests {
     }
 
     #[test]
+    fn an_etcd_store_needs_endpoints_and_a_sealing_key() {
+        let etcd = EXAMPLE.replacen("kind = \"embedded\"", "kind = \"etcd\"", 1);
+        let err = parse(&etcd).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("store.etcd.endpoints"), "{err}");
+        let with_endpoints =
+            etcd.replacen("# [store.etcd]\n# endpoints", "[store.etcd]\nendpoints", 1);
+        let err = parse(&with_endpoints).unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("store.encryption_key_file"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("portcullis store new-key"),
+            "{err}"
+        );
+        let complete = with_endpoints.replacen("# encryption_key_file", "encryption_key_file", 1);
+        let cfg = parse(&complete).unwrap();
+        assert_eq!(cfg.store.kind, StoreKind::Etcd);
+        assert_eq!(cfg.store.etcd.endpoints.len(), 3);
+        assert_eq!(cfg.store.etcd.prefix, "/portcullis/");
+        assert_eq!(cfg.node.lease_ttl.0, std::time::Duration::from_secs(10));
+        let short = complete.replacen("# lease_ttl = \"10s\"", "lease_ttl = \"1s\"", 1);
+        let err = parse(&short).unwrap_err();
+        assert!(err.to_string().contains("at least 2s"), "{err}");
+    }
+
+    #[test]
     fn dev_config_is_valid() {
         let cfg = NodeConfig::dev(Path::new("/tmp/x"));
         assert_eq!(cfg.zone.name.as_str(), "app.localhost");
