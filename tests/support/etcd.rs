@@ -30,8 +30,10 @@ pub struct EtcdCluster {
 }
 
 /// A loopback TCP port that is free now, below the kernel's ephemeral range (from 32768), so
-/// no outgoing connection of the tests takes it before etcd binds it.
-fn free_port() -> u16 {
+/// no outgoing connection of the tests takes it before etcd binds it; and above the range the
+/// other test peers take theirs from (20000-29999), so a member starting in one test never
+/// takes the port a Pebble or Knot of another was given a moment before.
+pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     use std::net::TcpListener;
     // A random start, so concurrent test processes rarely try the same ports; the odd stride
@@ -40,12 +42,12 @@ fn free_port() -> u16 {
         .build_hasher()
         .finish();
     for i in 0..10_000u64 {
-        let port = 20_000 + ((start.wrapping_add(i.wrapping_mul(7_919))) % 12_000) as u16;
+        let port = 30_000 + ((start.wrapping_add(i.wrapping_mul(7_919))) % 2_700) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free loopback port in 20000-31999");
+    panic!("no free loopback port in 30000-32699");
 }
 
 impl EtcdCluster {
