@@ -254,9 +254,10 @@ async fn a_killed_node_leaves_dns_within_its_lease_and_comes_back() {
         .await;
     }
     let took = killed.elapsed();
+    eprintln!("B left the answers {took:?} after SIGKILL");
     assert!(
-        took < Duration::from_secs(3) + Duration::from_secs(1),
-        "B left the answers {took:?} after it died; its lease is 2 s"
+        took < Duration::from_secs(2) + Duration::from_secs(1),
+        "B left the answers {took:?} after it died; its lease is 2 s, and the bound is lease + 1 s"
     );
 
     // Restarted on the same state: it takes its own entry back at once and is answered again.
