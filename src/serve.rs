@@ -208,13 +208,17 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
             })
         }));
     }
-    // One order per name across every node on the store, and at most max_concurrent_orders
-    // of them at once fleet-wide.
-    manager = manager.with_fleet_slots(portcullis_acme::FleetSlots {
-        store: store.clone(),
-        limit: config.issuer.max_concurrent_orders.max(1),
-        lease,
-    });
+    // A fleet: one order per name across every node on the store, and at most
+    // max_concurrent_orders of them at once fleet-wide. Alone on its own file, no other process
+    // can order, and the node's own pool already keeps one order per name: the locks' writes
+    // (five fsyncs an order) would only slow issuance.
+    if opened.shared {
+        manager = manager.with_fleet_slots(portcullis_acme::FleetSlots {
+            store: store.clone(),
+            limit: config.issuer.max_concurrent_orders.max(1),
+            lease,
+        });
+    }
     let manager_task = tokio::spawn(manager.run(shutdown.clone()));
     tokio::spawn(prune_tombstones(
         state.clone(),
