@@ -46,8 +46,9 @@ pub struct Membership {
     snapshot: SnapshotHandle,
     node: Node,
     ttl: Duration,
-    /// Refuse to replace a live entry of another process (the fleet); alone on an embedded
-    /// store no other process can reach the store, so an entry is always a past life's.
+    /// Other processes share the store (the fleet): refuse to replace a live entry of another
+    /// process, and report the revision applied. Alone on an embedded store no other process
+    /// can reach the store, so an entry is always a past life's.
     exclusive: bool,
     lease: watch::Sender<LeaseId>,
     reported: i64,
@@ -197,6 +198,11 @@ impl Membership {
 
     /// Writes this node's status when platform state moved since its last report.
     async fn report(&mut self) {
+        // Alone, the node's own figures in `/v1/nodes` are live: nobody needs a report, and
+        // the store is spared a write a second under churn.
+        if !self.exclusive {
+            return;
+        }
         let snapshot = self.snapshot.load_full();
         if *self.lease.borrow() == UNANNOUNCED || !self.snapshot.health().reachable() {
             return;
