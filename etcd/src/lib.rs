@@ -122,24 +122,7 @@ fn check_txn(txn: &Txn) -> Result<(), StoreError> {
             )));
         }
     }
-    let mut seen = std::collections::HashSet::new();
-    for ops in [&txn.success, &txn.failure] {
-        seen.clear();
-        for op in ops {
-            let key = match op {
-                Op::Put { key, .. } | Op::Delete { key } => key,
-            };
-            if key.is_empty() {
-                return Err(StoreError::Invalid("a key cannot be empty".into()));
-            }
-            if !seen.insert(key) {
-                return Err(StoreError::Invalid(format!(
-                    "key `{key}` appears twice in one transaction"
-                )));
-            }
-        }
-    }
-    Ok(())
+    txn.check_keys()
 }
 
 /// The first lease a transaction's operations name: the one etcd did not find.

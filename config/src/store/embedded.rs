@@ -13,7 +13,6 @@
 //! syncing share the next one, which is what lets concurrent clients get well past one write
 //! per fsync without giving up durability.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -476,33 +475,6 @@ impl Write {
     }
 }
 
-/// Checks what can be checked of a transaction before it is queued, so a malformed one never
-/// reaches a group.
-fn validate(txn: &Txn) -> Result<(), StoreError> {
-    let mut seen = HashSet::new();
-    for ops in [&txn.success, &txn.failure] {
-        seen.clear();
-        for op in ops {
-            let key = op_key(op);
-            if key.is_empty() {
-                return Err(StoreError::Invalid("a key cannot be empty".into()));
-            }
-            if !seen.insert(key) {
-                return Err(StoreError::Invalid(format!(
-                    "key `{key}` appears twice in one transaction"
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn op_key(op: &Op) -> &str {
-    match op {
-        Op::Put { key, .. } | Op::Delete { key } => key,
-    }
-}
-
 /// The writer thread: commits what is queued, group by group, until every handle is gone.
 fn run_writer(shared: &Shared, mut queue: mpsc::UnboundedReceiver<Write>) {
     let mut group = Vec::new();
@@ -647,7 +619,7 @@ impl<'t> Tables<'t> {
             {
                 return Err(Refusal::Write(StoreError::LeaseNotFound(lease.0)));
             }
-            previous.push(self.header(op_key(op))?);
+            previous.push(self.header(op.key())?);
         }
         let next = self.revision + 1;
         let mut events = Vec::with_capacity(ops.len());
@@ -942,7 +914,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        validate(&txn)?;
+        txn.check_keys()?;
         self.inner.submit(|pending| Write::Txn(txn, pending)).await
     }
 

@@ -77,6 +77,12 @@ impl Op {
     pub fn delete(key: impl Into<String>) -> Op {
         Op::Delete { key: key.into() }
     }
+
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } => key,
+        }
+    }
 }
 
 /// If every comparison holds, apply `success`, else `failure`; atomically.
@@ -88,6 +94,26 @@ pub struct Txn {
 }
 
 impl Txn {
+    /// What every backend refuses, as etcd does: an empty key, or a key written twice in one
+    /// branch.
+    pub fn check_keys(&self) -> Result<(), StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        for ops in [&self.success, &self.failure] {
+            seen.clear();
+            for key in ops.iter().map(Op::key) {
+                if key.is_empty() {
+                    return Err(StoreError::Invalid("a key cannot be empty".into()));
+                }
+                if !seen.insert(key) {
+                    return Err(StoreError::Invalid(format!(
+                        "key `{key}` appears twice in one transaction"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Puts an empty `key` held by `lease`, unless the key exists: how a lease claims a lock's
     /// queue place or a semaphore's slot.
     pub fn claim(key: &str, lease: LeaseId) -> Txn {
