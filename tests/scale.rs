@@ -233,10 +233,12 @@ async fn steady_churn_keeps_the_state_file_and_memory_flat() {
     let (file_after, rss_after) = (size(), rss_bytes(node.pid()));
     let churned = (ROUNDS * CLIENTS * PER_CLIENT) as u64;
     // A leak of a service's certificate (its chain and key, a few KiB) shows as KiBs per churned
-    // service. The bound leaves room for what a debug build's RSS does on a loaded machine
-    // (tokio's and the allocator's own growth, a MiB or so per round).
+    // service. redb grows its file in regions (a step of half the file was seen once the churn
+    // was steady), so the file's bound is per churned service plus one such step, not a ratio.
+    // The RSS bound leaves room for what a debug build does on a loaded machine (tokio's and the
+    // allocator's own growth, a MiB or so per round).
     assert!(
-        file_after <= file_before + file_before / 10,
+        file_after <= file_before + churned * 512 + file_before / 2,
         "state.redb grew from {file_before} to {file_after} bytes over {churned} churned services"
     );
     assert!(
