@@ -48,6 +48,10 @@ pub struct Admin {
     pub health: Arc<portcullis_proxy::Health>,
     /// Services with detailed metrics, kept between scrapes.
     pub detailed: Arc<admin_metrics::DetailedServices>,
+    /// What an alias domain must pass to be added.
+    pub domain_rules: Arc<portcullis_config::domains::DomainRules>,
+    /// How long `domain verify` waits for the check it asked for.
+    pub verify_wait: Duration,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -65,6 +69,16 @@ pub fn router(admin: Admin) -> Router {
             get(show_record).put(put_record).delete(delete_record),
         )
         .route("/nodes", get(list_nodes))
+        .route(
+            "/services/{id}/domains",
+            get(crate::admin_domains::list).post(crate::admin_domains::add),
+        )
+        .route(
+            "/services/{id}/domains/{name}",
+            axum::routing::delete(crate::admin_domains::remove),
+        )
+        .route("/domains/{name}", get(crate::admin_domains::show))
+        .route("/domains/{name}/verify", post(crate::admin_domains::verify))
         .route("/certificates", get(list_certificates))
         .route("/certificates/{name}/renew", post(renew_certificate))
         .route("/certificates/{name}/revoke", post(revoke_certificate))
@@ -153,6 +167,19 @@ impl From<StateError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
             StateError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            StateError::Invalid {
+                code,
+                field,
+                message,
+            } => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                code,
+                message,
+                field: Some(field.into()),
+            },
+            StateError::Claimed { code, message } => {
+                ApiError::new(StatusCode::CONFLICT, code, message)
+            }
             StateError::Store(StoreError::Unavailable(_)) => {
                 tracing::warn!(error = %e, "state store unreachable");
                 ApiError::new(
@@ -340,6 +367,9 @@ pub struct ServiceView {
     pub updated_at: OffsetDateTime,
     /// The canonical domain's certificate; `None` until the issuer has taken it up.
     pub certificate: Option<CertificateView>,
+    /// Its alias domains (see `GET /v1/services/{id}/domains` for their status).
+    #[serde(default)]
+    pub domains: Vec<String>,
 }
 
 impl Admin {
@@ -364,11 +394,12 @@ impl Admin {
             created_at: service.created_at,
             updated_at: service.updated_at,
             certificate,
+            domains: service.domains.iter().map(|d| d.to_string()).collect(),
         }
     }
 
     /// Waits until this node serves what the write at `revision` changed.
-    async fn live(&self, revision: i64) {
+    pub(crate) async fn live(&self, revision: i64) {
         // Live means routed and answered in DNS: the responder's view follows the Snapshot.
         let live = self.snapshot.wait_for(revision, LIVE_WAIT).await
             && self.dns_views.wait_for(revision, LIVE_WAIT).await;
@@ -585,7 +616,7 @@ async fn list_services(
     }))
 }
 
-fn parse_id(id: &str) -> Result<ServiceId, ApiError> {
+pub(crate) fn parse_id(id: &str) -> Result<ServiceId, ApiError> {
     id.parse::<ServiceId>().map_err(|e| {
         ApiError::new(
             StatusCode::NOT_FOUND,

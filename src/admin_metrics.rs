@@ -294,6 +294,7 @@ mod tests {
                 metrics: detail,
                 ..ServiceOptions::default()
             },
+            domains: Vec::new(),
             created_at: OffsetDateTime::UNIX_EPOCH,
             updated_at: OffsetDateTime::UNIX_EPOCH,
         }

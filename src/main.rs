@@ -2,6 +2,7 @@
 //! node's admin API, or help around it (the dev CA's root, a demo backend).
 
 mod admin;
+mod admin_domains;
 mod admin_listener;
 mod admin_metrics;
 mod cli;

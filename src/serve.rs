@@ -263,6 +263,13 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         dns_views: dns.views.clone(),
         health,
         detailed: Arc::default(),
+        domain_rules: Arc::new(portcullis_config::domains::DomainRules {
+            served_zones: std::iter::once(config.zone.name.clone())
+                .chain(config.dns.zones.iter().cloned())
+                .collect(),
+            per_service: config.limits.domains_per_service,
+        }),
+        verify_wait: crate::admin_domains::verify_wait(config.verify.timeout.0),
     });
     let stop = shutdown.clone();
     let leave = tokio::spawn(async move {

@@ -38,6 +38,7 @@ pub fn service_kvs(n: usize) -> Vec<KeyValue> {
                 ],
                 status: ServiceStatus::Active,
                 options: Default::default(),
+                domains: Vec::new(),
                 created_at: now,
                 updated_at: now,
             };

@@ -62,6 +62,16 @@ pub enum StateError {
     Deleted { kind: &'static str, id: String },
     #[error("{0}")]
     Conflict(String),
+    /// A request refused by a rule with its own code (`400`), e.g. `public_suffix`.
+    #[error("{field}: {message}")]
+    Invalid {
+        code: &'static str,
+        field: &'static str,
+        message: String,
+    },
+    /// A request that conflicts with what is stored (`409`), e.g. `domain_taken`.
+    #[error("{message}")]
+    Claimed { code: &'static str, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot encode or decode `{key}`: {reason}")]

@@ -32,6 +32,63 @@ pub struct NodeConfig {
     pub log: LogSection,
     #[serde(default)]
     pub dns: DnsSection,
+    #[serde(default)]
+    pub verify: VerifySection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// How alias domains are verified through public DNS.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifySection {
+    /// Recursive resolvers to ask (`ip` or `ip:port`). Empty: the system's, from
+    /// `/etc/resolv.conf`. Never this node's own authoritative data.
+    pub resolvers: Vec<String>,
+    /// How long one question may take before the next resolver is tried.
+    pub timeout: Duration,
+    /// A pending or failed domain is re-checked with backoff for this long after it was
+    /// added; then it stays failed until checked by hand (`domain verify`).
+    pub pending_for: Duration,
+    /// The first retry of a failed check; each next one doubles, up to `max_retry`.
+    pub first_retry: Duration,
+    pub max_retry: Duration,
+    /// How often a verified domain is checked again.
+    pub recheck_interval: Duration,
+    /// How long a verified domain may point elsewhere before it is `moved`.
+    pub grace: Duration,
+    /// Checks running at once on this node.
+    pub concurrent_checks: usize,
+}
+
+impl Default for VerifySection {
+    fn default() -> Self {
+        VerifySection {
+            resolvers: Vec::new(),
+            timeout: secs(5),
+            pending_for: secs(7 * 86_400),
+            first_retry: secs(5),
+            max_retry: secs(3600),
+            recheck_interval: secs(3600),
+            grace: secs(86_400),
+            concurrent_checks: 64,
+        }
+    }
+}
+
+/// Bounds on what one tenant can make every node hold.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub domains_per_service: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            domains_per_service: 100,
+        }
+    }
 }
 
 /// A duration written as a number and a unit: `500ms`, `60s`, `5m`, `1h`.
@@ -799,6 +856,8 @@ impl NodeConfig {
             proxy: ProxySection::default(),
             log: LogSection::default(),
             dns: DnsSection::default(),
+            verify: VerifySection::default(),
+            limits: LimitsSection::default(),
         }
     }
 

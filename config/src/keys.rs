@@ -6,6 +6,10 @@ use crate::model::{RecordType, ServiceId};
 pub const SERVICES: &str = "services/";
 pub const TOMBSTONES: &str = "tombstones/";
 pub const DOMAINS: &str = "domains/";
+/// The last verification trace of each alias domain; read by the API, not by the Snapshot.
+pub const DOMAIN_CHECKS: &str = "domain-checks/";
+/// DNS-01 challenge values the platform zone answers at `<label>.acme.<zone>`.
+pub const DNS_CHALLENGES: &str = "dns-challenges/";
 pub const RECORDS: &str = "records/";
 pub const CERTIFICATES: &str = "certificates/";
 /// Private keys, apart from certificates so listings never read them.
@@ -32,6 +36,14 @@ pub fn tombstone(id: &ServiceId) -> String {
 
 pub fn domain(name: &str) -> String {
     format!("{DOMAINS}{name}")
+}
+
+pub fn domain_check(name: &str) -> String {
+    format!("{DOMAIN_CHECKS}{name}")
+}
+
+pub fn dns_challenge(label: &str) -> String {
+    format!("{DNS_CHALLENGES}{label}")
 }
 
 pub fn record(name: &str, rtype: RecordType) -> String {

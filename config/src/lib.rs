@@ -4,6 +4,7 @@
 //! the DNS responder, the proxy and the issuers read. It knows nothing of DNS, TLS or ACME
 //! protocols; those parts depend on it and never on each other.
 
+pub mod domains;
 pub mod error;
 pub mod file;
 pub mod keys;
@@ -20,7 +21,7 @@ pub use error::{StateError, StoreError, ValidationError};
 pub use file::{ConfigError, NodeConfig};
 pub use material::CertificateMaterial;
 pub use model::{Backend, Certificate, Service, ServiceId, ServiceStatus};
-pub use names::DomainName;
+pub use names::{AliasName, DomainName};
 pub use seal::Sealer;
 pub use snapshot::{Changes, Snapshot, SnapshotHandle, SnapshotSync, StoreHealth};
 pub use state::State;

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::error::ValidationError;
-use crate::names::DomainName;
+use crate::names::{AliasName, DomainName};
 
 /// Upper bound on backends per service: a pool larger than this is a configuration mistake,
 /// and it bounds the memory one API call can make every node hold.
@@ -409,6 +409,9 @@ pub struct Service {
     pub status: ServiceStatus,
     #[serde(default)]
     pub options: ServiceOptions,
+    /// Its alias domains, so deleting the service frees them without a walk of every domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<AliasName>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -423,24 +426,176 @@ pub struct Tombstone {
     pub deleted_at: OffsetDateTime,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Where an alias domain stands. Only `verified` is routed, answered and certified; the
+/// certificate's own status is kept apart, on the certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VerificationStatus {
+    /// Added, not checked yet.
     Pending,
     Verified,
+    /// The last check did not find the name pointing at its service; see the reason.
     Failed,
+    /// Verified once, then found pointing elsewhere for longer than `verify.grace`: no longer
+    /// routed, answered or renewed, so whoever controls the name now cannot be served as us.
+    Moved,
 }
 
-/// An alias domain a service owner brings (e.g. `www.shop.example`), routed to a service once
-/// its DNS points at us.
+impl VerificationStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VerificationStatus::Pending => "pending",
+            VerificationStatus::Verified => "verified",
+            VerificationStatus::Failed => "failed",
+            VerificationStatus::Moved => "moved",
+        }
+    }
+}
+
+impl fmt::Display for VerificationStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What showed that an alias domain points at its service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proof {
+    /// A CNAME chain ending at the canonical name.
+    Cname,
+    /// An alias-mode (priority 0) HTTPS or SVCB record targeting the canonical name.
+    HttpsAlias,
+    /// A service-mode HTTPS or SVCB record targeting the canonical name.
+    HttpsService,
+    /// Every address is a node's, and `_portcullis.<name>` holds the domain's token.
+    AddressesAndToken,
+}
+
+/// An alias domain a service owner brings (e.g. `www.shop.example`), routed to its service
+/// once its DNS is seen pointing there.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Domain {
-    pub name: DomainName,
+    pub name: AliasName,
     pub service: ServiceId,
     pub verification: VerificationStatus,
-    pub certificate: CertificateStatus,
+    /// Only in records written by earlier versions; the certificate's status is on the
+    /// certificate record (`certificates/<name>`).
+    #[serde(default, skip_serializing)]
+    pub certificate: Option<CertificateStatus>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The value a `_portcullis.<name>` TXT record must hold where addresses are the proof.
+    #[serde(default)]
+    pub token: String,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub verified_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<Proof>,
+    /// The last check's verdict when it failed (or, while verified, the failure of a recheck).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub checked_at: Option<OffsetDateTime>,
+    /// `None`: checked only by hand (a failed name past `verify.pending_for`).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub next_check_at: Option<OffsetDateTime>,
+    /// Failed checks in a row, for the backoff.
+    #[serde(default)]
+    pub attempts: u32,
+    /// A verified name whose rechecks fail since then; it moves after `verify.grace`.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub failing_since: Option<OffsetDateTime>,
+    /// `_acme-challenge.<name>` is a CNAME to the name's label under `acme.<zone>`, so the
+    /// certificate can be had by DNS-01 before the name points here.
+    #[serde(default)]
+    pub delegated: bool,
+}
+
+impl Domain {
+    /// A domain just added: pending, with its ownership token.
+    pub fn new(name: AliasName, service: ServiceId, token: String, now: OffsetDateTime) -> Self {
+        Domain {
+            name,
+            service,
+            verification: VerificationStatus::Pending,
+            certificate: None,
+            created_at: now,
+            token,
+            verified_at: None,
+            proof: None,
+            reason: None,
+            checked_at: None,
+            next_check_at: Some(now),
+            attempts: 0,
+            failing_since: None,
+            delegated: false,
+        }
+    }
+
+    /// The one rule for "this alias is served": DNS answers, routing, SNI and challenges all
+    /// ask it (through [`crate::Snapshot::live_alias`]).
+    pub fn is_live(&self) -> bool {
+        self.verification == VerificationStatus::Verified
+    }
+
+    /// Whether the name may have a certificate: live, or proven by DNS-01 delegation before
+    /// it points here. Moved names are never renewed.
+    pub fn wants_certificate(&self) -> bool {
+        self.is_live()
+            || (self.delegated
+                && matches!(
+                    self.verification,
+                    VerificationStatus::Pending | VerificationStatus::Failed
+                ))
+    }
+}
+
+/// One DNS question asked while verifying a domain, and what came back.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TraceStep {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub rtype: String,
+    pub resolver: String,
+    /// `NOERROR`, `NXDOMAIN`, `SERVFAIL`, ..., or `TIMEOUT` when no resolver answered.
+    pub rcode: String,
+    /// The answer's records in presentation form.
+    pub records: Vec<String>,
+    pub took_ms: u64,
+}
+
+/// The last verification of a domain, step by step (`domain-checks/<name>`). Kept apart from
+/// the domain so the Snapshot every node holds does not carry traces.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DomainCheck {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The node that ran it.
+    pub node: String,
+    pub steps: Vec<TraceStep>,
+    pub verified: bool,
+    /// e.g. "api.example.com CNAME app.other-host.net: not this platform".
+    pub verdict: String,
+    /// Whether the resolvers could not answer at all: such a check changes no status.
+    #[serde(default)]
+    pub inconclusive: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -115,6 +115,124 @@ impl AsRef<str> for DomainName {
     }
 }
 
+/// An alias domain's name as stored: the A-label form (UTS 46, so `bücher.example` is
+/// `xn--bcher-kva.example`), lowercase, no trailing dot, RFC 1123 labels, at least two labels,
+/// and optionally `*.` in front for a wildcard alias.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AliasName(Box<str>);
+
+impl AliasName {
+    /// Accepts a name as a user writes it (U-labels, any case, one trailing dot).
+    pub fn parse(input: &str) -> Result<Self, String> {
+        let trimmed = input.trim();
+        let trimmed = trimmed.strip_suffix('.').unwrap_or(trimmed);
+        let (wildcard, rest) = match trimmed.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, trimmed),
+        };
+        if rest.contains('*') {
+            return Err(format!(
+                "`{input}`: a `*` may only stand alone as the first label of a wildcard alias (`*.example.com`)"
+            ));
+        }
+        // UTS 46 with the STD3 rules (letters, digits, hyphens), as browsers map names.
+        let ascii = idna::domain_to_ascii_cow(rest.as_bytes(), idna::AsciiDenyList::STD3)
+            .map_err(|_| {
+                format!(
+                    "`{input}` is not a valid internationalized domain name (UTS 46); check its spelling"
+                )
+            })?;
+        let name = DomainName::parse(&ascii)?;
+        if !name.as_str().contains('.') {
+            return Err(format!(
+                "`{input}` is a top-level name; give a name under a registered domain, e.g. `www.example.com`"
+            ));
+        }
+        let full = if wildcard {
+            format!("*.{name}")
+        } else {
+            name.to_string()
+        };
+        if full.len() > MAX_NAME_LEN {
+            return Err(format!(
+                "`{input}` is longer than {MAX_NAME_LEN} characters as an A-label"
+            ));
+        }
+        Ok(AliasName(full.into_boxed_str()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+
+    /// The name without a wildcard's `*.`: the name DNS-01 proves, and the parent of every
+    /// name a wildcard covers.
+    pub fn base(&self) -> &str {
+        self.0.strip_prefix("*.").unwrap_or(&self.0)
+    }
+
+    pub fn validate(field: &str, input: &str) -> Result<Self, ValidationError> {
+        Self::parse(input).map_err(|message| ValidationError::new(field, message))
+    }
+
+    /// The label under `acme.<zone>` where the platform answers this name's DNS-01 challenges
+    /// (`_acme-challenge.<base>` is delegated to it by CNAME): a hash of the base name, the
+    /// same on every node, and telling nothing about which names a zone serves.
+    pub fn acme_label(&self) -> String {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, self.base().as_bytes());
+        digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The public suffix (`com`, `co.uk`, `github.io`, ...) when the name is one itself, by the
+    /// Public Suffix List compiled into the `psl` crate.
+    pub fn public_suffix(&self) -> Option<String> {
+        let base = self.base();
+        let suffix = psl::suffix(base.as_bytes())?;
+        // Names on no list entry match the implicit `*` rule: only a single label is then a
+        // suffix, which `parse` already refused.
+        (suffix.as_bytes() == base.as_bytes() && suffix.is_known())
+            .then(|| base.to_string())
+            .or_else(|| {
+                // A wildcard directly under a suffix (`*.co.uk`) would cover every domain in it.
+                (self.is_wildcard() && suffix.as_bytes() == base.as_bytes())
+                    .then(|| base.to_string())
+            })
+    }
+}
+
+impl TryFrom<String> for AliasName {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        AliasName::parse(&value)
+    }
+}
+
+impl From<AliasName> for String {
+    fn from(value: AliasName) -> Self {
+        value.0.into()
+    }
+}
+
+impl fmt::Display for AliasName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for AliasName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
 /// The name part of a Host header value: the port and one trailing dot removed, case kept.
 /// `None` for what cannot name a service (an IP literal with a port, an empty name).
 pub fn host_name(host: &str) -> Option<&str> {
@@ -262,5 +380,42 @@ mod tests {
         assert_eq!(normalize_host("[::1]:443", &mut buf), None);
         assert_eq!(normalize_host("a.example:x", &mut buf), None);
         assert_eq!(normalize_host("a/b", &mut buf), None);
+    }
+
+    #[test]
+    fn alias_names_are_stored_as_a_labels() {
+        let idn = AliasName::parse("Bücher.Example.").unwrap();
+        assert_eq!(idn.as_str(), "xn--bcher-kva.example");
+        let wild = AliasName::parse("*.Shop.Example.com").unwrap();
+        assert!(wild.is_wildcard());
+        assert_eq!(wild.base(), "shop.example.com");
+        for bad in [
+            "com",
+            "a..b",
+            "a_b.example",
+            "*.*.example.com",
+            "a.*.example.com",
+            "",
+            "*",
+        ] {
+            assert!(AliasName::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn public_suffixes_are_told_apart_from_registered_names() {
+        for suffix in ["co.uk", "github.io", "*.co.uk"] {
+            let name = AliasName::parse(suffix).unwrap();
+            assert!(name.public_suffix().is_some(), "{suffix} not a suffix");
+        }
+        for name in [
+            "example.co.uk",
+            "me.github.io",
+            "api.example.com",
+            "*.example.com",
+        ] {
+            let name = AliasName::parse(name).unwrap();
+            assert_eq!(name.public_suffix(), None, "{name}");
+        }
     }
 }

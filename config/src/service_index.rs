@@ -253,6 +253,7 @@ mod tests {
             backends: vec![],
             status: ServiceStatus::Active,
             options: Default::default(),
+            domains: Vec::new(),
             created_at: time::OffsetDateTime::UNIX_EPOCH,
             updated_at: time::OffsetDateTime::UNIX_EPOCH,
         })

@@ -162,14 +162,41 @@ impl Snapshot {
         {
             return self.services.get(bits);
         }
+        if self.domains.is_empty() {
+            return None;
+        }
         let mut buf = [0u8; MAX_NAME_LEN];
-        let domain = self.domains.get(normalize_host(name, &mut buf)?)?;
+        let domain = self.live_alias(normalize_host(name, &mut buf)?)?;
         self.services.get(domain.service.0.as_u128())
     }
 
-    /// An alias domain by its normalized name (lowercase, no trailing dot).
+    /// An alias domain by its stored name (lowercase A-labels, no trailing dot, `*.` for a
+    /// wildcard), whatever its status.
     pub fn domain(&self, name: &str) -> Option<&Arc<Domain>> {
         self.domains.get(name)
+    }
+
+    /// The alias domain that serves `name` (normalized: lowercase, no trailing dot), if any:
+    /// the one rule DNS answers, routing, SNI and challenges share. The name's own entry
+    /// decides when it has one (a claimed but unverified name is not served through a
+    /// wildcard); otherwise a wildcard alias one label up (`*.example.com` serves
+    /// `a.example.com`, as a wildcard certificate covers it). Live means verified, with its
+    /// service still there.
+    pub fn live_alias(&self, name: &str) -> Option<&Arc<Domain>> {
+        let domain = match self.domains.get(name) {
+            Some(exact) => exact,
+            None => {
+                let (_, parent) = name.split_once('.')?;
+                let mut buf = [0u8; MAX_NAME_LEN + 2];
+                let wildcard = buf.get_mut(..parent.len() + 2)?;
+                wildcard[..2].copy_from_slice(b"*.");
+                wildcard[2..].copy_from_slice(parent.as_bytes());
+                // Only ASCII went in: `parent` is a str, and so is "*.".
+                self.domains.get(std::str::from_utf8(wildcard).ok()?)?
+            }
+        };
+        (domain.is_live() && self.services.get(domain.service.0.as_u128()).is_some())
+            .then_some(domain)
     }
 
     pub fn domains(&self) -> impl Iterator<Item = &Arc<Domain>> {

@@ -143,6 +143,7 @@ impl State {
             backends: backends.to_vec(),
             status,
             options: options.clone(),
+            domains: Vec::new(),
             created_at: now,
             updated_at: now,
         }
@@ -267,24 +268,35 @@ impl State {
             deleted_at: OffsetDateTime::now_utc(),
         };
         let domain = id.canonical_domain(&self.zone);
-        let out = self
-            .store
-            .txn(Txn {
-                compare: vec![Compare::Present(key.clone())],
-                success: vec![
-                    Op::delete(key),
-                    Op::put(tombstone_key.clone(), encode(&tombstone_key, &tombstone)?),
-                    Op::delete(keys::certificate(&domain)),
-                    Op::delete(keys::private_key(&domain)),
-                ],
-                failure: vec![],
-            })
-            .await?;
-        if out.succeeded {
-            Ok(out.revision)
-        } else {
-            Err(self.missing_service(id).await)
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(current) = self.get_service(id).await? else {
+                return Err(self.missing_service(id).await);
+            };
+            let out = self
+                .store
+                .txn(Txn {
+                    compare: vec![Compare::ModRevision(key.clone(), current.mod_revision)],
+                    success: vec![
+                        Op::delete(key.clone()),
+                        Op::put(tombstone_key.clone(), encode(&tombstone_key, &tombstone)?),
+                        Op::delete(keys::certificate(&domain)),
+                        Op::delete(keys::private_key(&domain)),
+                    ],
+                    failure: vec![],
+                })
+                .await?;
+            if out.succeeded {
+                // Its aliases died with it (a domain without its service is not served and
+                // can be claimed again); their records go now, or stay harmless if this fails.
+                if let Err(e) = self.forget_domains(&current.value.domains).await {
+                    tracing::warn!(service = %id, error = %e, "cannot remove the domains of a deleted service");
+                }
+                return Ok(out.revision);
+            }
         }
+        Err(StateError::Conflict(format!(
+            "service `{id}` is being changed by others; try again"
+        )))
     }
 
     /// Removes the tombstones of services deleted before `deleted_before`, so their ids may be

@@ -9,7 +9,7 @@ use portcullis_config::model::{
     Backend, CertificateStatus, Domain, IssuerRef, ServiceStatus, VerificationStatus,
 };
 use portcullis_config::state::ServicePatch;
-use portcullis_config::{DomainName, EmbeddedStore, SnapshotSync, State, Store, keys};
+use portcullis_config::{AliasName, DomainName, EmbeddedStore, SnapshotSync, State, Store, keys};
 use time::OffsetDateTime;
 
 const LIVE: Duration = Duration::from_secs(10);
@@ -79,11 +79,13 @@ async fn snapshot_follows_every_change() {
 
     // An alias domain routes to its service.
     let alias = Domain {
-        name: DomainName::parse("www.shop.example").unwrap(),
-        service: svc.id,
         verification: VerificationStatus::Verified,
-        certificate: CertificateStatus::Pending,
-        created_at: OffsetDateTime::now_utc(),
+        ..Domain::new(
+            AliasName::parse("www.shop.example").unwrap(),
+            svc.id,
+            "token".into(),
+            OffsetDateTime::now_utc(),
+        )
     };
     let rev = store
         .put(

@@ -15,7 +15,7 @@ use hickory_proto::rr::rdata::{A, AAAA, HTTPS, NS, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use portcullis_config::Snapshot;
 use portcullis_config::file::{AnswerPolicy, DnsSection, NodeConfig};
-use portcullis_config::model::{RecordType as StoredType, VerificationStatus};
+use portcullis_config::model::RecordType as StoredType;
 use portcullis_config::names::uuid_bits;
 
 use crate::clients::{ClientTable, Group};
@@ -555,7 +555,8 @@ impl ZoneView {
             );
         }
         for domain in self.snapshot.domains() {
-            if domain.verification == VerificationStatus::Verified
+            if domain.is_live()
+                && !domain.name.is_wildcard()
                 && let Ok(name) = to_name(domain.name.as_str())
             {
                 names.push(name);
@@ -725,10 +726,9 @@ impl ZoneView {
             return false;
         }
         let text = name.to_lowercase().to_ascii();
-        let text = text.trim_end_matches('.');
         self.snapshot
-            .domain(text)
-            .is_some_and(|d| d.verification == VerificationStatus::Verified)
+            .live_alias(text.trim_end_matches('.'))
+            .is_some()
     }
 
     fn is_nameserver(&self, name: &Name) -> bool {

@@ -34,9 +34,9 @@ pub fn respond(snapshot: &Snapshot, host: Option<&str>, token: &str) -> (StatusC
             ),
         );
     }
-    let managed = host.is_some_and(|h| {
-        snapshot.service_for_host(h).is_some() || snapshot.domain(&h.to_ascii_lowercase()).is_some()
-    });
+    // The Snapshot's one rule: canonical names and live aliases. A name not yet verified gets
+    // its certificate by DNS-01, never through here.
+    let managed = host.is_some_and(|h| snapshot.service_for_host(h).is_some());
     if !managed {
         return (
             StatusCode::NOT_FOUND,

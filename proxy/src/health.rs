@@ -516,6 +516,7 @@ mod tests {
                 .collect(),
             status: ServiceStatus::Active,
             options,
+            domains: Vec::new(),
             created_at: OffsetDateTime::UNIX_EPOCH,
             updated_at: OffsetDateTime::UNIX_EPOCH,
         }

@@ -251,11 +251,14 @@ impl SnapshotResolver {
         self.cache.len()
     }
 
-    /// The servable certificate for `sni`: an exact name, else a wildcard one label up.
+    /// The servable certificate for `sni`: an exact name, else a wildcard one label up. Only
+    /// for a name the platform serves now (a service's canonical name or a live alias): a
+    /// certificate issued ahead of cutover, or kept for a name that moved away, is not shown.
     pub fn certificate_for(&self, sni: &str) -> Option<Arc<Certificate>> {
         let mut buf = [0u8; MAX_NAME_LEN];
         let name = normalize_host(sni, &mut buf)?;
         let snapshot = self.snapshot.load();
+        snapshot.service_for_host(name)?;
         let now = OffsetDateTime::now_utc();
         let servable = |c: &Arc<Certificate>| c.is_servable(now);
         if let Some(cert) = snapshot.certificate(name).filter(|c| servable(c)) {
