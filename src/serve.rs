@@ -216,10 +216,31 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         manager = manager.with_fleet_slots(portcullis_acme::FleetSlots {
             store: store.clone(),
             limit: config.issuer.max_concurrent_orders.max(1),
-            lease,
+            lease: lease.clone(),
         });
     }
     let manager_task = tokio::spawn(manager.run(shutdown.clone()));
+    let mut verifier = portcullis_acme::DomainVerifier::new(
+        state.clone(),
+        snapshot.clone(),
+        public_dns(&config.verify)?,
+        portcullis_acme::VerifyPolicy {
+            pending_for: config.verify.pending_for.0,
+            first_retry: config.verify.first_retry.0,
+            max_retry: config.verify.max_retry.0,
+            recheck_interval: config.verify.recheck_interval.0,
+            grace: config.verify.grace.0,
+            concurrent_checks: config.verify.concurrent_checks.max(1),
+        },
+        config.node.id.to_string(),
+    );
+    if opened.shared {
+        verifier = verifier.with_fleet_lock(portcullis_acme::FleetLock {
+            store: store.clone(),
+            lease,
+        });
+    }
+    tokio::spawn(verifier.run(shutdown.clone()));
     tokio::spawn(prune_tombstones(
         state.clone(),
         config.store.tombstone_retention.0,
@@ -418,5 +439,26 @@ async fn wait_for_signal() {
                 let _ = ctrl_c.await;
             }
         }
+    }
+}
+
+/// The resolvers alias domains are verified through. A node whose system has none still
+/// starts (it may have no alias domains); each check then says what to set.
+fn public_dns(
+    section: &portcullis_config::file::VerifySection,
+) -> anyhow::Result<Arc<dyn portcullis_acme::verify::Resolve>> {
+    use portcullis_acme::verify::ResolverSetupError;
+    match portcullis_acme::PublicDns::new(&section.resolvers, section.timeout.0) {
+        Ok(dns) => {
+            tracing::info!(resolvers = ?dns.resolvers(), "alias domains are verified through these resolvers");
+            Ok(Arc::new(dns))
+        }
+        Err(e @ ResolverSetupError::System(_)) => {
+            tracing::warn!(error = %e, "alias domains cannot be verified until verify.resolvers is set");
+            Ok(Arc::new(portcullis_acme::verify::NoResolvers(
+                e.to_string(),
+            )))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("verify.resolvers")),
     }
 }

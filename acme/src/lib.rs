@@ -1,4 +1,5 @@
-//! portcullis-acme keeps every name the platform serves covered by a valid certificate. It owns
+//! portcullis-acme keeps every name the platform serves covered by a valid certificate, and
+//! verifies through public DNS that alias domains point at their services. It owns
 //! the [`Issuer`] seam (the local dev CA, an ACME CA), and the [`CertificateManager`] loop
 //! that reads the Snapshot, finds names without a usable certificate, issues, and writes the
 //! result to the store. It knows nothing of TLS serving or DNS answering: the proxy and the DNS
@@ -8,8 +9,12 @@ mod acme;
 mod dev;
 mod issuer;
 mod manager;
+pub mod verifier;
+pub mod verify;
 
 pub use acme::AcmeIssuer;
 pub use dev::DevCa;
 pub use issuer::{IssueError, Issued, Issuer, NoProgress, Progress};
 pub use manager::{CertificateManager, FleetSlots, Preflight, RenewalPolicy};
+pub use verifier::{DomainVerifier, FleetLock, VerifyPolicy};
+pub use verify::PublicDns;

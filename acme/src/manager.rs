@@ -184,14 +184,17 @@ fn due(
     }
 }
 
-/// When each service's certificate needs work, in time order. Fed by the store keys that
-/// change (a service, its certificate record), so a change costs a few map operations whatever
-/// the number of services; the whole Snapshot is walked only at start and after a reload.
+/// A name that gets a certificate: a service's canonical name, or an alias domain.
+type Subject = Arc<str>;
+
+/// When each name's certificate needs work, in time order. Fed by the store keys that change
+/// (a service, a domain, a certificate record), so a change costs a few map operations
+/// whatever the number of names; the whole Snapshot is walked only at start and after a reload.
 #[derive(Default)]
 struct Schedule {
-    /// Service -> (due at, only the renewal window is due).
-    by_service: HashMap<ServiceId, (OffsetDateTime, bool)>,
-    timeline: BTreeSet<(OffsetDateTime, ServiceId)>,
+    /// Name -> (due at, only the renewal window is due).
+    by_service: HashMap<Subject, (OffsetDateTime, bool)>,
+    timeline: BTreeSet<(OffsetDateTime, Subject)>,
 }
 
 impl Schedule {
@@ -200,26 +203,28 @@ impl Schedule {
         self.timeline.clear();
     }
 
-    fn set(&mut self, id: ServiceId, at: OffsetDateTime, refresh: bool) {
-        if let Some((old, _)) = self.by_service.insert(id, (at, refresh)) {
-            self.timeline.remove(&(old, id));
+    fn set(&mut self, id: Subject, at: OffsetDateTime, refresh: bool) {
+        if let Some((old, _)) = self.by_service.insert(id.clone(), (at, refresh)) {
+            self.timeline.remove(&(old, id.clone()));
         }
         self.timeline.insert((at, id));
     }
 
-    fn remove(&mut self, id: &ServiceId) {
-        if let Some((old, _)) = self.by_service.remove(id) {
-            self.timeline.remove(&(old, *id));
+    fn remove(&mut self, id: &str) {
+        if let Some((id, (old, _))) = self.by_service.remove_entry(id) {
+            self.timeline.remove(&(old, id));
         }
     }
 
     /// Takes the entries due at `now`, earliest first.
-    fn take_due(&mut self, now: OffsetDateTime) -> Vec<(ServiceId, bool)> {
+    fn take_due(&mut self, now: OffsetDateTime) -> Vec<(Subject, bool)> {
         let mut due = Vec::new();
-        while let Some(&(at, id)) = self.timeline.first()
-            && at <= now
+        while let Some((at, _)) = self.timeline.first()
+            && *at <= now
         {
-            self.timeline.pop_first();
+            let Some((_, id)) = self.timeline.pop_first() else {
+                break;
+            };
             if let Some((_, refresh)) = self.by_service.remove(&id) {
                 due.push((id, refresh));
             }
@@ -232,16 +237,34 @@ impl Schedule {
     }
 }
 
-/// The service whose canonical certificate a store key is about, if any.
-fn service_of_key(key: &str, zone: &str) -> Option<ServiceId> {
-    let id = if let Some(id) = key.strip_prefix(keys::SERVICES) {
-        id
-    } else {
-        key.strip_prefix(keys::CERTIFICATES)?
-            .strip_suffix(zone)?
-            .strip_suffix('.')?
-    };
-    id.parse().ok()
+/// The name whose certificate a store key is about, if any: a service's canonical name, an
+/// alias domain, or the name of a certificate record.
+fn subject_of_key(key: &str, zone: &DomainName) -> Option<String> {
+    if let Some(id) = key.strip_prefix(keys::SERVICES) {
+        return id
+            .parse::<ServiceId>()
+            .ok()
+            .map(|id| id.canonical_domain(zone));
+    }
+    key.strip_prefix(keys::DOMAINS)
+        .or_else(|| key.strip_prefix(keys::CERTIFICATES))
+        .map(str::to_string)
+}
+
+/// The service a name's certificate is for, while the name should have one: a service's
+/// canonical name, or an alias domain that is live or proven for issuance ahead of cutover.
+fn owner_of(snapshot: &portcullis_config::Snapshot, name: &str) -> Option<ServiceId> {
+    let zone = snapshot.zone().as_str();
+    if let Some(label) = name
+        .strip_suffix(zone)
+        .and_then(|rest| rest.strip_suffix('.'))
+        && let Ok(id) = label.parse::<ServiceId>()
+    {
+        return snapshot.service(&id).map(|s| s.id);
+    }
+    let domain = snapshot.domain(name)?;
+    (domain.wants_certificate() && snapshot.service(&domain.service).is_some())
+        .then_some(domain.service)
 }
 
 impl CertificateManager {
@@ -252,13 +275,13 @@ impl CertificateManager {
         let mut changes = self.snapshot.subscribe();
         let slots = self.policy.concurrent_orders.max(1);
         let mut running = futures_util::stream::FuturesUnordered::new();
-        let mut in_flight: HashSet<ServiceId> = HashSet::new();
+        let mut in_flight: HashSet<Subject> = HashSet::new();
         let mut schedule = Schedule::default();
-        let mut queue: VecDeque<(ServiceId, bool)> = VecDeque::new();
+        let mut queue: VecDeque<(Subject, bool)> = VecDeque::new();
         // Names just recorded, by the store revision of the record: until the Snapshot shows
         // it, the Snapshot still shows them as due.
-        let mut settling: BTreeMap<i64, Vec<ServiceId>> = BTreeMap::new();
-        let mut settling_ids: HashSet<ServiceId> = HashSet::new();
+        let mut settling: BTreeMap<i64, Vec<Subject>> = BTreeMap::new();
+        let mut settling_ids: HashSet<Subject> = HashSet::new();
         // The Snapshot revision the schedule reflects; `None`: walk everything.
         let mut seen: Option<i64> = None;
         let this = &self;
@@ -269,17 +292,23 @@ impl CertificateManager {
                 let changed = seen.and_then(|rev| snapshot.changes_since(rev));
                 match changed {
                     Some(keys) => {
-                        let zone = snapshot.zone().as_str();
-                        let ids: HashSet<ServiceId> =
-                            keys.filter_map(|k| service_of_key(k, zone)).collect();
+                        let zone = snapshot.zone();
+                        let ids: HashSet<String> =
+                            keys.filter_map(|k| subject_of_key(k, zone)).collect();
                         for id in ids {
-                            self.reschedule(&mut schedule, &snapshot, id, now);
+                            self.reschedule(&mut schedule, &snapshot, Subject::from(id), now);
                         }
                     }
                     None => {
                         schedule.clear();
+                        let zone = snapshot.zone();
                         for service in snapshot.services() {
-                            self.reschedule(&mut schedule, &snapshot, service.id, now);
+                            let name = Subject::from(service.id.canonical_domain(zone));
+                            self.reschedule(&mut schedule, &snapshot, name, now);
+                        }
+                        for domain in snapshot.domains() {
+                            let name = Subject::from(domain.name.as_str());
+                            self.reschedule(&mut schedule, &snapshot, name, now);
                         }
                     }
                 }
@@ -299,7 +328,7 @@ impl CertificateManager {
                 // Gone: a retry time set after the service was deleted.
                 if !in_flight.contains(&id)
                     && !settling_ids.contains(&id)
-                    && snapshot.service(&id).is_some()
+                    && owner_of(&snapshot, &id).is_some()
                 {
                     queue.push_back((id, refresh));
                 }
@@ -308,8 +337,11 @@ impl CertificateManager {
             while running.len() < slots
                 && let Some((id, refresh)) = queue.pop_front()
             {
-                in_flight.insert(id);
-                running.push(async move { (id, this.work_on(&id, refresh).await) });
+                in_flight.insert(id.clone());
+                running.push(async move {
+                    let outcome = this.work_on(&id, refresh).await;
+                    (id, outcome)
+                });
             }
             let wake = schedule
                 .next()
@@ -331,7 +363,7 @@ impl CertificateManager {
                     match result {
                         Ok(Outcome::Recorded(Some(revision))) => {
                             if revision > self.snapshot.load().revision() {
-                                settling.entry(revision).or_default().push(id);
+                                settling.entry(revision).or_default().push(id.clone());
                                 settling_ids.insert(id);
                             } else {
                                 let snapshot = self.snapshot.load_full();
@@ -341,7 +373,7 @@ impl CertificateManager {
                         Ok(Outcome::Recorded(None)) => {
                             // The service went away meanwhile, or this node lost the name's
                             // order lock (its lease ended) and wrote nothing: look again later.
-                            if self.snapshot.load().service(&id).is_some() {
+                            if owner_of(&self.snapshot.load(), &id).is_some() {
                                 schedule.set(id, now + self.policy.first_retry, false);
                             }
                         }
@@ -364,15 +396,14 @@ impl CertificateManager {
         &self,
         schedule: &mut Schedule,
         snapshot: &portcullis_config::Snapshot,
-        id: ServiceId,
+        id: Subject,
         now: OffsetDateTime,
     ) {
-        if snapshot.service(&id).is_none() {
+        if owner_of(snapshot, &id).is_none() {
             schedule.remove(&id);
             return;
         }
-        let domain = id.canonical_domain(snapshot.zone());
-        let cert = snapshot.certificate(&domain).map(|c| &**c);
+        let cert = snapshot.certificate(&id).map(|c| &**c);
         match self.due(cert, now) {
             Due::Now => schedule.set(id, now, false),
             Due::Refresh => schedule.set(id, now, true),
@@ -384,7 +415,7 @@ impl CertificateManager {
     /// takes the name's order lock: a name another node is ordering is left to it, and the
     /// record is read again from the store, since this node's Snapshot may not show yet what
     /// the last holder wrote.
-    async fn work_on(&self, id: &ServiceId, refresh: bool) -> Result<Outcome, StateError> {
+    async fn work_on(&self, id: &str, refresh: bool) -> Result<Outcome, StateError> {
         let Some(fleet) = &self.fleet_slots else {
             return if refresh {
                 self.refresh_window(id, None).await.map(Outcome::Recorded)
@@ -392,7 +423,7 @@ impl CertificateManager {
                 self.issue_for(id, None).await
             };
         };
-        let name = id.canonical_domain(self.snapshot.load().zone());
+        let name = id;
         let lease = *fleet.lease.borrow();
         if lease.0 == 0 {
             // The node has not joined the fleet yet (its store was away at start): without a
@@ -409,7 +440,7 @@ impl CertificateManager {
             ));
         };
         let outcome = async {
-            let current = self.state.get_certificate_versioned(&name).await?;
+            let current = self.state.get_certificate_versioned(name).await?;
             let now = OffsetDateTime::now_utc();
             match self.due(current.as_ref().map(|c| &c.value), now) {
                 Due::Now => self.issue_for(id, Some(&guard)).await,
@@ -431,12 +462,15 @@ impl CertificateManager {
 
     async fn issue_for(
         &self,
-        id: &ServiceId,
+        name: &str,
         fence: Option<&lock::LockGuard>,
     ) -> Result<Outcome, StateError> {
-        let name = id.canonical_domain(self.snapshot.load().zone());
-        let domain = DomainName::validate("domain", &name)?;
-        let previous = self.snapshot.load().certificate(&name).cloned();
+        let Some(owner) = owner_of(&self.snapshot.load(), name) else {
+            return Ok(Outcome::Recorded(None));
+        };
+        let id = &owner;
+        let domain = DomainName::validate("domain", name)?;
+        let previous = self.snapshot.load().certificate(name).cloned();
         let mut domains = vec![domain];
         let started = std::time::Instant::now();
         // A first issuance shows its steps in the certificate's status; a renewal keeps showing
@@ -451,7 +485,7 @@ impl CertificateManager {
                 None => Some(Certificate::pending(
                     domains[0].clone(),
                     self.issuer.reference(),
-                    keys::private_key(&name),
+                    keys::private_key(name),
                 )),
             },
         };
@@ -530,7 +564,7 @@ impl CertificateManager {
                     status: CertificateStatus::Active,
                     issuer: self.issuer.reference(),
                     chain_pem: String::new(),
-                    key_ref: keys::private_key(&name),
+                    key_ref: keys::private_key(name),
                     not_before: Some(issued.not_before),
                     not_after: Some(issued.not_after),
                     attempts: 0,
@@ -578,7 +612,7 @@ impl CertificateManager {
                     None => Certificate::pending(
                         domains.remove(0),
                         self.issuer.reference(),
-                        keys::private_key(&name),
+                        keys::private_key(name),
                     ),
                 };
                 cert.status = CertificateStatus::Failed;
@@ -607,11 +641,14 @@ impl CertificateManager {
     /// Asks the CA for a certificate's renewal window again (its Retry-After has passed).
     async fn refresh_window(
         &self,
-        id: &ServiceId,
+        name: &str,
         fence: Option<&lock::LockGuard>,
     ) -> Result<Option<i64>, StateError> {
-        let name = id.canonical_domain(self.snapshot.load().zone());
-        let Some(current) = self.snapshot.load().certificate(&name).cloned() else {
+        let Some(id) = owner_of(&self.snapshot.load(), name) else {
+            return Ok(None);
+        };
+        let id = &id;
+        let Some(current) = self.snapshot.load().certificate(name).cloned() else {
             return Ok(None);
         };
         let mut cert = (*current).clone();
@@ -682,48 +719,51 @@ mod tests {
     #[test]
     fn the_schedule_gives_what_is_due_in_time_order_and_forgets_what_moved() {
         let t0 = OffsetDateTime::UNIX_EPOCH;
-        let ids: Vec<ServiceId> = (0..4).map(|_| ServiceId::new_v4()).collect();
+        let ids: Vec<Subject> = (0..4)
+            .map(|i| Subject::from(format!("n{i}.example")))
+            .collect();
         let mut schedule = Schedule::default();
-        schedule.set(ids[0], t0 + Duration::seconds(30), false);
-        schedule.set(ids[1], t0 + Duration::seconds(10), true);
-        schedule.set(ids[2], t0 + Duration::seconds(20), false);
-        schedule.set(ids[3], t0 + Duration::seconds(5), false);
+        schedule.set(ids[0].clone(), t0 + Duration::seconds(30), false);
+        schedule.set(ids[1].clone(), t0 + Duration::seconds(10), true);
+        schedule.set(ids[2].clone(), t0 + Duration::seconds(20), false);
+        schedule.set(ids[3].clone(), t0 + Duration::seconds(5), false);
         // Moved later, then removed: only the latest placement counts.
-        schedule.set(ids[3], t0 + Duration::seconds(40), false);
+        schedule.set(ids[3].clone(), t0 + Duration::seconds(40), false);
         schedule.remove(&ids[2]);
         assert_eq!(schedule.next(), Some(t0 + Duration::seconds(10)));
         assert_eq!(schedule.take_due(t0 + Duration::seconds(9)), vec![]);
         assert_eq!(
             schedule.take_due(t0 + Duration::seconds(30)),
-            vec![(ids[1], true), (ids[0], false)]
+            vec![(ids[1].clone(), true), (ids[0].clone(), false)]
         );
         assert_eq!(
             schedule.take_due(t0 + Duration::seconds(100)),
-            vec![(ids[3], false)]
+            vec![(ids[3].clone(), false)]
         );
         assert_eq!(schedule.next(), None);
         assert!(schedule.by_service.is_empty());
     }
 
     #[test]
-    fn keys_name_the_service_whose_certificate_they_touch() {
+    fn keys_name_the_certificate_they_touch() {
         let id = ServiceId::new_v4();
-        let zone = "app.example.test";
-        assert_eq!(service_of_key(&keys::service(&id), zone), Some(id));
+        let zone = DomainName::parse("app.example.test").unwrap();
+        let canonical = id.canonical_domain(&zone);
         assert_eq!(
-            service_of_key(&keys::certificate(&format!("{id}.{zone}")), zone),
-            Some(id)
+            subject_of_key(&keys::service(&id), &zone),
+            Some(canonical.clone())
         );
         assert_eq!(
-            service_of_key(&keys::certificate("api.example.com"), zone),
-            None
+            subject_of_key(&keys::certificate(&canonical), &zone),
+            Some(canonical.clone())
         );
         assert_eq!(
-            service_of_key(&keys::certificate(&format!("{id}.other.test")), zone),
-            None
+            subject_of_key(&keys::domain("api.example.com"), &zone).as_deref(),
+            Some("api.example.com")
         );
+        assert_eq!(subject_of_key(&keys::private_key(&canonical), &zone), None);
         assert_eq!(
-            service_of_key(&keys::private_key(&format!("{id}.{zone}")), zone),
+            subject_of_key(&keys::domain_check("api.example.com"), &zone),
             None
         );
     }

@@ -354,7 +354,8 @@ impl State {
     }
 
     /// Stores a certificate and its key together, but only while the service it is for still
-    /// exists (`owner`), so an issuance that finishes after a delete leaves nothing behind.
+    /// exists (`owner`), and for an alias domain while the domain does, so an issuance that
+    /// finishes after a delete leaves nothing behind.
     pub async fn put_certificate(
         &self,
         owner: &ServiceId,
@@ -391,6 +392,11 @@ impl State {
             .store
             .txn(Txn {
                 compare: std::iter::once(Compare::Present(keys::service(owner)))
+                    // An alias's certificate only while the alias is still claimed.
+                    .chain(
+                        (primary.as_str() != owner.canonical_domain(&self.zone))
+                            .then(|| Compare::Present(keys::domain(primary.as_str()))),
+                    )
                     .chain(fence.map(LockGuard::fence))
                     .collect(),
                 success,
