@@ -64,6 +64,9 @@ enum Command {
     /// The dev issuer's certificate authority
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Alias domains: their status, the last check's trace, checks by hand
+    #[command(subcommand)]
+    Domain(DomainCommand),
     /// The nodes of the fleet
     #[command(subcommand)]
     Node(NodeCommand),
@@ -115,6 +118,19 @@ enum ServiceCommand {
     Show { id: String },
     /// Delete a service (its id is never reused)
     Delete { id: String },
+    /// Bring an alias domain to a service: it is verified through public DNS, gets its own
+    /// certificate, and is served once it points here
+    AddDomain {
+        id: String,
+        name: String,
+        /// Follow it, a line per step, until it is served with its certificate (exit 0) or
+        /// fails (exit 69 with the reason and the records to create)
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait with --wait
+        #[arg(long, default_value_t = 300)]
+        wait_timeout: u64,
+    },
     /// Replace a service's backends
     SetBackends {
         id: String,
@@ -161,6 +177,16 @@ enum CertCommand {
     Renew { name: String },
     /// Revoke a certificate at its CA, and get a new one in its place
     Revoke { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum DomainCommand {
+    /// A domain's status, certificate, the records that verify it, and the last check's trace
+    Show { name: String },
+    /// Check a domain now (also one past verify.pending_for) and show what was found
+    Verify { name: String },
+    /// Remove an alias domain from its service; it stops being served at once
+    Remove { id: String, name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -266,6 +292,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Service(cmd) => {
             let client = connect(&global)?;
             service(cmd, &client, global.json).await
+        }
+        Command::Domain(cmd) => {
+            let client = connect(&global)?;
+            match cmd {
+                DomainCommand::Show { name } => {
+                    crate::cli_domains::show(&client, &name, global.json).await
+                }
+                DomainCommand::Verify { name } => {
+                    crate::cli_domains::verify(&client, &name, global.json).await
+                }
+                DomainCommand::Remove { id, name } => {
+                    crate::cli_domains::remove(&client, &id, &name, global.json).await
+                }
+            }
         }
         Command::Store(StoreCommand::NewKey { id }) => {
             let id = id.unwrap_or_else(|| {
@@ -503,7 +543,7 @@ fn unexpected(e: serde_json::Error) -> CliError {
     )
 }
 
-fn print_json(value: &Value) -> Result<(), CliError> {
+pub(crate) fn print_json(value: &Value) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value).map_err(unexpected)?;
     println!("{text}");
     Ok(())
@@ -611,6 +651,15 @@ async fn service(cmd: ServiceCommand, client: &AdminClient, json: bool) -> Resul
             }
             println!("deleted service {id}");
             Ok(())
+        }
+        ServiceCommand::AddDomain {
+            id,
+            name,
+            wait,
+            wait_timeout,
+        } => {
+            let wait = wait.then(|| Duration::from_secs(wait_timeout));
+            crate::cli_domains::add(client, &id, &name, wait, json).await
         }
         ServiceCommand::SetBackends { id, backends } => {
             let path = format!("/v1/services/{}", encode_id(&id)?);

@@ -6,6 +6,7 @@ mod admin_domains;
 mod admin_listener;
 mod admin_metrics;
 mod cli;
+mod cli_domains;
 mod client;
 mod demo;
 mod exit;
