@@ -7,8 +7,8 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/portcullis-target
 export CARGO_TARGET_DIR
 
 # command:package pairs each target needs; later capabilities add theirs here.
-RUN_DEPS  := curl:curl kill:procps protoc:protobuf-compiler
-TEST_DEPS := curl:curl kill:procps dig:dnsutils knotd:knot pebble:pebble etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler
+RUN_DEPS  := curl:curl kill:procps protoc:protobuf-compiler unbound:unbound
+TEST_DEPS := curl:curl kill:procps dig:dnsutils knotd:knot pebble:pebble etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler unbound:unbound
 
 .PHONY: run test fleet deps-run deps-test deps-fleet build lint bench fuzz
 

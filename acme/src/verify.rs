@@ -219,20 +219,23 @@ async fn prove(
                     true,
                 );
             }
-            Rcode::NxDomain if chain.is_empty() => {
+            // The chain leads to a name that does not resolve: wherever it was meant to go,
+            // it is not here (a canonical name answers, and has no CNAME).
+            Rcode::NxDomain | Rcode::Failed(_) if !chain.is_empty() => {
                 return (
                     None,
-                    format!("{probe} does not exist (NXDOMAIN): {create}"),
+                    format!(
+                        "{probe} CNAME {}: not this platform ({at} answers {}); change it to `{canonical}.`",
+                        chain.join(" -> "),
+                        answer.rcode.text()
+                    ),
                     false,
                 );
             }
             Rcode::NxDomain => {
                 return (
                     None,
-                    format!(
-                        "{probe} CNAME {}: that name does not exist (NXDOMAIN), so this is not this platform; {create}",
-                        chain.join(" -> ")
-                    ),
+                    format!("{probe} does not exist (NXDOMAIN): {create}"),
                     false,
                 );
             }
@@ -578,7 +581,12 @@ fn rcode_of(code: ResponseCode) -> Rcode {
     match code {
         ResponseCode::NoError => Rcode::NoError,
         ResponseCode::NXDomain => Rcode::NxDomain,
-        other => Rcode::Failed(other.to_str().to_uppercase()),
+        // The mnemonics of RFC 1035 and RFC 6895, as dig prints them.
+        ResponseCode::ServFail => Rcode::Failed("SERVFAIL".into()),
+        ResponseCode::Refused => Rcode::Failed("REFUSED".into()),
+        ResponseCode::FormErr => Rcode::Failed("FORMERR".into()),
+        ResponseCode::NotImp => Rcode::Failed("NOTIMP".into()),
+        other => Rcode::Failed(format!("RCODE{}", u16::from(other))),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod etcd;
 pub mod fleet;
 pub mod pebble;
 pub mod tls;
+pub mod world;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
