@@ -191,6 +191,18 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
             ..RenewalPolicy::default()
         },
     );
+    {
+        let views = dns.views.clone();
+        manager = manager.with_dns01(Arc::new(portcullis_acme::StoreDns01 {
+            state: state.clone(),
+            wait_live: Some(Arc::new(move |revision| {
+                let views = views.clone();
+                Box::pin(async move {
+                    views.wait_for(revision, Duration::from_secs(2)).await;
+                })
+            })),
+        }));
+    }
     if config.issuer.kind == IssuerKind::Acme {
         let views = dns.views.clone();
         manager = manager.with_preflight(Arc::new(move |name, revision| {

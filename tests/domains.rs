@@ -539,3 +539,80 @@ async fn refusals_say_why_and_deleting_the_service_frees_its_names_and_a_restart
         reclaimed.json()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_comes_before_cutover_by_dns01_and_a_wildcard_the_same_way() {
+    let w = world(&[("example.com", "")], "", "").await;
+    let backend = Backend::start("pre").await;
+    let (id, canonical) = w.node.service(&[backend.addr]).await;
+
+    // Only `_acme-challenge` is delegated; the name itself still points elsewhere.
+    let added = add(&w.node, &id, "shop.example.com").await.json();
+    let delegation = &added["instructions"]["acme_challenge"][0];
+    assert_eq!(delegation["name"], "_acme-challenge.shop.example.com", "{added}");
+    let target = delegation["value"].as_str().unwrap().to_string();
+    assert!(target.ends_with(".acme.app.example.test."), "{target}");
+    let mut zone = format!("_acme-challenge.shop CNAME {target}\nshop CNAME app.other-host.net.\n");
+    w.knot.set_zone("example.com", &zone);
+    let early = wait_domain(&w.node, "shop.example.com", |v| {
+        v["certificate"]["status"] == "active"
+    })
+    .await;
+    assert_eq!(early["delegated"], true, "{early}");
+    assert_eq!(early["status"], "failed", "issued, yet not verified: {early}");
+    // Issued, not routed: no Host, no SNI.
+    assert!(curl(&w, "shop.example.com").is_err());
+    // The DNS-01 value was withdrawn once the order ended.
+    let left = w.unbound.resolve(&format!("_acme-challenge.shop.example.com"), RecordType::TXT);
+    assert!(left.iter().all(|r| !r.contains(" TXT ")), "{left:?}");
+
+    // Cutover: served at once, with the certificate it already had.
+    zone = format!("_acme-challenge.shop CNAME {target}\nshop CNAME {canonical}.\n");
+    w.knot.set_zone("example.com", &zone);
+    let cut = w.node.cli(&["domain", "verify", "shop.example.com"]);
+    assert!(cut.status.success(), "{}", String::from_utf8_lossy(&cut.stdout));
+    let (status, body) = curl(&w, "shop.example.com").unwrap();
+    assert_eq!((status, backend_of(&body).as_str()), (200, "pre"));
+    let now = w
+        .node
+        .api(Method::GET, "/v1/domains/shop.example.com", None)
+        .await
+        .json();
+    assert_eq!(now["certificate"]["not_before"], early["certificate"]["not_before"]);
+
+    // A wildcard alias: proven by a name only the wildcard answers, issued by DNS-01.
+    let wild = add(&w.node, &id, "*.example.com").await;
+    assert_eq!(wild.status, StatusCode::ACCEPTED, "{}", wild.json());
+    let wild = wild.json();
+    let target = wild["instructions"]["acme_challenge"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        wild["instructions"]["acme_challenge"][0]["name"],
+        "_acme-challenge.example.com"
+    );
+    // Without the delegation it cannot be certified, and says so.
+    zone.push_str(&format!("* CNAME {canonical}.\n"));
+    w.knot.set_zone("example.com", &zone);
+    let refused = wait_domain(&w.node, "*.example.com", |v| v["status"] == "failed").await;
+    assert!(
+        refused["reason"].as_str().unwrap().contains("_acme-challenge.example.com CNAME"),
+        "{refused}"
+    );
+    zone.push_str(&format!("_acme-challenge CNAME {target}\n"));
+    w.knot.set_zone("example.com", &zone);
+    let verified = w.node.cli(&["domain", "verify", "*.example.com"]);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stdout));
+    let issued = wait_domain(&w.node, "*.example.com", |v| {
+        v["certificate"]["status"] == "active"
+    })
+    .await;
+    assert_eq!(issued["certificate"]["domains"][0], "*.example.com", "{issued}");
+    for host in ["a.example.com", "b.example.com"] {
+        let (status, body) = curl(&w, host).unwrap();
+        assert_eq!((status, backend_of(&body).as_str()), (200, "pre"), "{host}");
+    }
+    // One label only, as the certificate covers.
+    assert!(curl(&w, "x.y.example.com").is_err());
+}

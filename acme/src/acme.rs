@@ -19,7 +19,7 @@ use portcullis_config::{DomainName, State};
 use time::OffsetDateTime;
 use tokio::sync::RwLock;
 
-use crate::issuer::{IssueError, Issued, Issuer, Progress};
+use crate::issuer::{Challenge, IssueError, Issued, Issuer, Progress};
 
 /// Polling of orders: a short start, as Pebble and Let's Encrypt validate in tens of
 /// milliseconds to seconds; capped by the backoff and bounded overall.
@@ -446,6 +446,8 @@ impl AcmeIssuer {
         replacing: Option<&str>,
         progress: &dyn Progress,
         directory: usize,
+        challenge: Challenge<'_>,
+        published: &mut Vec<(String, String)>,
     ) -> Result<Issued, IssueError> {
         progress.step(CertificateStatus::Ordering).await;
         let identifiers: Vec<Identifier> = domains
@@ -488,15 +490,33 @@ impl AcmeIssuer {
                         });
                     }
                 }
-                let mut challenge =
+                let (kind, label) = match challenge {
+                    Challenge::Http01 => (ChallengeType::Http01, "http-01"),
+                    Challenge::Dns01(_) => (ChallengeType::Dns01, "dns-01"),
+                };
+                // Without a wildcard's `*.`: DNS-01 proves the base name.
+                let identifier = match authorization.identifier().identifier {
+                    Identifier::Dns(name) => name.clone(),
+                    other => format!("{other:?}"),
+                };
+                let mut offered =
                     authorization
-                        .challenge(ChallengeType::Http01)
+                        .challenge(kind)
                         .ok_or_else(|| IssueError::Rejected {
                             kind: "urn:ietf:params:acme:error:unsupportedChallenge".into(),
-                            detail: "the CA offers no http-01 challenge".into(),
+                            detail: format!("the CA offers no {label} challenge"),
                             retry_after: None,
                         })?;
-                challenge.set_ready().await.map_err(api)?;
+                if let Challenge::Dns01(dns) = challenge {
+                    let value = offered.key_authorization().dns_value();
+                    dns.publish(&identifier, &value).await.map_err(|e| {
+                        IssueError::Ca(format!(
+                            "cannot publish the DNS-01 value of {identifier}: {e}"
+                        ))
+                    })?;
+                    published.push((identifier, value));
+                }
+                offered.set_ready().await.map_err(api)?;
             }
         }
         progress.step(CertificateStatus::Validating).await;
@@ -633,12 +653,21 @@ impl Issuer for AcmeIssuer {
         domains: &[DomainName],
         replacing: Option<&str>,
         progress: &dyn Progress,
+        challenge: Challenge<'_>,
     ) -> Result<Issued, IssueError> {
         let name = domains.first().map(|d| d.as_str()).unwrap_or_default();
         let directory = self.directory_for(name);
         let backoff = &self.backoffs[directory];
         backoff.check(OffsetDateTime::now_utc())?;
-        let order = self.order(domains, replacing, progress, directory);
+        let mut published = Vec::new();
+        let order = self.order(
+            domains,
+            replacing,
+            progress,
+            directory,
+            challenge,
+            &mut published,
+        );
         // Every issuance is bounded: a CA that stops answering must not hold a name forever.
         let bounded = tokio::time::timeout(Duration::from_secs(180), order);
         let result = match RETRY_AFTER.scope(Cell::new(None), bounded).await {
@@ -647,6 +676,12 @@ impl Issuer for AcmeIssuer {
                 "the order did not complete within 180 s".into(),
             )),
         };
+        // DNS-01 values are withdrawn whatever the outcome: they answer one order only.
+        if let Challenge::Dns01(dns) = challenge {
+            for (name, value) in &published {
+                dns.withdraw(name, value).await;
+            }
+        }
         backoff.record(&result, OffsetDateTime::now_utc());
         self.record_outcome(name, result.is_ok());
         result

@@ -163,6 +163,7 @@ impl Issuer for DevCa {
         domains: &[DomainName],
         _replacing: Option<&str>,
         _progress: &dyn crate::issuer::Progress,
+        _challenge: crate::issuer::Challenge<'_>,
     ) -> Result<Issued, IssueError> {
         // Key generation and signing take well under a millisecond: not worth a thread hop.
         self.issue_now(domains)

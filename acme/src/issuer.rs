@@ -67,7 +67,9 @@ pub trait Issuer: Send + Sync + 'static {
     fn reference(&self) -> IssuerRef;
 
     /// Issues for `domains`, telling `progress` each step it reaches (ordering, validating,
-    /// issuing) so users can watch a first issuance.
+    /// issuing) so users can watch a first issuance. `challenge` says how the names are
+    /// proven: http-01 answered by every node, or DNS-01 values published in the platform zone
+    /// (names not pointing here yet, wildcards).
     /// `replacing`: the certificate this one replaces (PEM chain), for CAs that track renewals
     /// (ARI's `replaces`, RFC 9773 §5).
     async fn issue(
@@ -75,6 +77,7 @@ pub trait Issuer: Send + Sync + 'static {
         domains: &[DomainName],
         replacing: Option<&str>,
         progress: &dyn Progress,
+        challenge: Challenge<'_>,
     ) -> Result<Issued, IssueError>;
 
     /// The CA's suggested renewal window for a certificate it issued (ARI, RFC 9773); `None`
@@ -96,6 +99,22 @@ pub trait Issuer: Send + Sync + 'static {
     }
 }
 
+/// How an order proves its names.
+#[derive(Clone, Copy)]
+pub enum Challenge<'a> {
+    Http01,
+    Dns01(&'a dyn Dns01),
+}
+
+/// Publishes DNS-01 values where the CA will look for them (`_acme-challenge.<name>`, which
+/// the owner delegated by CNAME to the platform zone).
+#[async_trait]
+pub trait Dns01: Send + Sync {
+    /// Answered by the platform's DNS once this returns.
+    async fn publish(&self, name: &str, value: &str) -> Result<(), String>;
+    async fn withdraw(&self, name: &str, value: &str);
+}
+
 /// Where an issuer reports its steps.
 #[async_trait]
 pub trait Progress: Send + Sync {
@@ -108,4 +127,46 @@ pub struct NoProgress;
 #[async_trait]
 impl Progress for NoProgress {
     async fn step(&self, _: portcullis_config::model::CertificateStatus) {}
+}
+
+/// Waits until this node answers what the store holds at a revision (its DNS view has it).
+pub type WaitLive = std::sync::Arc<
+    dyn Fn(i64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
+>;
+
+/// DNS-01 values kept in the store (`dns-challenges/<label>`), so every node of the fleet
+/// answers them from its Snapshot whichever one the CA asks.
+pub struct StoreDns01 {
+    pub state: portcullis_config::State,
+    pub wait_live: Option<WaitLive>,
+}
+
+#[async_trait]
+impl Dns01 for StoreDns01 {
+    async fn publish(&self, name: &str, value: &str) -> Result<(), String> {
+        let alias = portcullis_config::AliasName::parse(name)?;
+        let revision = self
+            .state
+            .publish_dns_challenge(&alias.acme_label(), value)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(wait) = &self.wait_live {
+            wait(revision).await;
+        }
+        Ok(())
+    }
+
+    async fn withdraw(&self, name: &str, value: &str) {
+        let Ok(alias) = portcullis_config::AliasName::parse(name) else {
+            return;
+        };
+        if let Err(e) = self
+            .state
+            .withdraw_dns_challenge(&alias.acme_label(), value)
+            .await
+        {
+            // Harmless if it stays: a used value proves nothing to anyone.
+            tracing::warn!(domain = name, error = %e, "cannot withdraw a DNS-01 value");
+        }
+    }
 }

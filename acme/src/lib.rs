@@ -14,7 +14,9 @@ pub mod verify;
 
 pub use acme::AcmeIssuer;
 pub use dev::DevCa;
-pub use issuer::{IssueError, Issued, Issuer, NoProgress, Progress};
+pub use issuer::{
+    Challenge, Dns01, IssueError, Issued, Issuer, NoProgress, Progress, StoreDns01, WaitLive,
+};
 pub use manager::{CertificateManager, FleetSlots, Preflight, RenewalPolicy};
 pub use verifier::{DomainVerifier, FleetLock, VerifyPolicy};
 pub use verify::PublicDns;

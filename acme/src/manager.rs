@@ -88,6 +88,7 @@ pub struct CertificateManager {
     policy: RenewalPolicy,
     preflight: Option<Preflight>,
     fleet_slots: Option<FleetSlots>,
+    dns01: Option<Arc<dyn crate::issuer::Dns01>>,
 }
 
 /// The cap on orders in flight across every node sharing the store: each order holds one of
@@ -133,6 +134,7 @@ impl CertificateManager {
             policy,
             preflight: None,
             fleet_slots: None,
+            dns01: None,
         }
     }
 
@@ -140,6 +142,12 @@ impl CertificateManager {
     /// (`RenewalPolicy::concurrent_orders`) is the cap.
     pub fn with_fleet_slots(mut self, slots: FleetSlots) -> Self {
         self.fleet_slots = Some(slots);
+        self
+    }
+
+    /// Where DNS-01 values go, for alias domains proven ahead of cutover and wildcards.
+    pub fn with_dns01(mut self, dns01: Arc<dyn crate::issuer::Dns01>) -> Self {
+        self.dns01 = Some(dns01);
         self
     }
 
@@ -469,7 +477,21 @@ impl CertificateManager {
             return Ok(Outcome::Recorded(None));
         };
         let id = &owner;
-        let domain = DomainName::validate("domain", name)?;
+        let domain = match name.strip_prefix("*.") {
+            Some(base) => DomainName::wildcard_of(&DomainName::validate("domain", base)?),
+            None => DomainName::validate("domain", name)?,
+        };
+        // A name that does not point here yet (proven by its delegated `_acme-challenge`), and
+        // a wildcard, can only be proven by DNS-01.
+        let by_dns = self
+            .snapshot
+            .load()
+            .domain(name)
+            .is_some_and(|d| d.name.is_wildcard() || !d.is_live());
+        let challenge = match (&self.dns01, by_dns) {
+            (Some(dns), true) => crate::issuer::Challenge::Dns01(dns.as_ref()),
+            _ => crate::issuer::Challenge::Http01,
+        };
         let previous = self.snapshot.load().certificate(name).cloned();
         let mut domains = vec![domain];
         let started = std::time::Instant::now();
@@ -532,7 +554,7 @@ impl CertificateManager {
                 };
                 let outcome = self
                     .issuer
-                    .issue(&domains, replacing.as_deref(), &steps)
+                    .issue(&domains, replacing.as_deref(), &steps, challenge)
                     .await;
                 if let (Some(slot), Some(slots)) = (slot, &self.fleet_slots)
                     && let Err(e) = slot.release(slots.store.as_ref()).await
@@ -915,6 +937,7 @@ mod tests {
             _: &[DomainName],
             _: Option<&str>,
             _: &dyn crate::issuer::Progress,
+            _: crate::issuer::Challenge<'_>,
         ) -> Result<crate::issuer::Issued, IssueError> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Err(IssueError::Ca("refused".into()))
@@ -1093,6 +1116,7 @@ mod tests {
             domains: &[DomainName],
             _: Option<&str>,
             progress: &dyn crate::issuer::Progress,
+            _: crate::issuer::Challenge<'_>,
         ) -> Result<crate::issuer::Issued, IssueError> {
             use std::sync::atomic::Ordering::SeqCst;
             if self

@@ -182,7 +182,15 @@ pub async fn check(dns: &dyn Resolve, name: &AliasName, expect: &Expect<'_>) -> 
     } else {
         base.to_string()
     };
-    let (proof, text, inconclusive) = prove(&mut tracer, name, &probe, expect).await;
+    let (mut proof, mut text, inconclusive) = prove(&mut tracer, name, &probe, expect).await;
+    if name.is_wildcard() && proof.is_some() && !delegated {
+        // Only DNS-01 issues a wildcard certificate, and only the delegation lets us answer it.
+        proof = None;
+        text = format!(
+            "{text}, but a wildcard alias also needs `{challenge} CNAME {}.` (its certificate can only be had by DNS-01)",
+            expect.acme_target
+        );
+    }
     Verdict {
         proof,
         text,

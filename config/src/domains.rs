@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use crate::error::StateError;
 use crate::keys;
-use crate::model::{Domain, DomainCheck, Service, ServiceId, VerificationStatus};
+use crate::model::{DnsChallenge, Domain, DomainCheck, Service, ServiceId, VerificationStatus};
 use crate::names::{AliasName, DomainName};
 use crate::state::{State, Versioned, decode, encode};
 use crate::store::{Compare, Op, Revision, Txn};
@@ -314,6 +314,71 @@ impl State {
         }
         Err(StateError::Conflict(format!(
             "`{input}` is being changed by others; try again"
+        )))
+    }
+}
+
+impl State {
+    /// Adds `value` to the DNS-01 values of `label`; returns the revision that made it.
+    pub async fn publish_dns_challenge(
+        &self,
+        label: &str,
+        value: &str,
+    ) -> Result<Revision, StateError> {
+        self.change_dns_challenge(label, |c| {
+            if !c.values.iter().any(|v| v == value) {
+                c.values.push(value.to_string());
+            }
+        })
+        .await
+    }
+
+    /// Removes `value`; the label goes when it has none left.
+    pub async fn withdraw_dns_challenge(
+        &self,
+        label: &str,
+        value: &str,
+    ) -> Result<Revision, StateError> {
+        self.change_dns_challenge(label, |c| c.values.retain(|v| v != value))
+            .await
+    }
+
+    async fn change_dns_challenge(
+        &self,
+        label: &str,
+        change: impl Fn(&mut DnsChallenge),
+    ) -> Result<Revision, StateError> {
+        let key = keys::dns_challenge(label);
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.store().get(&key).await?;
+            let (mut challenge, read_at) = match &current {
+                Some(kv) => (decode::<DnsChallenge>(kv)?, Some(kv.mod_revision)),
+                None => (DnsChallenge::default(), None),
+            };
+            change(&mut challenge);
+            let compare = match read_at {
+                Some(rev) => Compare::ModRevision(key.clone(), rev),
+                None => Compare::Absent(key.clone()),
+            };
+            let op = if challenge.values.is_empty() {
+                Op::delete(key.clone())
+            } else {
+                Op::put(key.clone(), encode(&key, &challenge)?)
+            };
+            let out = self
+                .store()
+                .txn(Txn {
+                    compare: vec![compare],
+                    success: vec![op],
+                    failure: vec![],
+                })
+                .await?;
+            if out.succeeded {
+                return Ok(out.revision);
+            }
+        }
+        Err(StateError::Conflict(format!(
+            "the DNS-01 values of `{label}` are being changed by others; try again"
         )))
     }
 }

@@ -797,8 +797,23 @@ impl NodeConfig {
         })?;
         config
             .check_store()
+            .and_then(|()| config.check_names())
             .map_err(|(key, message)| error(None, Some(key.into()), &message))?;
         Ok(config)
+    }
+
+    /// Zone names are names, never patterns (stored names may be wildcards, these may not).
+    fn check_names(&self) -> Result<(), (&'static str, String)> {
+        let named = [("zone.name", &self.zone.name)]
+            .into_iter()
+            .chain(self.zone.nameservers.iter().map(|n| ("zone.nameservers", n)))
+            .chain(self.dns.zones.iter().map(|n| ("dns.zones", n)));
+        for (key, name) in named {
+            if name.is_wildcard() {
+                return Err((key, format!("`{name}` is a wildcard; give a domain name")));
+            }
+        }
+        Ok(())
     }
 
     /// What the store section needs beyond its types: an etcd store needs somewhere to go,

@@ -567,6 +567,13 @@ impl Domain {
     }
 }
 
+/// DNS-01 values the platform zone answers at `<label>.acme.<zone>` while orders run
+/// (`dns-challenges/<label>`): several, when orders for a name and its wildcard overlap.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DnsChallenge {
+    pub values: Vec<String>,
+}
+
 /// One DNS question asked while verifying a domain, and what came back.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TraceStep {

@@ -48,6 +48,15 @@ impl DomainName {
                 && name.as_bytes()[name.len() - zone.len() - 1] == b'.')
     }
 
+    /// `*.base`: the name a wildcard certificate covers, which `parse` refuses as user input.
+    pub fn wildcard_of(base: &DomainName) -> DomainName {
+        DomainName(format!("*.{}", base.0).into_boxed_str())
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+
     /// `label.self`, validated.
     pub fn child(&self, label: &str) -> Result<DomainName, String> {
         DomainName::parse(&format!("{label}.{}", self.0))
@@ -86,8 +95,12 @@ fn check_label(label: &str) -> Result<(), String> {
 
 impl TryFrom<String> for DomainName {
     type Error = String;
+    /// As stored: a wildcard certificate's name (`*.example.com`) too.
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        DomainName::parse(&value)
+        match value.strip_prefix("*.") {
+            Some(base) => DomainName::parse(base).map(|b| DomainName::wildcard_of(&b)),
+            None => DomainName::parse(&value),
+        }
     }
 }
 

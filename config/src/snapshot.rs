@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::error::StoreError;
 use crate::keys;
-use crate::model::{Certificate, Domain, EchKeys, Node, Record, Service, ServiceId};
+use crate::model::{Certificate, DnsChallenge, Domain, EchKeys, Node, Record, Service, ServiceId};
 use crate::names::{DomainName, MAX_NAME_LEN, host_name, normalize_host, uuid_bits};
 use crate::service_index::ServiceIndex;
 use crate::state::decode;
@@ -54,6 +54,8 @@ pub struct Snapshot {
     /// private key stay in the store, read by the TLS path on demand.
     certificates: SharedMap<Arc<Certificate>>,
     nodes: SharedOrdMap<Arc<Node>>,
+    /// DNS-01 label -> the values answered at `<label>.acme.<zone>`.
+    dns_challenges: SharedMap<Arc<DnsChallenge>>,
     account: Option<AccountKey>,
     ech_keys: Arc<EchKeys>,
     /// The last bursts of changes, oldest first, each continuing the one before; empty after a
@@ -98,6 +100,7 @@ impl Snapshot {
             records: SharedOrdMap::default(),
             certificates: SharedMap::default(),
             nodes: SharedOrdMap::default(),
+            dns_challenges: SharedMap::default(),
             account: None,
             ech_keys: Arc::new(EchKeys::default()),
             history: Arc::new([]),
@@ -219,6 +222,11 @@ impl Snapshot {
         self.nodes.values()
     }
 
+    /// The DNS-01 values to answer at `<label>.acme.<zone>`.
+    pub fn dns_challenge(&self, label: &str) -> Option<&Arc<DnsChallenge>> {
+        self.dns_challenges.get(label)
+    }
+
     pub fn account(&self) -> Option<&AccountKey> {
         self.account.as_ref()
     }
@@ -277,6 +285,9 @@ impl Snapshot {
             Entry::Node(id, n) => {
                 self.nodes.insert(id, n);
             }
+            Entry::DnsChallenge(label, c) => {
+                self.dns_challenges.insert(label, c);
+            }
             Entry::Account(a) => self.account = Some(a),
             Entry::Ech(k) => self.ech_keys = k,
         }
@@ -295,6 +306,8 @@ impl Snapshot {
             self.certificates.remove(name);
         } else if let Some(id) = key.strip_prefix(keys::NODES) {
             self.nodes.remove(id);
+        } else if let Some(label) = key.strip_prefix(keys::DNS_CHALLENGES) {
+            self.dns_challenges.remove(label);
         } else if key == keys::ACME_ACCOUNT {
             self.account = None;
         } else if key == keys::ECH_KEYS {
@@ -311,6 +324,7 @@ enum Entry {
     Record(Arc<str>, Arc<Record>),
     Certificate(Arc<str>, Arc<Certificate>),
     Node(Arc<str>, Arc<Node>),
+    DnsChallenge(Arc<str>, Arc<DnsChallenge>),
     Account(AccountKey),
     Ech(Arc<EchKeys>),
 }
@@ -324,6 +338,8 @@ impl Entry {
             decode::<Service>(kv).map(|s| Entry::Service(Arc::new(s)))
         } else if let Some(name) = key.strip_prefix(keys::DOMAINS) {
             decode::<Domain>(kv).map(|d| Entry::Domain(name.into(), Arc::new(d)))
+        } else if let Some(label) = key.strip_prefix(keys::DNS_CHALLENGES) {
+            decode::<DnsChallenge>(kv).map(|c| Entry::DnsChallenge(label.into(), Arc::new(c)))
         } else if let Some(rest) = key.strip_prefix(keys::RECORDS) {
             decode::<Record>(kv).map(|r| Entry::Record(rest.into(), Arc::new(r)))
         } else if let Some(name) = key.strip_prefix(keys::CERTIFICATES) {

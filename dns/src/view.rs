@@ -153,6 +153,8 @@ impl Builder {
             } else if let Some(name) = key.strip_prefix(keys::DOMAINS) {
                 names.insert(wire::name_key(name));
                 zone_changed = true;
+            } else if let Some(label) = key.strip_prefix(keys::DNS_CHALLENGES) {
+                names.insert(wire::name_key(&format!("{label}.acme.{platform}")));
             } else if key.starts_with(keys::RECORDS) {
                 all = true;
                 zone_changed = true;

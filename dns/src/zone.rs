@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use hickory_proto::rr::rdata::svcb::{Alpn, IpHint, SVCB, SvcParamKey, SvcParamValue};
-use hickory_proto::rr::rdata::{A, AAAA, HTTPS, NS, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, HTTPS, NS, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use portcullis_config::Snapshot;
 use portcullis_config::file::{AnswerPolicy, DnsSection, NodeConfig};
@@ -660,6 +660,23 @@ impl ZoneView {
             made.push((RecordType::HTTPS, vec![self.https_record(name, ctx)]));
             return Found::Sets(made, custom);
         }
+        // `acme.<zone>` exists (empty) above the challenge labels: resolvers that minimise
+        // their questions ask it first, and an NXDOMAIN there would end their search.
+        if apex.platform
+            && label_count(name) == apex.labels + 1
+            && name
+                .iter()
+                .next()
+                .is_some_and(|l| l.eq_ignore_ascii_case(b"acme"))
+        {
+            return Found::Sets(made, custom);
+        }
+        if apex.platform
+            && let Some(values) = self.dns_challenge(apex, name)
+        {
+            made.push((RecordType::TXT, values));
+            return Found::Sets(made, custom);
+        }
         if self.is_alias(name) {
             self.push_addresses(&mut made, name, ctx);
             made.push((RecordType::HTTPS, vec![self.https_record(name, ctx)]));
@@ -729,6 +746,28 @@ impl ZoneView {
         self.snapshot
             .live_alias(text.trim_end_matches('.'))
             .is_some()
+    }
+
+    /// The DNS-01 values at `<label>.acme.<platform zone>`, where owners delegate
+    /// `_acme-challenge` of their names by CNAME. TTL 0: each order's values are new.
+    fn dns_challenge(&self, apex: &Apex, name: &Name) -> Option<Vec<Record>> {
+        if label_count(name) != apex.labels + 2 {
+            return None;
+        }
+        let mut labels = name.iter();
+        let label = labels.next()?;
+        if !labels.next()?.eq_ignore_ascii_case(b"acme") {
+            return None;
+        }
+        let label = std::str::from_utf8(label).ok()?.to_ascii_lowercase();
+        let challenge = self.snapshot.dns_challenge(&label)?;
+        Some(
+            challenge
+                .values
+                .iter()
+                .map(|v| Record::from_rdata(name.clone(), 0, RData::TXT(TXT::new(vec![v.clone()]))))
+                .collect(),
+        )
     }
 
     fn is_nameserver(&self, name: &Name) -> bool {
