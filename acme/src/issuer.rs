@@ -130,9 +130,8 @@ impl Progress for NoProgress {
 }
 
 /// Waits until this node answers what the store holds at a revision (its DNS view has it).
-pub type WaitLive = std::sync::Arc<
-    dyn Fn(i64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
->;
+pub type WaitLive =
+    std::sync::Arc<dyn Fn(i64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// DNS-01 values kept in the store (`dns-challenges/<label>`), so every node of the fleet
 /// answers them from its Snapshot whichever one the CA asks.

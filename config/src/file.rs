@@ -806,7 +806,12 @@ impl NodeConfig {
     fn check_names(&self) -> Result<(), (&'static str, String)> {
         let named = [("zone.name", &self.zone.name)]
             .into_iter()
-            .chain(self.zone.nameservers.iter().map(|n| ("zone.nameservers", n)))
+            .chain(
+                self.zone
+                    .nameservers
+                    .iter()
+                    .map(|n| ("zone.nameservers", n)),
+            )
             .chain(self.dns.zones.iter().map(|n| ("dns.zones", n)));
         for (key, name) in named {
             if name.is_wildcard() {

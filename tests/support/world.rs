@@ -161,7 +161,7 @@ impl Unbound {
             }
         }
         let conf = format!(
-            "server:\n  interface: 127.0.0.1\n  port: {port}\n  do-ip6: no\n  do-not-query-localhost: no\n  access-control: 127.0.0.0/8 allow\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 2\n  module-config: \"iterator\"\n  cache-max-ttl: 0\n  cache-max-negative-ttl: 0\n  qname-minimisation: no\n  num-threads: 1\n{nodefault}remote-control:\n  control-enable: no\n{stub_conf}"
+            "server:\n  interface: 127.0.0.1\n  port: {port}\n  do-ip6: no\n  do-not-query-localhost: no\n  access-control: 127.0.0.0/8 allow\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 2\n  module-config: \"iterator\"\n  cache-max-ttl: 1\n  cache-max-negative-ttl: 1\n  qname-minimisation: no\n  num-threads: 1\n{nodefault}remote-control:\n  control-enable: no\n{stub_conf}"
         );
         let conf_path = dir.path().join("unbound.conf");
         std::fs::write(&conf_path, conf).expect("write unbound.conf");
