@@ -429,6 +429,7 @@ async fn render_metrics(AxumState(admin): AxumState<Admin>) -> Response {
         time::OffsetDateTime::now_utc(),
         &mut body,
     );
+    admin_metrics::domains(&snapshot, &mut body);
     admin_metrics::backend_health(&admin.health, &mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

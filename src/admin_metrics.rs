@@ -227,6 +227,25 @@ pub fn certificates(
 /// Appends the backends failing their health checks: a count, and a series for each (at most
 /// [`UNHEALTHY_SHOWN`]). Healthy backends have none: with a million services a series per
 /// backend would be most of the scrape, and which backends are down is what it is read for.
+/// Appends alias domains by verification status (a walk at scrape time, like certificates).
+pub fn domains(snapshot: &Snapshot, out: &mut String) {
+    use portcullis_config::model::VerificationStatus as V;
+    const ALL: [V; 4] = [V::Pending, V::Verified, V::Failed, V::Moved];
+    let mut counts = [0u64; ALL.len()];
+    for domain in snapshot.domains() {
+        if let Some(i) = ALL.iter().position(|s| *s == domain.verification) {
+            counts[i] += 1;
+        }
+    }
+    out.push_str(
+        "# HELP portcullis_domains Alias domains by verification status.\n\
+         # TYPE portcullis_domains gauge\n",
+    );
+    for (status, count) in ALL.iter().zip(counts) {
+        let _ = writeln!(out, "portcullis_domains{{status=\"{status}\"}} {count}");
+    }
+}
+
 pub fn backend_health(health: &portcullis_proxy::Health, out: &mut String) {
     let (count, shown) = health.unhealthy_backends(UNHEALTHY_SHOWN);
     let _ = writeln!(

@@ -56,8 +56,9 @@ async fn world(zones: &[(&str, &str)], verify: &str, more: &str) -> World {
         )
     });
     let knot = Knot::start(zones);
-    let mut stubs: Vec<(&str, SocketAddr)> = zones.iter().map(|(z, _)| (*z, knot.addr)).collect();
-    stubs.push(("app.example.test", node.dns_addr().await));
+    let mut stubs: Vec<(&str, Vec<SocketAddr>)> =
+        zones.iter().map(|(z, _)| (*z, vec![knot.addr])).collect();
+    stubs.push(("app.example.test", vec![node.dns_addr().await]));
     let unbound = Unbound::start(resolver_port, &stubs);
     let http = node.listener("http").await;
     let pebble = plan.start(unbound.addr, http.port(), "");
@@ -395,7 +396,9 @@ async fn a_name_that_stops_pointing_here_moves_after_the_grace_while_clients_kee
     }
     let metrics = w.node.metrics().await;
     assert!(
-        metrics.contains("portcullis_domains_moved_total 1"),
+        metrics.contains("portcullis_domains_moved_total 1")
+            && metrics.contains("portcullis_domains{status=\"moved\"} 1")
+            && metrics.contains("portcullis_domain_verification_seconds"),
         "{}",
         metrics
             .lines()

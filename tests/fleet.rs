@@ -735,3 +735,125 @@ async fn bad_endpoints_and_bad_values_are_reported_not_fatal() {
     let dns = node.dns_addr().await;
     assert!(!a_records(dns, &format!("{id}.{ZONE}")).is_empty());
 }
+
+/// Alias domains in a fleet: added on one node, checked and ordered once for the fleet
+/// (whichever node holds the name's lock), served by every node; DNS-01 values answered by
+/// whichever node the CA's resolver asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_verify_and_certify_each_alias_once_and_both_serve_it() {
+    use support::world::{Knot, Unbound};
+    let cluster = EtcdCluster::start(1);
+    let plan = FleetPlan::new();
+    let pebble_plan = support::pebble::PebblePlan::new();
+    let http_port = support::free_port();
+    let resolver_port = support::free_port();
+    let issuer = pebble_plan.issuer_section();
+    let nodes: Vec<Node> = (0..2)
+        .map(|i| {
+            plan.start_node(i, &cluster.endpoints(), |t| {
+                t.replace(
+                    &format!("http = \"{}:0\"", node_ip(i)),
+                    &format!("http = \"{}:{http_port}\"", node_ip(i)),
+                )
+                .replace("[issuer]\nkind = \"dev\"\n", &issuer)
+                    + &format!(
+                        "\n[verify]\nresolvers = [\"127.0.0.1:{resolver_port}\"]\nfirst_retry = \"200ms\"\nmax_retry = \"1s\"\n"
+                    )
+            })
+        })
+        .collect();
+    let knot = Knot::start(&[("example.com", "")]);
+    let platform_dns = vec![nodes[0].dns_addr().await, nodes[1].dns_addr().await];
+    let unbound = Unbound::start(
+        resolver_port,
+        &[("example.com", vec![knot.addr]), (ZONE, platform_dns)],
+    );
+    let pebble = pebble_plan.start(unbound.addr, http_port, "");
+    let backend = Backend::start("fleet").await;
+    let id = create(&nodes[0], &[backend.addr]).await;
+    let canonical = format!("{id}.{ZONE}");
+    const ALIASES: usize = 8;
+    let mut zone = String::new();
+    for i in 0..ALIASES {
+        zone.push_str(&format!("a{i} CNAME {canonical}.\n"));
+    }
+    // One name proven ahead of cutover: its DNS-01 value lives in the store, and either
+    // node may be the one unbound asks.
+    let pre = nodes[1]
+        .api(
+            Method::POST,
+            &format!("/v1/services/{id}/domains"),
+            Some(json!({ "name": "pre.example.com" })),
+        )
+        .await
+        .json();
+    let target = pre["instructions"]["acme_challenge"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    zone.push_str(&format!("_acme-challenge.pre CNAME {target}\n"));
+    knot.set_zone("example.com", &zone);
+    // Added on both nodes, half each.
+    for i in 0..ALIASES {
+        let r = nodes[i % 2]
+            .api(
+                Method::POST,
+                &format!("/v1/services/{id}/domains"),
+                Some(json!({ "name": format!("a{i}.example.com") })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.json());
+    }
+    let pebble_root = pebble.issuing_root();
+    let client = Arc::new(TlsClient::new(&pebble_root, &[b"http/1.1"]));
+    for node in &nodes {
+        let https = node.listener("https").await;
+        for i in 0..ALIASES {
+            let host = format!("a{i}.example.com");
+            wait_for(
+                &format!("{host} served by {https}"),
+                async || match https_get(&client, https, &host).await {
+                    Ok((StatusCode::OK, body, _)) if body.contains("\"fleet\"") => Some(()),
+                    _ => None,
+                },
+            )
+            .await;
+        }
+    }
+    let early = wait_for("pre.example.com's certificate", async || {
+        let v = nodes[0]
+            .api(Method::GET, "/v1/domains/pre.example.com", None)
+            .await
+            .json();
+        (v["certificate"]["status"] == "active").then_some(v)
+    })
+    .await;
+    assert_eq!(early["status"], "failed", "not pointing here yet: {early}");
+
+    // One order per name for the fleet: the canonical name, the aliases, the early one.
+    let orders = pebble.log().matches("Added order").count();
+    assert_eq!(
+        orders,
+        1 + ALIASES + 1,
+        "orders at Pebble:\n{}",
+        pebble.log()
+    );
+    // One successful check per alias across the fleet, whichever node ran it.
+    let mut verified_checks = 0;
+    for node in &nodes {
+        let metrics = node.metrics().await;
+        verified_checks += metrics
+            .lines()
+            .find(|l| l.starts_with("portcullis_domain_checks_total{outcome=\"verified\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+            .unwrap_or(0);
+    }
+    assert_eq!(verified_checks, ALIASES, "each alias checked once");
+    let shown = nodes[1]
+        .api(Method::GET, "/v1/domains/a0.example.com", None)
+        .await
+        .json();
+    assert_eq!(shown["status"], "verified", "{shown}");
+    let checker = shown["trace"]["node"].as_str().unwrap();
+    assert!(checker == "node-a" || checker == "node-b", "{shown}");
+}

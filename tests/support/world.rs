@@ -142,19 +142,18 @@ impl Drop for Unbound {
 }
 
 impl Unbound {
-    /// Resolves each of `stubs` (zone, authoritative server) through that server; `port` was
-    /// chosen before (the node's config names it).
-    pub fn start(port: u16, stubs: &[(&str, SocketAddr)]) -> Unbound {
+    /// Resolves each of `stubs` (zone, its authoritative servers) through those servers;
+    /// `port` was chosen before (the node's config names it).
+    pub fn start(port: u16, stubs: &[(&str, Vec<SocketAddr>)]) -> Unbound {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path().display();
         let mut stub_conf = String::new();
         let mut nodefault = String::new();
-        for (zone, server) in stubs {
-            stub_conf.push_str(&format!(
-                "stub-zone:\n  name: \"{zone}\"\n  stub-addr: {}@{}\n",
-                server.ip(),
-                server.port()
-            ));
+        for (zone, servers) in stubs {
+            stub_conf.push_str(&format!("stub-zone:\n  name: \"{zone}\"\n"));
+            for server in servers {
+                stub_conf.push_str(&format!("  stub-addr: {}@{}\n", server.ip(), server.port()));
+            }
             // unbound answers special-use names itself (`test.`, `invalid.`, ...): not ours.
             if let Some(tld) = zone.rsplit('.').next() {
                 nodefault.push_str(&format!("  local-zone: \"{tld}.\" nodefault\n"));
