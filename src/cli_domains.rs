@@ -255,31 +255,38 @@ async fn follow(
     }
 }
 
-pub async fn show(client: &AdminClient, name: &str, json: bool) -> Result<(), CliError> {
-    let path = format!("/v1/domains/{}", name_segment(name)?);
+/// Asks `method path` and prints the domain it answers (as JSON with `--json`); `None` when
+/// printed as JSON.
+async fn call_and_print(
+    client: &AdminClient,
+    method: Method,
+    path: &str,
+    json: bool,
+) -> Result<Option<DomainView>, CliError> {
     let value = client
-        .call(Method::GET, &path, None)
+        .call(method, path, None)
         .await?
         .unwrap_or(Value::Null);
     if json {
-        return crate::cli::print_json(&value);
+        crate::cli::print_json(&value)?;
+        return Ok(None);
     }
     let view: DomainView = serde_json::from_value(value).map_err(unexpected)?;
     print_domain(&view, true);
+    Ok(Some(view))
+}
+
+pub async fn show(client: &AdminClient, name: &str, json: bool) -> Result<(), CliError> {
+    let path = format!("/v1/domains/{}", name_segment(name)?);
+    call_and_print(client, Method::GET, &path, json).await?;
     Ok(())
 }
 
 pub async fn verify(client: &AdminClient, name: &str, json: bool) -> Result<(), CliError> {
     let path = format!("/v1/domains/{}/verify", name_segment(name)?);
-    let value = client
-        .call(Method::POST, &path, None)
-        .await?
-        .unwrap_or(Value::Null);
-    if json {
-        return crate::cli::print_json(&value);
-    }
-    let view: DomainView = serde_json::from_value(value).map_err(unexpected)?;
-    print_domain(&view, true);
+    let Some(view) = call_and_print(client, Method::POST, &path, json).await? else {
+        return Ok(());
+    };
     if view.status == portcullis_config::model::VerificationStatus::Verified {
         Ok(())
     } else {

@@ -9,11 +9,8 @@ use crate::error::StateError;
 use crate::keys;
 use crate::model::{DnsChallenge, Domain, DomainCheck, Service, ServiceId, VerificationStatus};
 use crate::names::{AliasName, DomainName};
-use crate::state::{State, Versioned, decode, encode};
+use crate::state::{CAS_ATTEMPTS, State, Versioned, after_collision, decode, encode};
 use crate::store::{Compare, Op, Revision, Txn};
-
-/// How many times a read-modify-write retries when another writer got there first.
-const CAS_ATTEMPTS: usize = 16;
 
 /// What `add_domain` checks a name against.
 #[derive(Clone, Debug)]
@@ -57,11 +54,7 @@ impl State {
         input: &str,
         rules: &DomainRules,
     ) -> Result<(Domain, Revision), StateError> {
-        let name = AliasName::parse(input).map_err(|message| StateError::Invalid {
-            code: "invalid_domain",
-            field: "name",
-            message,
-        })?;
+        let name = parse_name(input)?;
         if let Some(suffix) = name.public_suffix() {
             return Err(StateError::Invalid {
                 code: "public_suffix",
@@ -86,7 +79,8 @@ impl State {
         }
         let domain_key = keys::domain(name.as_str());
         let service_key = keys::service(service);
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            after_collision(attempt).await;
             let Some(owner) = self.get_service(service).await? else {
                 return Err(self.missing_service(service).await);
             };
@@ -168,14 +162,11 @@ impl State {
         service: &ServiceId,
         input: &str,
     ) -> Result<Revision, StateError> {
-        let name = AliasName::parse(input).map_err(|message| StateError::Invalid {
-            code: "invalid_domain",
-            field: "name",
-            message,
-        })?;
+        let name = parse_name(input)?;
         let domain_key = keys::domain(name.as_str());
         let service_key = keys::service(service);
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            after_collision(attempt).await;
             let Some(owner) = self.get_service(service).await? else {
                 return Err(self.missing_service(service).await);
             };
@@ -246,11 +237,7 @@ impl State {
     /// A domain and its last trace, by the name as a user writes it (U-labels are looked up
     /// as their A-label).
     pub async fn show_domain(&self, input: &str) -> Result<DomainView, StateError> {
-        let name = AliasName::parse(input).map_err(|message| StateError::Invalid {
-            code: "invalid_domain",
-            field: "name",
-            message,
-        })?;
+        let name = parse_name(input)?;
         let Some(domain) = self.get_domain(name.as_str()).await? else {
             return Err(StateError::NotFound {
                 kind: "domain",
@@ -301,7 +288,8 @@ impl State {
         &self,
         input: &str,
     ) -> Result<(Domain, Revision), StateError> {
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            after_collision(attempt).await;
             let view = self.show_domain(input).await?;
             let mut domain = view.domain.value;
             domain.next_check_at = Some(OffsetDateTime::now_utc());
@@ -349,7 +337,8 @@ impl State {
         change: impl Fn(&mut DnsChallenge),
     ) -> Result<Revision, StateError> {
         let key = keys::dns_challenge(label);
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            after_collision(attempt).await;
             let current = self.store().get(&key).await?;
             let (mut challenge, read_at) = match &current {
                 Some(kv) => (decode::<DnsChallenge>(kv)?, Some(kv.mod_revision)),
@@ -381,6 +370,15 @@ impl State {
             "the DNS-01 values of `{label}` are being changed by others; try again"
         )))
     }
+}
+
+/// A name as the API takes it, refused with `invalid_domain`.
+fn parse_name(input: &str) -> Result<AliasName, StateError> {
+    AliasName::parse(input).map_err(|message| StateError::Invalid {
+        code: "invalid_domain",
+        field: "name",
+        message,
+    })
 }
 
 /// The keys that go with an alias domain: the claim, its trace, its certificate and key.

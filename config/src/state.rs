@@ -20,7 +20,21 @@ use crate::seal::{Sealer, open_if_sealed};
 use crate::store::{Compare, KeyValue, LeaseId, LockGuard, Op, PageRequest, Revision, Store, Txn};
 
 /// How many times a read-modify-write retries when another writer got there first.
-const CAS_ATTEMPTS: usize = 16;
+pub(crate) const CAS_ATTEMPTS: usize = 32;
+
+/// A pause before retrying a read-modify-write that lost to another writer: random, and
+/// growing with the attempt (up to 64 ms), so writers that collided (say, many domains added
+/// to one service at once) do not collide again in lockstep until one gives up.
+pub(crate) async fn after_collision(attempt: usize) {
+    if attempt == 0 {
+        return;
+    }
+    let mut byte = [0u8; 1];
+    let random = aws_lc_rs::rand::fill(&mut byte).map_or(128, |()| byte[0]);
+    let ceiling_us = 1000u64 << attempt.min(6);
+    let pause = ceiling_us * u64::from(random) / 255;
+    tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
+}
 
 #[derive(Clone)]
 pub struct State {
@@ -94,7 +108,8 @@ impl State {
     ) -> Result<(Service, Revision), StateError> {
         // A v4 collision is astronomically unlikely; the compare makes it impossible, even with
         // the id of a deleted service.
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            after_collision(attempt).await;
             let service = self.new_service(ServiceId::new_v4(), &backends, status, &options);
             if let Some(created) = self.insert_service(service, &issuer).await? {
                 return Ok(created);
@@ -228,7 +243,8 @@ impl State {
         id: &ServiceId,
         patch: ServicePatch,
     ) -> Result<(Service, Revision), StateError> {
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            after_collision(attempt).await;
             let Some(current) = self.get_service(id).await? else {
                 return Err(self.missing_service(id).await);
             };
@@ -268,7 +284,8 @@ impl State {
             deleted_at: OffsetDateTime::now_utc(),
         };
         let domain = id.canonical_domain(&self.zone);
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            after_collision(attempt).await;
             let Some(current) = self.get_service(id).await? else {
                 return Err(self.missing_service(id).await);
             };
@@ -459,7 +476,8 @@ impl State {
     /// the new one is stored.
     pub async fn request_renewal(&self, name: &str) -> Result<(Certificate, Revision), StateError> {
         let key = keys::certificate(name);
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            after_collision(attempt).await;
             let Some(kv) = self.store.get(&key).await? else {
                 return Err(StateError::NotFound {
                     kind: "certificate",

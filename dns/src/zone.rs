@@ -677,9 +677,19 @@ impl ZoneView {
             made.push((RecordType::TXT, values));
             return Found::Sets(made, custom);
         }
-        if self.is_alias(name) {
+        if let Some(service) = self.alias_service(name) {
             self.push_addresses(&mut made, name, ctx);
-            made.push((RecordType::HTTPS, vec![self.https_record(name, ctx)]));
+            // `HTTPS 1 <canonical name>.`: clients that follow it land on the service's name,
+            // with the same parameters.
+            let target = self
+                .apexes
+                .iter()
+                .find(|a| a.platform)
+                .map(|a| prepend(&a.name, &service.to_string()));
+            made.push((
+                RecordType::HTTPS,
+                vec![self.https_record_to(name, target, ctx)],
+            ));
             return Found::Sets(made, custom);
         }
         if self.is_nameserver(name) {
@@ -696,7 +706,7 @@ impl ZoneView {
     fn is_managed(&self, apex: &Apex, name: &Name) -> bool {
         label_count(name) == apex.labels
             || (apex.platform && self.is_service(apex, name))
-            || self.is_alias(name)
+            || self.alias_service(name).is_some()
             || self.is_nameserver(name)
     }
 
@@ -737,15 +747,14 @@ impl ZoneView {
         })
     }
 
-    fn is_alias(&self, name: &Name) -> bool {
+    /// The service of the live alias domain `name`, if it is one.
+    fn alias_service(&self, name: &Name) -> Option<portcullis_config::ServiceId> {
         // Most platforms have few aliases or none: skip the name's text form then.
-        if self.snapshot.domains().next().is_none() {
-            return false;
-        }
+        self.snapshot.domains().next()?;
         let text = name.to_lowercase().to_ascii();
         self.snapshot
             .live_alias(text.trim_end_matches('.'))
-            .is_some()
+            .map(|d| d.service)
     }
 
     /// The DNS-01 values at `<label>.acme.<platform zone>`, where owners delegate
@@ -798,6 +807,11 @@ impl ZoneView {
 
     /// `1 . alpn="h2,http/1.1" ipv4hint=… ipv6hint=…`, SvcParams in key order (RFC 9460 §2.2).
     fn https_record(&self, name: &Name, ctx: &Ctx) -> Record {
+        self.https_record_to(name, None, ctx)
+    }
+
+    /// An HTTPS record at `name` in service mode, targeting `target` (`.`: the name itself).
+    fn https_record_to(&self, name: &Name, target: Option<Name>, ctx: &Ctx) -> Record {
         ctx.tailored.set(true);
         let addresses = ctx.addresses;
         let mut params = vec![(
@@ -818,7 +832,7 @@ impl ZoneView {
                 SvcParamValue::Ipv6Hint(IpHint(hints)),
             ));
         }
-        let svcb = SVCB::new(1, Name::root(), params);
+        let svcb = SVCB::new(1, target.unwrap_or_else(Name::root), params);
         Record::from_rdata(
             name.clone(),
             self.settings.dns.https_ttl,
