@@ -427,6 +427,33 @@ async fn a_name_that_stops_pointing_here_moves_after_the_grace_while_clients_kee
     support::poll("the alias to be served again", || {
         curl(&w, "www.example.com").ok().filter(|(s, _)| *s == 200)
     });
+
+    // Moved again, the name can be claimed by the service it points at now.
+    let newcomer = Backend::start("theirs").await;
+    let (theirs, their_canonical) = w.node.service(&[newcomer.addr]).await;
+    let held = add(&w.node, &theirs, "www.example.com").await;
+    assert_eq!(
+        held.code(),
+        "domain_taken",
+        "verified names are not taken over"
+    );
+    w.knot
+        .set_zone("example.com", &format!("www CNAME {their_canonical}.\n"));
+    wait_domain(&w.node, "www.example.com", |v| v["status"] == "moved").await;
+    let claimed = add(&w.node, &theirs, "www.example.com").await;
+    assert_eq!(claimed.status, StatusCode::ACCEPTED, "{}", claimed.json());
+    wait_domain(&w.node, "www.example.com", |v| {
+        v["service"] == theirs.as_str() && v["certificate"]["status"] == "active"
+    })
+    .await;
+    let (status, body) = curl(&w, "www.example.com").unwrap();
+    assert_eq!((status, backend_of(&body).as_str()), (200, "theirs"));
+    let mine = w
+        .node
+        .api(Method::GET, &format!("/v1/services/{id}/domains"), None)
+        .await
+        .json();
+    assert_eq!(mine["domains"].as_array().unwrap().len(), 0, "{mine}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

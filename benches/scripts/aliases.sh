@@ -5,15 +5,18 @@
 #  1. `POST /v1/services/{id}/domains` to the first HTTPS response through the alias, served
 #     with its own Pebble certificate (curl trusts Pebble's root only): median of RUNS
 #     (target < 300 ms);
-#  2. BURST aliases added at once: time until every one is verified and has its certificate
-#     (target >= 100 domains/s).
-# The customer zone holds `* CNAME <service>.<zone>.`, so every name added resolves to it.
+#  2. BURST aliases added at once, spread over BURST_SERVICES services: time until every one is
+#     verified and has its certificate (target >= 100 domains/s).
+# The customer zone holds a CNAME to its service for each burst name, and `* CNAME` to the
+# first service for the timed runs.
 #
-#   benches/scripts/aliases.sh                      # RUNS=20 BURST=1000
+#   benches/scripts/aliases.sh                      # RUNS=20 BURST=1000 BURST_SERVICES=1
+#   BURST_SERVICES=50 benches/scripts/aliases.sh    # the burst over 50 services
 set -euo pipefail
 
 RUNS=${RUNS:-20}
 BURST=${BURST:-1000}
+BURST_SERVICES=${BURST_SERVICES:-1}
 ZONE=app.bench.test
 . "$(dirname "$0")/common.sh"
 bench_start aliases
@@ -73,7 +76,10 @@ api() { # method path [body]
     ${3:+-d "$3"} "http://127.0.0.1:$ADMIN$2"
 }
 SERVICE='{"backends":["127.0.0.1:9"],"options":{"health_check":{"enabled":false}}}'
-id=$(api POST /v1/services "$SERVICE" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+new_service() { api POST /v1/services "$SERVICE" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'; }
+id=$(new_service)
+services=("$id")
+for _ in $(seq 2 "$BURST_SERVICES"); do services+=("$(new_service)"); done
 
 # --- Knot: the customer zone -------------------------------------------------------------------
 mkdir -p "$WORK/knot"
@@ -85,6 +91,9 @@ cat >"$WORK/knot/example.com.zone" <<EOF
 ns A 127.0.0.1
 * CNAME $id.$ZONE.
 EOF
+for i in $(seq 1 "$BURST"); do
+  echo "b$i CNAME ${services[$((i % BURST_SERVICES))]}.$ZONE." >>"$WORK/knot/example.com.zone"
+done
 cat >"$WORK/knot/knot.conf" <<EOF
 server:
     rundir: "$WORK/knot"
@@ -150,9 +159,9 @@ pids+=($!)
 wait_port $P_ACME
 wait_port $P_MGMT
 curl -sS --cacert "$WORK/ca.pem" "https://127.0.0.1:$P_MGMT/roots/0" >"$WORK/root.pem"
-# The service's own certificate first, so the account exists before the timed runs.
-for _ in $(seq 1 1200); do
-  api GET "/v1/services/$id" | grep -q '"status":"active","issuer"' && break
+# The services' own certificates first, so the account exists before the timed runs.
+for _ in $(seq 1 2400); do
+  [ "$(api GET /v1/certificates | grep -o '"status":"active"' | wc -l)" -ge "$BURST_SERVICES" ] && break
   sleep 0.025
 done
 
@@ -174,7 +183,7 @@ FIRST=$(median <"$WORK/first")
 echo "$BURST aliases added at once..." >&2
 for i in $(seq 1 "$BURST"); do
   [ "$i" = 1 ] || echo next
-  printf 'url = "http://127.0.0.1:%s/v1/services/%s/domains"\nrequest = "POST"\noutput = "/dev/null"\n' "$ADMIN" "$id"
+  printf 'url = "http://127.0.0.1:%s/v1/services/%s/domains"\nrequest = "POST"\noutput = "/dev/null"\n' "$ADMIN" "${services[$((i % BURST_SERVICES))]}"
   printf 'header = "Authorization: Bearer %s"\nheader = "content-type: application/json"\n' "$TOKEN"
   printf 'data = "{\\"name\\":\\"b%s.example.com\\"}"\n' "$i"
 done >"$WORK/burst.curl"
@@ -206,5 +215,5 @@ printf "%-62s %10s\n" "measure" "value"
 printf "%-62s %8s ms\n" "add-domain -> first HTTPS through the alias (median of $RUNS)" "$FIRST"
 printf "%-62s %8s ms\n" "$BURST add-domain requests answered" "$ADDED_MS"
 printf "%-62s %8s ms\n" "$BURST aliases verified" "$verified_at"
-awk -v n="$BURST" -v ms="$BURST_MS" \
-  'BEGIN { printf "%-62s %8.1f /s\n", "aliases verified and certified, per second (" n " at once)", n * 1000 / ms }'
+awk -v n="$BURST" -v s="$BURST_SERVICES" -v ms="$BURST_MS" \
+  'BEGIN { printf "%-62s %8.1f /s\n", "verified and certified per second (" n " at once, " s " services)", n * 1000 / ms }'

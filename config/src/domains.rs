@@ -108,7 +108,13 @@ impl State {
                         });
                     }
                     compare.push(Compare::ModRevision(domain_key.clone(), kv.mod_revision));
-                    success.extend(forget_domain_ops(&name));
+                    // The old claim's trace, certificate and key go; the claim itself is
+                    // overwritten below (a key appears once in a transaction).
+                    success.extend(
+                        forget_domain_ops(&name)
+                            .into_iter()
+                            .filter(|op| op.key() != domain_key),
+                    );
                     if let Some(holder) = holder {
                         let mut previous = holder.value;
                         previous.domains.retain(|d| d != &name);
