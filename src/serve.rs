@@ -195,6 +195,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         let views = dns.views.clone();
         manager = manager.with_dns01(Arc::new(portcullis_acme::StoreDns01 {
             state: state.clone(),
+            fleet: opened.shared,
             wait_live: Some(Arc::new(move |revision| {
                 let views = views.clone();
                 Box::pin(async move {

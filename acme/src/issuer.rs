@@ -138,6 +138,52 @@ pub type WaitLive =
 pub struct StoreDns01 {
     pub state: portcullis_config::State,
     pub wait_live: Option<WaitLive>,
+    /// Nodes share the store: the CA's resolver may ask any of them, so wait (a bounded
+    /// time) until every live node reports having applied the value.
+    pub fleet: bool,
+}
+
+/// The longest wait for the fleet to apply a DNS-01 value; a node that has not by then (dead,
+/// its lease not yet run out) fails at worst this one order, which is retried.
+const FLEET_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl StoreDns01 {
+    /// Until every node in `nodes/` has reported (`status/<id>`) a revision at or past
+    /// `revision`.
+    async fn wait_for_fleet(&self, revision: i64) {
+        use portcullis_config::keys;
+        let deadline = tokio::time::Instant::now() + FLEET_APPLY_WAIT;
+        loop {
+            let store = self.state.store();
+            let applied = async {
+                let (nodes, _) = store.list_all(keys::NODES).await.ok()?;
+                let (reports, _) = store.list_all(keys::STATUS).await.ok()?;
+                let behind = nodes.iter().any(|node| {
+                    let id = node.key.strip_prefix(keys::NODES).unwrap_or_default();
+                    !reports.iter().any(|r| {
+                        r.key.strip_prefix(keys::STATUS) == Some(id)
+                            && portcullis_config::state::decode::<
+                                portcullis_config::model::NodeStatus,
+                            >(r)
+                            .is_ok_and(|s| s.applied_revision >= revision)
+                    })
+                });
+                Some(!behind)
+            }
+            .await;
+            if applied == Some(true) {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    revision,
+                    "not every node reported a DNS-01 value in time; going ahead"
+                );
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[async_trait]
@@ -151,6 +197,9 @@ impl Dns01 for StoreDns01 {
             .map_err(|e| e.to_string())?;
         if let Some(wait) = &self.wait_live {
             wait(revision).await;
+        }
+        if self.fleet {
+            self.wait_for_fleet(revision).await;
         }
         Ok(())
     }

@@ -136,11 +136,18 @@ async fn crash_child() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open(format!("{dir}/state.redb"))
-            .await
-            .unwrap(),
-    );
+    // The parent's check of the last round may still be letting go of the file (its store's
+    // writer thread ends after the last handle): open once it has, within the deadline.
+    let start = Instant::now();
+    let store: Arc<dyn Store> = loop {
+        match EmbeddedStore::open(format!("{dir}/state.redb")).await {
+            Ok(store) => break Arc::new(store),
+            Err(e) => {
+                assert!(start.elapsed() < DEADLINE, "cannot open the store: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
     let state = State::new(store, DomainName::parse("app.example.test").unwrap());
     let backends = vec![Backend::parse("10.0.0.1:80").unwrap()];
     let mut out = std::io::stdout().lock();
@@ -174,7 +181,7 @@ async fn crash_safety_under_sigkill() {
             ])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
