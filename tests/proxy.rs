@@ -777,6 +777,50 @@ async fn idempotent_request_is_retried_on_another_backend() {
     assert_eq!(statuses, [200, 502]);
 }
 
+/// The response timeout is the backend's silence after the request was sent: an upload that
+/// keeps moving for longer than it (here 3.6 s against 2 s) is not cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_longer_than_the_response_timeout_goes_through_while_it_moves() {
+    let Edge {
+        node: _node,
+        backend: _a,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"http/1.1").await;
+    let mut stream = client.connect(https, &host).await.unwrap();
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 12;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        CHUNK * CHUNKS
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    for _ in 0..CHUNKS {
+        stream.write_all(&[7u8; CHUNK]).await.unwrap();
+        stream.flush().await.unwrap();
+        // Pacing the test's own upload, well under the body stall limit (2 s).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        start.elapsed() > Duration::from_secs(2),
+        "the upload outlasted the timeout"
+    );
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer")
+        .ok();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains(&format!("\"bytes\":{}", CHUNK * CHUNKS)),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn slowloris_is_cut_at_the_header_timeout() {
     let Edge {

@@ -804,10 +804,18 @@ async fn forward(
                 backend: backend_text,
             });
         };
-        let mut up = Request::new(
-            body.take()
-                .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed()),
-        );
+        // The response timeout counts from the last byte of the request body sent, not from
+        // the start: a large upload is not a backend that does not answer (nginx's
+        // proxy_send_timeout and proxy_read_timeout measure between operations too).
+        let progress = Arc::new(Progress::new());
+        let mut up = Request::new(match body.take() {
+            Some(body) => Sending {
+                inner: body,
+                progress: progress.clone(),
+            }
+            .boxed(),
+            None => Empty::new().map_err(|never| match never {}).boxed(),
+        });
         *up.method_mut() = if h2_websocket {
             Method::GET
         } else {
@@ -834,19 +842,15 @@ async fn forward(
         } else {
             &shared.client
         };
-        let sent = if service.options.proxy_protocol {
+        let request = if service.options.proxy_protocol {
             let addr = (backend, state.label.as_ref());
-            let request =
-                crate::proxy_protocol::send(addr, conn, up, shared.limits.connect_timeout.0);
-            tokio::time::timeout(shared.limits.response_timeout.0, request)
+            crate::proxy_protocol::send(addr, conn, up, shared.limits.connect_timeout.0)
         } else {
             let client = client.clone();
-            tokio::time::timeout(
-                shared.limits.response_timeout.0,
-                Box::pin(async move { Ok(client.request(up).await?) })
-                    as crate::proxy_protocol::ResponseFuture,
-            )
+            Box::pin(async move { Ok(client.request(up).await?) })
+                as crate::proxy_protocol::ResponseFuture
         };
+        let sent = progress.within(shared.limits.response_timeout.0, request);
         match sent.await {
             Ok(Ok(mut response)) => {
                 state.record_success();
@@ -1035,6 +1039,80 @@ trait BodyEnd: Send + 'static {
 }
 
 /// A response body that counts the bytes it passes on and tells `end` when it is done.
+/// When a request body last moved toward the backend.
+struct Progress {
+    started: tokio::time::Instant,
+    /// Nanoseconds after `started` of the last frame sent.
+    last_ns: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            started: tokio::time::Instant::now(),
+            last_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ns = self.started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.last_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.started + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed))
+    }
+
+    /// `future`'s outcome, or `Err` once `timeout` passed with no request body sent: the
+    /// deadline moves with each frame, so only silence counts.
+    async fn within<F: std::future::Future>(
+        &self,
+        timeout: Duration,
+        future: F,
+    ) -> Result<F::Output, tokio::time::error::Elapsed> {
+        tokio::pin!(future);
+        loop {
+            match tokio::time::timeout_at(self.last() + timeout, &mut future).await {
+                Ok(output) => return Ok(output),
+                Err(elapsed) if self.last() + timeout <= tokio::time::Instant::now() => {
+                    return Err(elapsed);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// A request body on its way to the backend, noting each frame in its [`Progress`].
+struct Sending {
+    inner: ProxyBody,
+    progress: Arc<Progress>,
+}
+
+impl Body for Sending {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(_))) = &poll {
+            self.progress.touch();
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 struct Watched<E: BodyEnd> {
     inner: ProxyBody,
     bytes: u64,
