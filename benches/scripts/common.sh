@@ -62,3 +62,15 @@ CONF
   pids+=($!)
   wait_port "${1##*:}"
 }
+
+# Pebble's own TLS: a CA ($WORK/ca.pem, for issuer.trust_roots and curl) and a certificate for
+# 127.0.0.1 signed by it ($WORK/pebble.pem and .key).
+pebble_tls() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=pebble bench CA" -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=pebble" \
+    -keyout "$WORK/pebble.key" -out "$WORK/pebble.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$WORK/san.ext"
+  openssl x509 -req -in "$WORK/pebble.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" \
+    -CAcreateserial -days 2 -extfile "$WORK/san.ext" -out "$WORK/pebble.pem" 2>/dev/null
+}
