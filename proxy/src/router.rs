@@ -807,14 +807,20 @@ async fn forward(
         // The response timeout counts from the last byte of the request body sent, not from
         // the start: a large upload is not a backend that does not answer (nginx's
         // proxy_send_timeout and proxy_read_timeout measure between operations too).
-        let progress = Arc::new(Progress::new());
-        let mut up = Request::new(match body.take() {
-            Some(body) => Sending {
+        // A request without a body (most) needs no tracking: a plain timeout from the start.
+        let body = body.take();
+        let progress = body
+            .as_ref()
+            .filter(|b| !b.is_end_stream())
+            .map(|_| Arc::new(Progress::new()));
+        let mut up = Request::new(match (body, &progress) {
+            (Some(body), Some(progress)) => Sending {
                 inner: body,
                 progress: progress.clone(),
             }
             .boxed(),
-            None => Empty::new().map_err(|never| match never {}).boxed(),
+            (Some(body), None) => body,
+            (None, _) => Empty::new().map_err(|never| match never {}).boxed(),
         });
         *up.method_mut() = if h2_websocket {
             Method::GET
@@ -850,8 +856,12 @@ async fn forward(
             Box::pin(async move { Ok(client.request(up).await?) })
                 as crate::proxy_protocol::ResponseFuture
         };
-        let sent = progress.within(shared.limits.response_timeout.0, request);
-        match sent.await {
+        let timeout = shared.limits.response_timeout.0;
+        let sent = match &progress {
+            Some(progress) => progress.within(timeout, request).await,
+            None => tokio::time::timeout(timeout, request).await,
+        };
+        match sent {
             Ok(Ok(mut response)) => {
                 state.record_success();
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS
