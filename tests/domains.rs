@@ -388,16 +388,27 @@ async fn a_name_that_stops_pointing_here_moves_after_the_grace_while_clients_kee
             .contains("app.other-host.net"),
         "{moved}"
     );
-    // Neither Host nor SNI is served now.
-    let refused = curl(&w, "www.example.com");
-    assert!(refused.is_err(), "served after the move: {refused:?}");
+    // Neither Host nor SNI is served now (once this node's Snapshot has the status the API
+    // read from the store; the client loop checks that nothing is served a second after).
+    support::poll("the moved name to be refused", || {
+        curl(&w, "www.example.com").is_err().then_some(())
+    });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = answers.join().unwrap();
     assert!(!seen.is_empty());
     for (at, ok, text) in &seen {
         if *ok {
-            // Every answer that came was the service's own, never anything else.
             let (body, code) = text.rsplit_once('\n').unwrap();
+            if code == "404" {
+                // Handshake just before the move, request just after: the edge's page for a
+                // name it does not serve, which is right.
+                assert!(
+                    body.contains("No site is served at www.example.com"),
+                    "{text}"
+                );
+                continue;
+            }
+            // Every site answer was the service's own, never anything else.
             assert_eq!((code, backend_of(body).as_str()), ("200", "mine"), "{text}");
             // The status write and this client's look can cross by a few milliseconds; a
             // full second after the move nothing is served.
