@@ -165,7 +165,7 @@ pub fn fast_nxdomain(
     key: &[u8],
     udp_payload: u16,
 ) -> Option<Vec<u8>> {
-    if fast.qclass != u16::from(DNSClass::IN) {
+    if fast.qclass != u16::from(DNSClass::IN) || fast.mixed_case(request) {
         return None;
     }
     let name = crate::wire::key_to_name(key)?;

@@ -18,6 +18,17 @@ pub struct FastQuery {
 }
 
 const HEADER: usize = 12;
+
+impl FastQuery {
+    /// Whether the question's name has an uppercase letter. hickory's compression against
+    /// such a name follows rules the direct writer does not reproduce, so those queries take
+    /// the general path (random-name floods are lowercase, and still take the fast one).
+    pub fn mixed_case(&self, request: &[u8]) -> bool {
+        request
+            .get(HEADER..self.qname_end)
+            .is_none_or(|name| name.iter().any(u8::is_ascii_uppercase))
+    }
+}
 /// Key bytes after the name: qtype, qclass, EDNS flags, answer size limit, client group.
 const KEY_TAIL: usize = 9;
 
