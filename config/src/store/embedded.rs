@@ -13,18 +13,18 @@
 //! syncing share the next one, which is what lets concurrent clients get well past one write
 //! per fsync without giving up durability.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redb::{
-    Builder, Database, MultimapTable, MultimapTableDefinition, ReadableDatabase, ReadableTable,
-    Table, TableDefinition, WriteTransaction,
+    MultimapTable, MultimapTableDefinition, ReadableTable, Table, TableDefinition, WriteTransaction,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::dbfile::DbFile;
 use crate::error::StoreError;
 use crate::store::{
     Compare, Event, EventKind, KeyValue, LeaseId, Op, Page, PageRequest, Revision, Store, Txn,
@@ -67,8 +67,6 @@ const CACHE_SIZE: usize = 64 * 1024 * 1024;
 const MAX_GROUP: usize = 1024;
 const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 const WATCH_BUFFER: usize = 256;
-/// Long enough for a writer finishing a commit whose fsync waits behind a busy disk.
-const REOPEN_WAIT: Duration = Duration::from_secs(10);
 
 /// The single-node store. Cheap to clone; all clones share one database.
 #[derive(Clone)]
@@ -85,8 +83,7 @@ struct Inner {
 
 /// What the writer thread, readers and watchers use.
 struct Shared {
-    db: Database,
-    path: PathBuf,
+    db: DbFile,
     history: u64,
     /// The latest committed revision; watchers wait on it.
     revision: watch::Sender<Revision>,
@@ -116,38 +113,21 @@ impl EmbeddedStore {
         path: impl AsRef<Path>,
         history: u64,
     ) -> Result<Self, StoreError> {
-        let path = path.as_ref().to_path_buf();
+        let open_path = path.as_ref().to_path_buf();
         let history = history.max(1);
-        let open_path = path.clone();
         let (db, current) = tokio::task::spawn_blocking(move || {
-            let mut builder = Builder::new();
-            builder.set_cache_size(CACHE_SIZE);
             // A store dropped in this process a moment ago may still be closing (its writer
-            // thread finishing the last commit): wait for it, briefly, rather than fail.
-            let deadline = Instant::now() + REOPEN_WAIT;
-            let db = loop {
-                match builder.create(&open_path) {
-                    Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Ok(db) => break db,
-                    Err(e) => {
-                        return Err(StoreError::Open {
-                            path: open_path.display().to_string(),
-                            reason: e.to_string(),
-                        });
-                    }
-                }
-            };
+            // thread finishing the last commit): the open waits for it, briefly, rather than
+            // fail.
+            let db = DbFile::open(&open_path, CACHE_SIZE)?;
             let current = prepare(&db, history)?;
-            Ok((db, current))
+            Ok::<_, StoreError>((db, current))
         })
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))??;
         let (revision, _) = watch::channel(current as Revision);
         let shared = Arc::new(Shared {
             db,
-            path,
             history,
             revision,
             commits: AtomicU64::new(0),
@@ -164,7 +144,7 @@ impl EmbeddedStore {
     }
 
     pub fn path(&self) -> &Path {
-        &self.inner.shared.path
+        self.inner.shared.db.path()
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -181,8 +161,8 @@ impl EmbeddedStore {
 
 /// Creates every table, so readers never meet a missing one, and drops the log entries beyond
 /// `history` (a store last opened with a longer history). Returns the current revision.
-fn prepare(db: &Database, history: u64) -> Result<u64, StoreError> {
-    let wtx = db.begin_write().map_err(backend)?;
+fn prepare(db: &DbFile, history: u64) -> Result<u64, StoreError> {
+    let wtx = db.begin_write()?;
     wtx.open_table(KV).map_err(backend)?;
     wtx.open_table(LEASES).map_err(backend)?;
     wtx.open_multimap_table(LEASE_KEYS).map_err(backend)?;
@@ -500,7 +480,7 @@ impl Shared {
     /// Applies `group` in order in one write transaction and commits it (one fsync), then wakes
     /// the watchers. Each write's own outcome is left in it; an error fails them all.
     fn commit_group(&self, group: &mut [Write]) -> Result<(), StoreError> {
-        let wtx = self.db.begin_write().map_err(backend)?;
+        let wtx = self.db.begin_write()?;
         let (dirty, revision) = {
             let mut t = Tables::open(&wtx)?;
             let start = t.revision;
@@ -764,7 +744,7 @@ impl Inner {
 
 impl Shared {
     fn expired_leases(&self, now: u64) -> Result<Vec<u64>, StoreError> {
-        let rtx = self.db.begin_read().map_err(backend)?;
+        let rtx = self.db.begin_read()?;
         let leases = rtx.open_table(LEASES).map_err(backend)?;
         let mut expired = Vec::new();
         for item in leases.iter().map_err(backend)? {
@@ -784,7 +764,7 @@ impl Shared {
         from: Revision,
         to: Revision,
     ) -> Result<Vec<WatchBatch>, StoreError> {
-        let rtx = self.db.begin_read().map_err(backend)?;
+        let rtx = self.db.begin_read()?;
         let meta = rtx.open_table(META).map_err(backend)?;
         let compacted = read_meta(&meta, META_COMPACTED)? as Revision;
         if from <= compacted {
@@ -891,7 +871,7 @@ impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let key = key.to_string();
         self.blocking(move |shared| {
-            let rtx = shared.db.begin_read().map_err(backend)?;
+            let rtx = shared.db.begin_read()?;
             let kv = rtx.open_table(KV).map_err(backend)?;
             match kv.get(key.as_str()).map_err(backend)? {
                 Some(v) => Ok(Some(decode_entry(&key, v.value())?)),
@@ -904,7 +884,7 @@ impl Store for EmbeddedStore {
     async fn list(&self, prefix: &str, page: PageRequest) -> Result<Page, StoreError> {
         let prefix = prefix.to_string();
         self.blocking(move |shared| {
-            let rtx = shared.db.begin_read().map_err(backend)?;
+            let rtx = shared.db.begin_read()?;
             let meta = rtx.open_table(META).map_err(backend)?;
             let revision = read_meta(&meta, META_REVISION)? as Revision;
             let kv = rtx.open_table(KV).map_err(backend)?;
@@ -970,6 +950,33 @@ impl Store for EmbeddedStore {
                 pending,
             })
             .await
+    }
+
+    async fn release(&self) -> Result<(), StoreError> {
+        self.blocking(|shared| {
+            shared.db.release();
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reopen(&self) -> Result<(), StoreError> {
+        self.blocking(|shared| {
+            shared.db.reopen()?;
+            // The other process may have written meanwhile: watchers go on from there.
+            let rtx = shared.db.begin_read()?;
+            let meta = rtx.open_table(META).map_err(backend)?;
+            let current = read_meta(&meta, META_REVISION)? as Revision;
+            shared.revision.send_if_modified(|rev| {
+                let newer = current > *rev;
+                if newer {
+                    *rev = current;
+                }
+                newer
+            });
+            Ok(())
+        })
+        .await
     }
 }
 

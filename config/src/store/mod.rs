@@ -6,6 +6,7 @@
 
 #[cfg(feature = "contract")]
 pub mod contract;
+mod dbfile;
 mod embedded;
 pub mod lock;
 mod replica;
@@ -237,6 +238,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ends a lease now, deleting its keys.
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// Lets go of the local files so the process a reload starts can open them, until
+    /// [`Store::reopen`]; in between, reads and writes fail as [`StoreError::Unavailable`].
+    /// Nothing to do for a store other processes share anyway.
+    async fn release(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Takes the files back after [`Store::release`] (the new process failed).
+    async fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<Revision, StoreError> {
         let out = self

@@ -8,15 +8,16 @@
 //! revision once upstream is back. Locks and semaphores are left out: they mean something only
 //! while their holders' leases live upstream.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{Builder, Database, ReadableDatabase, TableDefinition};
+use redb::TableDefinition;
 use tokio_util::sync::CancellationToken;
 
+use super::dbfile::DbFile;
 use super::embedded::{backend, decode_entry, encode_entry, read_page};
 use crate::error::StoreError;
 use crate::store::{
@@ -42,28 +43,23 @@ fn replicated(key: &str) -> bool {
 /// The local copy. Cheap to clone.
 #[derive(Clone)]
 pub struct Replica {
-    db: Arc<Database>,
-    path: PathBuf,
+    db: Arc<DbFile>,
 }
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replica").field("path", &self.path).finish()
+        f.debug_struct("Replica")
+            .field("path", &self.db.path())
+            .finish()
     }
 }
 
 impl Replica {
     pub async fn open(path: impl AsRef<Path>) -> Result<Replica, StoreError> {
-        let path = path.as_ref().to_path_buf();
-        let open_path = path.clone();
+        let open_path = path.as_ref().to_path_buf();
         let db = tokio::task::spawn_blocking(move || {
-            let mut builder = Builder::new();
-            builder.set_cache_size(CACHE_SIZE);
-            let db = builder.create(&open_path).map_err(|e| StoreError::Open {
-                path: open_path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            let wtx = db.begin_write().map_err(backend)?;
+            let db = DbFile::open(&open_path, CACHE_SIZE)?;
+            let wtx = db.begin_write()?;
             wtx.open_table(KV).map_err(backend)?;
             wtx.open_table(META).map_err(backend)?;
             wtx.commit().map_err(backend)?;
@@ -71,21 +67,34 @@ impl Replica {
         })
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))??;
-        Ok(Replica {
-            db: Arc::new(db),
-            path,
-        })
+        Ok(Replica { db: Arc::new(db) })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.db.path()
+    }
+
+    /// See [`Store::release`].
+    pub async fn release(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        blocking(move || {
+            db.release();
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`Store::reopen`].
+    pub async fn reopen(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        blocking(move || db.reopen()).await
     }
 
     /// The upstream revision the copy is at; 0 for a copy never filled.
     pub async fn revision(&self) -> Result<Revision, StoreError> {
         let db = self.db.clone();
         blocking(move || {
-            let rtx = db.begin_read().map_err(backend)?;
+            let rtx = db.begin_read()?;
             let meta = rtx.open_table(META).map_err(backend)?;
             Ok(meta
                 .get(META_REVISION)
@@ -102,7 +111,7 @@ impl Replica {
             let Some(last) = batches.last().map(|b| b.revision) else {
                 return Ok(());
             };
-            let wtx = db.begin_write().map_err(backend)?;
+            let wtx = db.begin_write()?;
             {
                 let mut kv = wtx.open_table(KV).map_err(backend)?;
                 for event in batches.iter().flat_map(|b| &b.events) {
@@ -134,7 +143,7 @@ impl Replica {
         let db = self.db.clone();
         let runtime = tokio::runtime::Handle::current();
         blocking(move || {
-            let wtx = db.begin_write().map_err(backend)?;
+            let wtx = db.begin_write()?;
             {
                 wtx.delete_table(KV).map_err(backend)?;
                 let mut kv = wtx.open_table(KV).map_err(backend)?;
@@ -163,7 +172,7 @@ impl Replica {
         let db = self.db.clone();
         let key = key.to_string();
         blocking(move || {
-            let rtx = db.begin_read().map_err(backend)?;
+            let rtx = db.begin_read()?;
             let kv = rtx.open_table(KV).map_err(backend)?;
             match kv.get(key.as_str()).map_err(backend)? {
                 Some(v) => Ok(Some(decode_entry(&key, v.value())?)),
@@ -177,7 +186,7 @@ impl Replica {
         let db = self.db.clone();
         let prefix = prefix.to_string();
         blocking(move || {
-            let rtx = db.begin_read().map_err(backend)?;
+            let rtx = db.begin_read()?;
             let meta = rtx.open_table(META).map_err(backend)?;
             let revision = meta
                 .get(META_REVISION)
@@ -258,7 +267,7 @@ pub async fn follow(replica: Replica, upstream: Arc<dyn Store>, shutdown: Cancel
 async fn reset(replica: &Replica) -> Result<(), StoreError> {
     let db = replica.db.clone();
     blocking(move || {
-        let wtx = db.begin_write().map_err(backend)?;
+        let wtx = db.begin_write()?;
         {
             let mut meta = wtx.open_table(META).map_err(backend)?;
             meta.insert(META_REVISION, 0).map_err(backend)?;
@@ -408,6 +417,14 @@ impl Store for ReplicatedStore {
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.upstream.revoke_lease(lease).await
     }
+    async fn release(&self) -> Result<(), StoreError> {
+        self.replica.release().await
+    }
+
+    async fn reopen(&self) -> Result<(), StoreError> {
+        self.replica.reopen().await
+    }
+
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         self.upstream.compact(revision).await
     }
