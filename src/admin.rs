@@ -52,6 +52,8 @@ pub struct Admin {
     pub domain_rules: Arc<portcullis_config::domains::DomainRules>,
     /// How long `domain verify` waits for the check it asked for.
     pub verify_wait: Duration,
+    /// Hands the node over to a new process (`portcullis reload`).
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -69,6 +71,7 @@ pub fn router(admin: Admin) -> Router {
             get(show_record).put(put_record).delete(delete_record),
         )
         .route("/nodes", get(list_nodes))
+        .route("/node/reload", post(reload_node))
         .route(
             "/services/{id}/domains",
             get(crate::admin_domains::list).post(crate::admin_domains::add),
@@ -481,6 +484,26 @@ struct NodeView {
 }
 
 use portcullis_config::model::NodeStatus;
+
+/// Starts this node's binary again with the configuration file as it is now, hands it the
+/// listeners and the store, and answers once it serves (this process then finishes its
+/// requests and exits).
+async fn reload_node(AxumState(admin): AxumState<Admin>) -> Result<Response, ApiError> {
+    let previous = std::process::id();
+    match admin.reloader.reload().await {
+        Ok(pid) => {
+            Ok(Json(serde_json::json!({ "pid": pid, "previous_pid": previous })).into_response())
+        }
+        Err(e) => {
+            let status = match e {
+                crate::reload::ReloadError::Config { .. } => StatusCode::BAD_REQUEST,
+                crate::reload::ReloadError::Busy => StatusCode::CONFLICT,
+                crate::reload::ReloadError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Err(ApiError::new(status, e.code(), e.to_string()))
+        }
+    }
+}
 
 async fn list_nodes(AxumState(admin): AxumState<Admin>) -> Result<Response, ApiError> {
     let snapshot = admin.snapshot.load_full();

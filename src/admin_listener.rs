@@ -74,8 +74,13 @@ pub async fn serve(
         let conn = builder.serve_connection(io, service);
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let driven =
-                portcullis_proxy::conn::drive(conn, activity, limits.idle_timeout, shutdown);
+            let driven = portcullis_proxy::conn::drive(
+                conn,
+                activity,
+                limits.idle_timeout,
+                Duration::ZERO,
+                shutdown,
+            );
             if let Err(e) = driven.await {
                 tracing::debug!(client = %peer, error = %e, "admin connection ended with an error");
             }

@@ -73,6 +73,11 @@ enum Command {
     /// The state store
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Apply the configuration file as it is now, or a new binary installed where the running
+    /// one was started from: a new process takes over the listeners and the store, the old one
+    /// finishes its requests. No request fails and no connection is refused. (SIGHUP does the
+    /// same.)
+    Reload,
     /// Run a tiny HTTP backend that echoes each request's method, path and Host
     DemoBackend {
         #[arg(long, default_value = "127.0.0.1:3000")]
@@ -216,21 +221,6 @@ enum CaCommand {
     },
 }
 
-impl Cli {
-    /// `node.workers` of the configuration `serve` will use, read before the runtime exists.
-    /// Errors are left for `serve` to report.
-    pub fn workers(&self) -> Option<usize> {
-        let Command::Serve(ServeArgs {
-            config: Some(path), ..
-        }) = &self.command
-        else {
-            return None;
-        };
-        let workers = NodeConfig::load(path).ok()?.node.workers;
-        (workers > 0).then_some(workers)
-    }
-}
-
 fn load_config(path: &std::path::Path) -> Result<NodeConfig, CliError> {
     NodeConfig::load(path).map_err(|e| CliError::new(EX_USAGE, e.to_string()))
 }
@@ -239,8 +229,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let global = cli.global;
     match cli.command {
         Command::Serve(args) => {
-            let (config, dev) = match (args.config, args.dev) {
-                (Some(path), _) => (load_config(&path)?, false),
+            let (config, dev) = match (&args.config, args.dev) {
+                (Some(path), _) => (load_config(path)?, false),
                 (None, true) => {
                     let dir = global
                         .state_dir
@@ -256,14 +246,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 }
             };
             crate::serve::init_logging(&config);
-            crate::serve::run(config, dev).await.map_err(|e| {
-                // An issuer the config cannot set up is a config error, like any other.
-                let code = match e.downcast_ref::<portcullis_acme::IssueError>() {
-                    Some(portcullis_acme::IssueError::Setup(_)) => EX_USAGE,
-                    _ => EX_SOFTWARE,
-                };
-                CliError::new(code, format!("{e:#}"))
-            })
+            crate::serve::run(config, dev, args.config)
+                .await
+                .map_err(|e| {
+                    // An issuer the config cannot set up is a config error, like any other.
+                    let code = match e.downcast_ref::<portcullis_acme::IssueError>() {
+                        Some(portcullis_acme::IssueError::Setup(_)) => EX_USAGE,
+                        _ => EX_SOFTWARE,
+                    };
+                    CliError::new(code, format!("{e:#}"))
+                })
         }
         Command::DemoBackend { listen } => crate::demo::run(listen)
             .await
@@ -315,6 +307,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let line = portcullis_config::Sealer::new_key_line(&id)
                 .map_err(|e| CliError::new(EX_SOFTWARE, e.to_string()))?;
             println!("{line}");
+            Ok(())
+        }
+        Command::Reload => {
+            let client = connect(&global)?;
+            let value = client
+                .call(Method::POST, "/v1/node/reload", None)
+                .await?
+                .unwrap_or(Value::Null);
+            if global.json {
+                return print_json(&value);
+            }
+            println!(
+                "reloaded: process {} serves now; process {} finishes its requests and exits",
+                value["pid"], value["previous_pid"]
+            );
             Ok(())
         }
         Command::Node(NodeCommand::List) => {

@@ -11,6 +11,7 @@ mod client;
 mod demo;
 mod exit;
 mod membership;
+mod reload;
 mod serve;
 mod store_setup;
 
@@ -20,23 +21,23 @@ use clap::Parser;
 
 /// mimalloc instead of glibc's allocator: the proxy allocates per request (headers, bodies,
 /// futures), and glibc's free lists and consolidation showed up as about a tenth of its CPU.
+/// (The `system-allocator` feature leaves glibc's, for heap profilers such as heaptrack.)
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Before anything else opens a descriptor: the listeners a reload passed on.
+    portcullis_config::sockets::adopt_inherited();
     let args = cli::Cli::parse();
-    // One worker: a current-thread runtime, with none of the work-stealing scheduler's
-    // cross-thread parking and stealing, which buys nothing with a single worker.
-    let mut builder = match args.workers() {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(workers) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(workers);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    let runtime = match builder.enable_all().build() {
+    // The node's own work (admin API, DNS over TCP, certificates, the store) runs on one
+    // thread, with the first proxy worker; the other proxy workers run on threads of their own
+    // (`node.workers`). Connections stay on the thread that accepted them: no work stealing,
+    // no cross-thread wakeups.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

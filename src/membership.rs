@@ -258,6 +258,22 @@ impl Membership {
     }
 }
 
+impl Membership {
+    /// Steps aside for the process a reload started, which announced this node under a lease
+    /// of its own: ending this process's lease frees the locks it held and leaves the entry,
+    /// now the new lease's, in place. On the embedded store (handed over, and holding no
+    /// locks) there is nothing to do.
+    pub async fn hand_over(&self) {
+        let lease = *self.lease.borrow();
+        if !self.exclusive || lease == UNANNOUNCED {
+            return;
+        }
+        if let Err(e) = self.state.store().revoke_lease(lease).await {
+            tracing::debug!(error = %e, "the old lease ends by itself");
+        }
+    }
+}
+
 /// Puts the node's entry under a new lease; see [`Membership::join`].
 async fn announce(state: &State, node: &Node, ttl: Duration, exclusive: bool) -> Result<LeaseId> {
     let store = state.store();

@@ -4,7 +4,7 @@
 use std::fs;
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,7 +83,23 @@ pub fn load_or_create_token(path: &Path) -> Result<String> {
     }
 }
 
-pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
+/// Runs a node until SIGTERM, or until a reload's new process took over. `config_path`: the
+/// file `config` came from, which a reload reads again (none for a dev node).
+pub async fn run(config: NodeConfig, dev: bool, config_path: Option<PathBuf>) -> Result<()> {
+    let mut successor = crate::reload::Successor::from_env();
+    let result = serve(config, dev, config_path, &mut successor).await;
+    if let (Err(e), Some(successor)) = (&result, successor.as_mut()) {
+        successor.failed(&format!("{e:#}")).await;
+    }
+    result
+}
+
+async fn serve(
+    config: NodeConfig,
+    dev: bool,
+    config_path: Option<PathBuf>,
+    successor: &mut Option<crate::reload::Successor>,
+) -> Result<()> {
     let state_dir = config.store.path.clone();
     ensure_private_dir(&state_dir)?;
     let shutdown = CancellationToken::new();
@@ -91,8 +107,12 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     let metrics = metrics_handle(shutdown.clone());
     let token: Arc<str> = load_or_create_token(&config.admin_token_file())?.into();
 
+    if let Some(successor) = successor.as_mut() {
+        successor.take_store().await?;
+    }
     let mut opened = crate::store_setup::open(&config, shutdown.clone()).await?;
     let store = opened.store.clone();
+    let reloader = Arc::new(crate::reload::Reloader::new(config_path, store.clone())?);
     let mut state = State::new(store.clone(), config.zone.name.clone());
     if let Some(path) = &config.store.encryption_key_file {
         let sealer = portcullis_config::Sealer::from_file(path).with_context(
@@ -172,6 +192,7 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         0,
         config.proxy.clone(),
         config.log.access,
+        config.node.workers,
     )
     .await?;
     let http_addr = proxy.http_addr()?;
@@ -260,8 +281,8 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
         shutdown.clone(),
     ));
 
-    let listener = tokio::net::TcpListener::bind(config.listen.admin)
-        .await
+    let listener = portcullis_config::sockets::tcp_listener("admin", config.listen.admin, false)
+        .and_then(tokio::net::TcpListener::from_std)
         .with_context(|| {
             format!(
                 "cannot listen on {} for the admin API (listen.admin); is another node running?",
@@ -304,21 +325,42 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
             per_service: config.limits.domains_per_service,
         }),
         verify_wait: crate::admin_domains::verify_wait(config.verify.timeout.0),
+        reloader: reloader.clone(),
     });
     let stop = shutdown.clone();
+    let handed_over = reloader.handed_over.clone();
     let leave = tokio::spawn(async move {
-        tokio::select! {
+        let reloaded = tokio::select! {
             () = wait_for_signal() => {
                 tracing::info!("shutting down: leaving the fleet's DNS answers first");
+                false
             }
-            () = stop.cancelled() => {}
-        }
+            () = handed_over.cancelled() => true,
+            () = stop.cancelled() => false,
+        };
         leaving.cancel();
         if let Ok(membership) = membership_task.await {
-            membership.leave(LEAVE_WAIT).await;
+            if reloaded {
+                // The node stays in the answers: the new process serves under its name.
+                membership.hand_over().await;
+            } else {
+                membership.leave(LEAVE_WAIT).await;
+            }
         }
         stop.cancel();
+        // The listeners close with their parts, so new clients are refused (or, after a
+        // reload, taken by the new process) rather than queued here.
+        portcullis_config::sockets::forget_all();
     });
+    tokio::spawn(reload_on_hangup(reloader.clone()));
+    portcullis_config::sockets::close_unclaimed();
+    if let Some(mut successor) = successor.take() {
+        successor.ready().await;
+    }
+    let pid_file = state_dir.join("portcullis.pid");
+    if let Err(e) = fs::write(&pid_file, format!("{}\n", std::process::id())) {
+        tracing::warn!(file = %pid_file.display(), error = %e, "cannot write the pid file");
+    }
     admin_listener::serve(
         listener,
         router,
@@ -336,7 +378,11 @@ pub async fn run(config: NodeConfig, dev: bool) -> Result<()> {
     let _ = manager_task.await;
     dns.shutdown().await;
     let _ = leave.await;
-    let _ = fs::remove_file(&url_file);
+    // The files name this process; after a reload they are the new one's.
+    if !reloader.handed_over.is_cancelled() {
+        let _ = fs::remove_file(&url_file);
+        let _ = fs::remove_file(&pid_file);
+    }
     sync.task.abort();
     Ok(())
 }
@@ -433,6 +479,21 @@ async fn prune_tombstones(state: State, retention: Duration, shutdown: Cancellat
             Ok(0) => {}
             Ok(n) => tracing::debug!(tombstones = n, "deleted services' ids freed"),
             Err(e) => tracing::warn!(error = %e, "cannot prune tombstones; trying again later"),
+        }
+    }
+}
+
+/// SIGHUP: reload, as `portcullis reload` does through the admin API.
+async fn reload_on_hangup(reloader: Arc<crate::reload::Reloader>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading");
+        match reloader.reload().await {
+            Ok(pid) => tracing::info!(pid, "reloaded"),
+            Err(e) => tracing::error!(error = %e, code = e.code(), "reload failed"),
         }
     }
 }

@@ -213,7 +213,8 @@ impl Default for ProxySection {
 #[serde(deny_unknown_fields, try_from = "RawNodeSection")]
 pub struct NodeSection {
     pub id: NodeId,
-    /// Worker threads of the node's runtime; 0: one per CPU.
+    /// Threads serving HTTP and HTTPS connections, each with its own listeners (SO_REUSEPORT),
+    /// single-threaded runtime and upstream connections; 0: one per CPU.
     pub workers: usize,
     pub public_ipv4: Vec<Ipv4Addr>,
     pub public_ipv6: Vec<Ipv6Addr>,

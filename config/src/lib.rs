@@ -14,6 +14,7 @@ pub mod names;
 pub mod seal;
 mod service_index;
 pub mod snapshot;
+pub mod sockets;
 pub mod state;
 pub mod store;
 

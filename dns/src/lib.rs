@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use portcullis_config::{NodeConfig, SnapshotHandle};
+use portcullis_config::{NodeConfig, SnapshotHandle, sockets};
 use tokio::task::JoinHandle;
 
 pub use records::{RecordError, check_record};
@@ -58,7 +58,7 @@ pub struct Dns {
 /// Times to try for a port free on both UDP and TCP when the config asks for port 0.
 const PORT_ATTEMPTS: usize = 32;
 
-/// UDP and TCP on one port. For port 0 the kernel picks the UDP port, which TCP may already
+/// UDP and TCP on one port, the ones a reload passed on if any. For port 0 the kernel picks the UDP port, which TCP may already
 /// use elsewhere: then try another.
 async fn bind_pair(
     addr: SocketAddr,
@@ -66,14 +66,19 @@ async fn bind_pair(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let socket = std::net::UdpSocket::bind(addr)?;
+        let socket = sockets::udp_socket("dns", addr)?;
         let local = socket.local_addr()?;
-        match tokio::net::TcpListener::bind(local).await {
-            Ok(listener) => return Ok((socket, listener, local)),
+        match sockets::tcp_listener("dns", local, false) {
+            Ok(listener) => {
+                return Ok((socket, tokio::net::TcpListener::from_std(listener)?, local));
+            }
             Err(e)
                 if addr.port() == 0
                     && e.kind() == std::io::ErrorKind::AddrInUse
-                    && attempt < PORT_ATTEMPTS => {}
+                    && attempt < PORT_ATTEMPTS =>
+            {
+                sockets::forget_udp(local);
+            }
             Err(e) => return Err(e),
         }
     }

@@ -104,10 +104,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
 /// when `shutdown` fires. A request in flight is not idle time only while bytes move: a
 /// response that stalls longer than `idle` is cut, as nginx's `keepalive_timeout` would not,
 /// but `response_timeout` (shorter by default) ends such waits first.
+///
+/// `linger`: after `shutdown`, how long an HTTP/1 connection may wait idle before it is closed.
+/// Closing an idle keep-alive connection races with the client's next request (it may be on
+/// its way), which then fails; meanwhile every response says `Connection: close` (the router's
+/// part), so a client that keeps asking moves on after its next answer. Zero closes at once,
+/// right for HTTP/2, whose GOAWAY tells the client which requests were not taken.
 pub async fn drive<C>(
     conn: C,
     activity: Activity,
     idle: Duration,
+    linger: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), C::Error>
 where
@@ -115,22 +122,83 @@ where
 {
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
+    let mut draining = false;
+    let mut limit = idle;
     loop {
-        let wait = idle.saturating_sub(activity.idle_for());
+        let wait = limit.saturating_sub(activity.idle_for());
         tokio::select! {
             result = conn.as_mut() => return result,
-            () = shutdown.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
+            () = shutdown.cancelled(), if !closing && !draining => {
+                draining = true;
+                limit = linger.min(idle);
+                if limit.is_zero() {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
             () = tokio::time::sleep(wait), if !closing => {
-                if activity.idle_for() >= idle {
+                if activity.idle_for() >= limit {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
             }
         }
     }
+}
+
+/// While a reload hands the listeners to the new process, this one stops taking connections
+/// (they wait in the sockets' queues for the new one) without closing anything.
+fn paused() -> &'static tokio::sync::watch::Sender<bool> {
+    static PAUSED: OnceLock<tokio::sync::watch::Sender<bool>> = OnceLock::new();
+    PAUSED.get_or_init(|| tokio::sync::watch::channel(false).0)
+}
+
+/// TLS handshakes under way: they may read a certificate's key from the store, so a reload
+/// lets them finish before it hands the store over.
+static HANDSHAKES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn handshakes_done() -> &'static tokio::sync::Notify {
+    static DONE: OnceLock<tokio::sync::Notify> = OnceLock::new();
+    DONE.get_or_init(tokio::sync::Notify::new)
+}
+
+/// Counts one handshake as under way for as long as it lives.
+pub(crate) struct Handshaking(());
+
+impl Handshaking {
+    pub(crate) fn start() -> Self {
+        HANDSHAKES.fetch_add(1, Ordering::Relaxed);
+        Handshaking(())
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        if HANDSHAKES.fetch_sub(1, Ordering::AcqRel) == 1 {
+            handshakes_done().notify_waiters();
+        }
+    }
+}
+
+/// Waits, at most `limit`, until no TLS handshake is under way.
+pub async fn handshakes_settled(limit: Duration) {
+    let _ = tokio::time::timeout(limit, async {
+        loop {
+            let done = handshakes_done().notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if HANDSHAKES.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
+        }
+    })
+    .await;
+}
+
+/// Stops (`true`) or resumes (`false`) accepting on every listener of the process.
+pub fn pause_accepting(pause: bool) {
+    paused().send_replace(pause);
 }
 
 /// The next connection on `listener`, or `None` once `shutdown` is cancelled. A failed accept
@@ -141,9 +209,17 @@ pub async fn accept(
     shutdown: &CancellationToken,
     what: &str,
 ) -> Option<(TcpStream, std::net::SocketAddr)> {
+    let mut pause = paused().subscribe();
     loop {
+        if *pause.borrow_and_update() {
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                _ = pause.changed() => continue,
+            }
+        }
         tokio::select! {
             () = shutdown.cancelled() => return None,
+            _ = pause.changed() => {}
             accepted = listener.accept() => match accepted {
                 Ok(pair) => return Some(pair),
                 Err(e) => {

@@ -14,6 +14,7 @@ pub mod tls;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,6 +29,10 @@ pub use health::Health;
 pub use router::ProxyBody;
 use router::{ConnInfo, Shared};
 use tls::TlsAcceptor;
+
+/// After shutdown (a stop or a reload), how long an idle HTTP/1 keep-alive connection stays
+/// open for a request that may be on its way; its answer then closes it.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// The edge's timeouts and sizes: the `[proxy]` section of the configuration, as it is.
 pub use portcullis_config::file::ProxySection as Limits;
@@ -44,39 +49,60 @@ pub enum ProxyError {
     Tls(#[from] rustls::Error),
 }
 
-/// The edge's listeners, bound (so port 0 resolves and a taken port fails at start).
+/// The edge's listeners, bound (so port 0 resolves and a taken port fails at start): one pair
+/// per worker, sharing their addresses (`SO_REUSEPORT`), the kernel spreading connections.
 pub struct Proxy {
-    http: TcpListener,
-    https: TcpListener,
+    workers: Vec<WorkerListeners>,
     limits: Limits,
     access_log: bool,
     https_public_port: u16,
     health: Arc<Health>,
 }
 
+struct WorkerListeners {
+    http: std::net::TcpListener,
+    https: std::net::TcpListener,
+}
+
 impl Proxy {
     /// `https_public_port`: the port clients use for HTTPS, for redirects (0: the bound port).
+    /// `workers`: threads serving connections, each with its own listeners, runtime and
+    /// upstream connections (0: one per CPU).
     pub async fn bind(
         http: SocketAddr,
         https: SocketAddr,
         https_public_port: u16,
         limits: Limits,
         access_log: bool,
+        workers: usize,
     ) -> Result<Self, ProxyError> {
-        let bind = |what, addr| async move {
-            TcpListener::bind(addr)
-                .await
+        let count = match workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let shared_port = count > 1;
+        let bind = |what, addr| {
+            portcullis_config::sockets::tcp_listener(what, addr, shared_port)
                 .map_err(|source| ProxyError::Bind { what, addr, source })
         };
-        let http = bind("HTTP (listen.http)", http).await?;
-        let https = bind("HTTPS (listen.https)", https).await?;
+        let mut listeners = Vec::with_capacity(count);
+        let (mut http, mut https) = (http, https);
+        for _ in 0..count {
+            let pair = WorkerListeners {
+                http: bind("http", http)?,
+                https: bind("https", https)?,
+            };
+            // Port 0: every worker's listener on the port the first was given.
+            http = pair.http.local_addr().unwrap_or(http);
+            https = pair.https.local_addr().unwrap_or(https);
+            listeners.push(pair);
+        }
         let https_public_port = match https_public_port {
-            0 => https.local_addr().map(|a| a.port()).unwrap_or(443),
+            0 => https.port(),
             port => port,
         };
         Ok(Proxy {
-            http,
-            https,
+            workers: listeners,
             limits,
             access_log,
             https_public_port,
@@ -90,15 +116,18 @@ impl Proxy {
     }
 
     pub fn http_addr(&self) -> io::Result<SocketAddr> {
-        self.http.local_addr()
+        self.workers[0].http.local_addr()
     }
 
     pub fn https_addr(&self) -> io::Result<SocketAddr> {
-        self.https.local_addr()
+        self.workers[0].https.local_addr()
     }
 
     /// Serves until `shutdown`, then lets in-flight requests finish within the grace period.
-    /// `state` is where the TLS path reads certificates' chains and keys on demand.
+    /// `state` is where the TLS path reads certificates' chains and keys on demand. The first
+    /// worker runs on the caller's runtime; each other worker on a thread of its own with a
+    /// single-threaded runtime: no work stealing, no cross-core wakeups, and its own upstream
+    /// connections. The Snapshot, the certificate resolver and the health state are shared.
     pub async fn serve(
         self,
         snapshot: SnapshotHandle,
@@ -111,15 +140,52 @@ impl Proxy {
             self.limits.certificate_cache,
             self.limits.tls_hello_timeout.0,
         )?);
-        let shared = Arc::new(Shared::new(
-            snapshot.clone(),
-            acceptor.resolver().clone(),
-            self.health.clone(),
-            self.limits.clone(),
-            self.access_log,
-            self.https_public_port,
-        ));
-        let connections = TaskTracker::new();
+        let builder = Arc::new(http_builder(&self.limits));
+        let make_shared = || {
+            Arc::new(Shared::new(
+                snapshot.clone(),
+                acceptor.resolver().clone(),
+                self.health.clone(),
+                self.limits.clone(),
+                self.access_log,
+                self.https_public_port,
+                shutdown.clone(),
+            ))
+        };
+        let mut workers = self.workers.into_iter();
+        let Some(first) = workers.next() else {
+            return Ok(());
+        };
+        let mut threads = Vec::new();
+        for (index, listeners) in workers.enumerate() {
+            let worker = Worker {
+                listeners,
+                shared: make_shared(),
+                builder: builder.clone(),
+                acceptor: acceptor.clone(),
+                shutdown: shutdown.clone(),
+            };
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            let spawned = std::thread::Builder::new()
+                .name(format!("proxy-{}", index + 1))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime.block_on(worker.run()),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a proxy worker's runtime")
+                        }
+                    }
+                    let _ = done.send(());
+                });
+            match spawned {
+                Ok(_) => threads.push(finished),
+                Err(e) => tracing::error!(error = %e, "cannot start a proxy worker thread"),
+            }
+        }
+        let shared = make_shared();
         let probe = Arc::new(health::HttpProbe {
             client: shared.client.clone(),
             h2c_client: shared.h2c_client.clone(),
@@ -131,37 +197,75 @@ impl Proxy {
             self.limits.health_checks_per_second,
             shutdown.clone(),
         ));
-        let builder = Arc::new(http_builder(&self.limits));
-        let http = tokio::spawn(accept_loop(
-            self.http,
-            shutdown.clone(),
-            connections.clone(),
-            builder.clone(),
-            shared.clone(),
-            None,
-        ));
-        let https = tokio::spawn(accept_loop(
-            self.https,
-            shutdown.clone(),
-            connections.clone(),
-            builder,
+        Worker {
+            listeners: first,
             shared,
-            Some(acceptor),
-        ));
-        let _ = tokio::join!(http, https);
+            builder,
+            acceptor,
+            shutdown,
+        }
+        .run()
+        .await;
         checks.abort();
+        for finished in threads {
+            let _ = finished.await;
+        }
+        Ok(())
+    }
+}
+
+/// One worker's share of the edge.
+struct Worker {
+    listeners: WorkerListeners,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    acceptor: Arc<TlsAcceptor>,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    /// Accepts until shutdown, then lets in-flight requests finish within the grace period.
+    async fn run(self) {
+        let grace = self.shared.limits.shutdown_grace.0;
+        let listener = |l: std::net::TcpListener| match TcpListener::from_std(l) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot register a listener with the runtime");
+                None
+            }
+        };
+        let connections = TaskTracker::new();
+        let http = listener(self.listeners.http).map(|l| {
+            tokio::spawn(accept_loop(
+                l,
+                self.shutdown.clone(),
+                connections.clone(),
+                self.builder.clone(),
+                self.shared.clone(),
+                None,
+            ))
+        });
+        let https = listener(self.listeners.https).map(|l| {
+            tokio::spawn(accept_loop(
+                l,
+                self.shutdown.clone(),
+                connections.clone(),
+                self.builder.clone(),
+                self.shared.clone(),
+                Some(self.acceptor.clone()),
+            ))
+        });
+        for task in [http, https].into_iter().flatten() {
+            let _ = task.await;
+        }
         // Every connection saw `shutdown` and is finishing its in-flight requests.
         connections.close();
-        if tokio::time::timeout(self.limits.shutdown_grace.0, connections.wait())
+        if tokio::time::timeout(grace, connections.wait())
             .await
             .is_err()
         {
-            tracing::warn!(
-                "in-flight requests still running after {:?}; closing them",
-                self.limits.shutdown_grace.0
-            );
+            tracing::warn!("in-flight requests still running after {grace:?}; closing them");
         }
-        Ok(())
     }
 }
 
@@ -237,6 +341,7 @@ async fn accept_loop(
                         peer,
                         local,
                         sni: None,
+                        trusted_certificate: false,
                     };
                     let idle = shared.limits.idle_timeout.0;
                     let service =
@@ -244,7 +349,7 @@ async fn accept_loop(
                     let activity = Activity::default();
                     let io = TokioIo::new(ActivityIo::new(tcp, activity.clone()));
                     let conn = builder.serve_connection(io, service).into_owned();
-                    if let Err(e) = conn::drive(conn, activity, idle, shutdown).await {
+                    if let Err(e) = conn::drive(conn, activity, idle, LINGER, shutdown).await {
                         tracing::debug!(error = %e, "HTTP connection ended with an error");
                     }
                 }
@@ -263,7 +368,10 @@ async fn serve_tls(
     builder: Arc<auto::Builder<TokioExecutor>>,
     shared: Arc<Shared>,
 ) {
-    let accepted = match acceptor.accept(tcp).await {
+    let handshaking = conn::Handshaking::start();
+    let accepted = acceptor.accept(tcp).await;
+    drop(handshaking);
+    let accepted = match accepted {
         Ok(a) => a,
         Err(e) => {
             metrics::counter!("portcullis_tls_handshakes_total", "version" => "", "outcome" => e.kind())
@@ -279,20 +387,29 @@ async fn serve_tls(
     };
     metrics::counter!("portcullis_tls_handshakes_total", "version" => version, "outcome" => "ok")
         .increment(1);
+    let trusted_certificate = shared
+        .resolver
+        .certificate_for(&accepted.server_name)
+        .is_some_and(|c| c.issuer != portcullis_config::model::IssuerRef::Dev);
     let info = ConnInfo {
         peer,
         local,
         sni: Some(accepted.server_name.into()),
+        trusted_certificate,
     };
-    let shared_idle = shared.limits.idle_timeout.0;
+    let idle = shared.limits.idle_timeout.0;
+    // HTTP/2's GOAWAY ends a connection without a lost request; HTTP/1 lingers (see drive).
+    let linger = match accepted.stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Duration::ZERO,
+        _ => LINGER,
+    };
     let service = service_fn(move |req| router::route(shared.clone(), info.clone(), req));
     let activity = Activity::default();
     let io = TokioIo::new(ActivityIo::new(accepted.stream, activity.clone()));
-    let idle = shared_idle;
     let conn = builder
         .serve_connection_with_upgrades(io, service)
         .into_owned();
-    if let Err(e) = conn::drive(conn, activity, idle, shutdown).await {
+    if let Err(e) = conn::drive(conn, activity, idle, linger, shutdown).await {
         tracing::debug!(client = %peer, error = %e, "HTTPS connection ended with an error");
     }
 }

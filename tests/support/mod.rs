@@ -70,6 +70,10 @@ pub fn free_port() -> u16 {
 /// A node started from a config file whose listeners all use port 0.
 pub struct Node {
     child: Option<Child>,
+    /// The process a reload started, which is not this test's child.
+    adopted: Option<u32>,
+    /// The program started (a copy, for tests that install a new binary under it).
+    program: PathBuf,
     pub dir: tempfile::TempDir,
     config: PathBuf,
     pub admin: String,
@@ -128,8 +132,15 @@ impl Node {
     }
 
     pub fn start_with(dir: tempfile::TempDir, config: &Path) -> Node {
+        Self::start_program(dir, config, PathBuf::from(bin()))
+    }
+
+    /// A node run from `program` (a copy of the binary a test may replace).
+    pub fn start_program(dir: tempfile::TempDir, config: &Path, program: PathBuf) -> Node {
         let mut node = Node {
             child: None,
+            adopted: None,
+            program,
             admin: String::new(),
             token: String::new(),
             config: config.to_path_buf(),
@@ -151,7 +162,7 @@ impl Node {
             .append(true)
             .open(self.dir.path().join("node.log"))
             .expect("log file");
-        let child = Command::new(bin())
+        let child = Command::new(&self.program)
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -176,7 +187,32 @@ impl Node {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        match self.adopted {
+            Some(pid) => pid,
+            None => self.child.as_ref().expect("running").id(),
+        }
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// After a reload handed the node to process `pid`: waits for the old process to exit by
+    /// itself, and follows the new one from now on.
+    pub fn follow_reload(&mut self, pid: u32) -> ExitStatus {
+        assert_ne!(pid, self.pid(), "a reload starts a new process");
+        let old = self.pid();
+        let status = match self.child.take() {
+            Some(mut child) => poll("the old process to exit", || {
+                child.try_wait().expect("wait")
+            }),
+            None => {
+                poll("the old process to exit", || gone(old).then_some(()));
+                ExitStatus::default()
+            }
+        };
+        self.adopted = Some(pid);
+        status
     }
 
     /// The dev CA's root certificate (PEM).
@@ -284,6 +320,15 @@ impl Node {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
     }
 
+    /// The CLI's arguments to talk to this node, then `args`: for [`run_cli`] off the runtime.
+    pub fn cli_args(&self, args: &[&str]) -> Vec<String> {
+        ["--admin", &self.admin, "--token", &self.token]
+            .iter()
+            .chain(args)
+            .map(|s| s.to_string())
+            .collect()
+    }
+
     /// Runs the CLI against this node.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin())
@@ -298,6 +343,11 @@ impl Node {
     /// SIGTERM, then waits for the exit.
     /// The state directory stays until the `Node` is dropped, for the test to inspect.
     pub fn stop(&mut self) -> ExitStatus {
+        if let Some(pid) = self.adopted.take() {
+            signal(pid, "-TERM");
+            poll("the process to exit", || gone(pid).then_some(()));
+            return ExitStatus::default();
+        }
         let mut child = self.child.take().expect("running");
         terminate(&mut child)
     }
@@ -323,8 +373,42 @@ pub fn terminate(child: &mut Child) -> ExitStatus {
     poll("the process to exit", || child.try_wait().expect("wait"))
 }
 
+/// Runs the CLI with `args` (see [`Node::cli_args`]).
+pub fn run_cli(args: &[String]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env_remove("PORTCULLIS_ADMIN_URL")
+        .env_remove("PORTCULLIS_ADMIN_TOKEN")
+        .output()
+        .expect("run the CLI")
+}
+
+/// Sends a signal (`-TERM`, `-HUP`, ...) to a process.
+pub fn signal(pid: u32, which: &str) {
+    let status = Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {which} {pid}");
+}
+
+/// The process has exited (a zombie its new parent has not reaped yet counts as exited).
+pub fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
+        if let Some(pid) = self.adopted.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
