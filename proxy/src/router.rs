@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_config::model::{
-    IssuerRef, LoadBalancing, MetricsDetail, Service, ServiceStatus, UpstreamProtocol,
+    LoadBalancing, MetricsDetail, Service, ServiceStatus, UpstreamProtocol,
 };
 use portcullis_config::names::{DomainName, MAX_NAME_LEN, host_name, normalize_host};
 use portcullis_config::{ServiceId, SnapshotHandle};
@@ -39,8 +39,8 @@ pub struct Shared {
     pub client: Client<HttpConnector, ProxyBody>,
     /// For backends that speak HTTP/2 in clear text (prior knowledge).
     pub h2c_client: Client<HttpConnector, ProxyBody>,
-    /// Per-service round-robin position.
-    cursors: DashMap<ServiceId, Arc<AtomicUsize>>,
+    /// Each service's backends as this worker balances them.
+    upstreams: DashMap<ServiceId, Arc<Upstreams>>,
     pub limits: Limits,
     /// Log one event per request.
     access_log: bool,
@@ -56,6 +56,9 @@ pub struct Shared {
     durations: [metrics::Histogram; 5],
     /// Port clients reach HTTPS on, for redirects.
     pub https_port: u16,
+    /// Cancelled when the node stops or hands over to a new process: HTTP/1 answers then close
+    /// their connections.
+    draining: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {
@@ -66,6 +69,7 @@ impl Shared {
         limits: Limits,
         access_log: bool,
         https_port: u16,
+        draining: tokio_util::sync::CancellationToken,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -85,7 +89,7 @@ impl Shared {
             health,
             client,
             h2c_client,
-            cursors: DashMap::new(),
+            upstreams: DashMap::new(),
             limits,
             access_log,
             request_ids: RequestIds::new(),
@@ -98,11 +102,46 @@ impl Shared {
                 metrics::histogram!("portcullis_http_request_duration_seconds", "class" => class)
             }),
             https_port,
+            draining,
         }
     }
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// A service's backends as one worker balances them: their health states (shared by the
+/// workers and the health checks), looked up once per version of the service rather than per
+/// request, and the round-robin position.
+struct Upstreams {
+    /// The version of the service the states were looked up for: the Snapshot's own `Arc`,
+    /// which a change replaces. (The weak reference keeps its address from being reused.)
+    service: std::sync::Weak<Service>,
+    states: Box<[Arc<BackendState>]>,
+    cursor: AtomicUsize,
+}
+
+impl Shared {
+    fn upstreams(&self, service: &Arc<Service>) -> Arc<Upstreams> {
+        let cursor = match self.upstreams.get(&service.id) {
+            Some(known) if std::ptr::eq(known.service.as_ptr(), Arc::as_ptr(service)) => {
+                return known.clone();
+            }
+            Some(old) => old.cursor.load(Ordering::Relaxed),
+            None => 0,
+        };
+        let fresh = Arc::new(Upstreams {
+            service: Arc::downgrade(service),
+            states: service
+                .backends
+                .iter()
+                .map(|b| self.health.state(&Target::new(b, &service.options)))
+                .collect(),
+            cursor: AtomicUsize::new(cursor),
+        });
+        self.upstreams.insert(service.id, fresh.clone());
+        fresh
+    }
+}
 
 /// The service a request was for, as its metrics need it.
 #[derive(Clone, Copy)]
@@ -166,6 +205,9 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// The TLS server name, lowercased; `None` on plain HTTP.
     pub sni: Option<Arc<str>>,
+    /// The certificate the connection was opened with is publicly trusted (not the dev CA's),
+    /// decided once per connection for HSTS.
+    pub trusted_certificate: bool,
 }
 
 /// Request ids: a random per-process prefix and a counter, so they are unique without a
@@ -186,13 +228,17 @@ impl RequestIds {
     }
 
     fn next(&self) -> HeaderValue {
-        let id = format!(
-            "{:016x}{:08x}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed) as u32
-        );
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let count = self.next.fetch_add(1, Ordering::Relaxed) as u32;
+        let mut text = [0u8; 24];
+        for (i, byte) in text[..16].iter_mut().enumerate() {
+            *byte = DIGITS[(self.prefix >> (60 - 4 * i) & 0xf) as usize];
+        }
+        for (i, byte) in text[16..].iter_mut().enumerate() {
+            *byte = DIGITS[(count >> (28 - 4 * i) & 0xf) as usize];
+        }
         // Hex digits only: always a valid header value.
-        HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 }
 
@@ -401,24 +447,53 @@ pub async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
+    let version = req.version();
     // What only the access log needs, taken only when it is on.
     let logged = shared
         .access_log
         .then(|| (req.method().clone(), req.uri().path().to_string()));
-    let request_id = match req.headers().get("x-request-id") {
+    let request_id = match req.headers().get(X_REQUEST_ID) {
         Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
         _ => shared.request_ids.next(),
     };
-    let host = request_host(&req).map(|h| h.unwrap_or("").to_string());
-    let logged_host = match (&host, shared.access_log) {
-        (Ok(host), true) => host.clone(),
+    let logged_host = match (request_host(&req), shared.access_log) {
+        (Ok(host), true) => host.unwrap_or("").to_string(),
         _ => String::new(),
     };
-    let (response, service, upstream) = route_inner(&shared, &conn, req, host, &request_id).await;
+    // The name, lowercased into a buffer here, so the request can move on without a copy of
+    // its Host.
+    let mut buf = [0u8; MAX_NAME_LEN];
+    let name = match request_host(&req) {
+        Err(failure) => Err(page(
+            failure.status(),
+            failure.page_text().into(),
+            Some(&request_id),
+        )),
+        Ok(host) => {
+            let host = host.unwrap_or("");
+            normalize_host(host, &mut buf).ok_or_else(|| {
+                let text = if host.is_empty() {
+                    "The request names no host; send a Host header.\n".to_string()
+                } else {
+                    format!("`{host}` is not a host name.\n")
+                };
+                page(StatusCode::BAD_REQUEST, text, Some(&request_id))
+            })
+        }
+    };
+    let (response, service, upstream) = route_inner(&shared, &conn, req, name, &request_id).await;
     let mut response = response;
     response
         .headers_mut()
-        .insert("x-request-id", request_id.clone());
+        .insert(X_REQUEST_ID, request_id.clone());
+    if version < Version::HTTP_2
+        && shared.draining.is_cancelled()
+        && response.status() != StatusCode::SWITCHING_PROTOCOLS
+    {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let class = (response.status().as_u16() / 100).clamp(1, 5) as usize - 1;
     shared.durations[class].record(started.elapsed().as_secs_f64());
     if let Some(service) = service {
@@ -482,32 +557,15 @@ async fn route_inner(
     shared: &Shared,
     conn: &ConnInfo,
     req: Request<Incoming>,
-    host: Result<String, Failure>,
+    name: Result<&str, Response<ProxyBody>>,
     request_id: &HeaderValue,
 ) -> (Response<ProxyBody>, Option<Routed>, Option<String>) {
     if let Some(response) = too_many_headers(shared, &req, Some(request_id)) {
         return (response, None, None);
     }
-    let host = match host {
-        Ok(host) => host,
-        Err(failure) => {
-            let text = failure.page_text().into();
-            return (page(failure.status(), text, Some(request_id)), None, None);
-        }
-    };
-    let host = host.as_str();
-    let mut buf = [0u8; MAX_NAME_LEN];
-    let Some(name) = normalize_host(host, &mut buf) else {
-        let text = if host.is_empty() {
-            "The request names no host; send a Host header.\n".to_string()
-        } else {
-            format!("`{host}` is not a host name.\n")
-        };
-        return (
-            page(StatusCode::BAD_REQUEST, text, Some(request_id)),
-            None,
-            None,
-        );
+    let name = match name {
+        Ok(name) => name,
+        Err(page) => return (page, None, None),
     };
     if let Some(sni) = &conn.sni
         && !covered_by_sni(shared, sni, name)
@@ -565,9 +623,7 @@ async fn route_inner(
                 (response, failure.backend().map(str::to_string))
             }
         };
-    if let Some(sni) = &conn.sni
-        && wants_hsts(shared, &service, sni)
-    {
+    if conn.sni.is_some() && wants_hsts(&service, conn) {
         response.headers_mut().insert(
             header::STRICT_TRANSPORT_SECURITY,
             HeaderValue::from_static("max-age=31536000"),
@@ -590,14 +646,8 @@ fn log_failure(failure: &Failure, host: &str, request_id: &HeaderValue) {
 
 /// HSTS as the service asks; by default only once a publicly trusted certificate serves it
 /// (never the dev CA's, which would pin browsers to a certificate they do not trust).
-fn wants_hsts(shared: &Shared, service: &Service, sni: &str) -> bool {
-    match service.options.hsts {
-        Some(on) => on,
-        None => shared
-            .resolver
-            .certificate_for(sni)
-            .is_some_and(|c| c.issuer != IssuerRef::Dev),
-    }
+fn wants_hsts(service: &Service, conn: &ConnInfo) -> bool {
+    service.options.hsts.unwrap_or(conn.trusted_certificate)
 }
 
 /// A request for `host` on a connection for `sni` is fine when the certificate serving `sni`
@@ -673,66 +723,133 @@ fn is_h2_websocket(req: &Request<Incoming>) -> bool {
             .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
 }
 
-fn forwarded_for(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(ip) => ip.to_string(),
-        // RFC 7239 §6: IPv6 in brackets and quotes.
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const VIA: HeaderName = HeaderName::from_static("via");
+
+/// A header value made from formatted text, with no copy beyond the one buffer.
+fn formatted(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    use std::io::Write as _;
+    let mut text = Vec::with_capacity(64);
+    text.write_fmt(args).ok()?;
+    HeaderValue::from_maybe_shared(Bytes::from(text)).ok()
+}
+
+/// Adds `value` to the comma-separated field `name`: as it is when the message has none (most
+/// requests: no copy at all), else after what is there.
+fn append(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
+    match headers.entry(name) {
+        header::Entry::Vacant(slot) => {
+            slot.insert(value);
+        }
+        header::Entry::Occupied(mut slot) => {
+            let prev = slot.get().as_bytes();
+            if prev.is_empty() {
+                slot.insert(value);
+                return;
+            }
+            let mut combined = Vec::with_capacity(prev.len() + 2 + value.len());
+            combined.extend_from_slice(prev);
+            combined.extend_from_slice(b", ");
+            combined.extend_from_slice(value.as_bytes());
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(combined)) {
+                slot.insert(v);
+            }
+        }
     }
 }
 
-fn append(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    let combined = match headers.get(name).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {value}"),
-        _ => value.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&combined) {
-        headers.insert(name, v);
-    }
+/// The request as it goes to the backends, made once for every attempt by [`request_filter`].
+struct Outbound {
+    method: Method,
+    path_and_query: hyper::http::uri::PathAndQuery,
+    headers: HeaderMap,
+    /// An HTTP/1.1 Upgrade, or WebSocket over HTTP/2 sent on as one.
+    upgrade: bool,
+    /// WebSocket over HTTP/2 (RFC 8441): the backend sees an HTTP/1.1 GET with Upgrade.
+    h2_websocket: bool,
+    /// A failed attempt may be sent again: the body is known empty and the method idempotent
+    /// (RFC 9110 §9.2.2).
+    retryable: bool,
 }
 
+/// Forwards a request for `service` through its phases: the request filter, the choice of
+/// backends, the send (with one retry where safe), the response filter. Every failure is a
+/// [`Failure`], which the caller turns into a status and a page.
 async fn forward(
     shared: &Shared,
     conn: &ConnInfo,
-    service: &Service,
+    service: &Arc<Service>,
     mut req: Request<Incoming>,
     host: &str,
     request_id: &HeaderValue,
 ) -> Result<(Response<ProxyBody>, String), Failure> {
-    let backends = &service.backends;
-    if backends.is_empty() {
-        return Err(Failure::NoBackend);
-    }
-    // WebSocket over HTTP/2 (RFC 8441) goes to the backend as an HTTP/1.1 Upgrade: the frames
-    // are the same on both, so once both sides switched the bytes are tunnelled as they are.
-    let h2_websocket = is_h2_websocket(&req);
-    let upgrade = is_upgrade(&req) || h2_websocket;
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    // Only a request whose body is known to be empty can be sent again after a failure, and
-    // only when the method is idempotent (RFC 9110 §9.2.2).
-    let retryable = req.body().is_end_stream()
+    let client_upgrade =
+        (is_upgrade(&req) || is_h2_websocket(&req)).then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let retryable = body.is_end_stream()
         && matches!(
-            *req.method(),
+            parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
         );
-    let start = match shared.cursors.get(&service.id) {
-        Some(cursor) => cursor.fetch_add(1, Ordering::Relaxed),
-        None => shared
-            .cursors
-            .entry(service.id)
-            .or_insert_with(|| Arc::new(AtomicUsize::new(0)))
-            .fetch_add(1, Ordering::Relaxed),
-    };
-    let states: Vec<Arc<BackendState>> = backends
-        .iter()
-        .map(|b| shared.health.state(&Target::new(b, &service.options)))
-        .collect();
-    let candidates = pick(service.options.load_balancing, &states, start);
+    let (upstreams, candidates) = choose_backends(shared, service)?;
+    let outbound = request_filter(parts, conn, host, request_id, retryable);
+    let h2_websocket = outbound.h2_websocket;
+    let (response, inflight, backend) = send_with_retry(
+        shared,
+        conn,
+        service,
+        outbound,
+        body,
+        &upstreams.states,
+        candidates,
+    )
+    .await?;
+    Ok((
+        response_filter(response, inflight, client_upgrade, h2_websocket),
+        backend,
+    ))
+}
+
+/// Phase 1: the backends this request may go to, in the order to try them.
+fn choose_backends(
+    shared: &Shared,
+    service: &Arc<Service>,
+) -> Result<(Arc<Upstreams>, [Option<usize>; 2]), Failure> {
+    if service.backends.is_empty() {
+        return Err(Failure::NoBackend);
+    }
+    let upstreams = shared.upstreams(service);
+    let start = upstreams.cursor.fetch_add(1, Ordering::Relaxed);
+    let states = &upstreams.states;
+    let candidates = pick(service.options.load_balancing, states, start);
     if candidates[0].is_none() {
         return Err(Failure::NoneAvailable);
     }
+    Ok((upstreams, candidates))
+}
 
-    let (parts, body) = req.into_parts();
+/// Phase 2: the request's headers as the backend gets them: hop-by-hop fields dropped, the
+/// forwarding fields (`X-Forwarded-*`, `Forwarded`, `Via`) and the request id added.
+fn request_filter(
+    parts: hyper::http::request::Parts,
+    conn: &ConnInfo,
+    host: &str,
+    request_id: &HeaderValue,
+    retryable: bool,
+) -> Outbound {
+    let h2_websocket = parts.method == Method::CONNECT
+        && parts
+            .extensions
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    let upgrade = h2_websocket
+        || (parts.version == Version::HTTP_11
+            && parts.headers.contains_key(header::UPGRADE)
+            && lists_token(&parts.headers, header::CONNECTION, "upgrade"));
     let mut headers = parts.headers;
     // `TE: trailers` is the one TE value that must reach the backend: without it an HTTP/1.1
     // backend sends no trailers, and gRPC's status lives there.
@@ -761,47 +878,81 @@ async fn forward(
         }
     }
     let ip = conn.peer.ip();
-    append(&mut headers, "x-forwarded-for", &ip.to_string());
+    if let Some(v) = formatted(format_args!("{ip}")) {
+        append(&mut headers, X_FORWARDED_FOR, v);
+    }
     let proto = if conn.sni.is_some() { "https" } else { "http" };
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert("x-forwarded-host", v.clone());
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    // The client's own Host value when it is already the name (most): shared, not copied.
+    let host_value = match headers.get(header::HOST) {
+        Some(v) if v.as_bytes() == host.as_bytes() => Some(v.clone()),
+        _ => HeaderValue::from_str(host).ok(),
+    };
+    if let Some(v) = host_value {
+        headers.insert(X_FORWARDED_HOST, v.clone());
         headers.insert(header::HOST, v);
     }
-    append(
-        &mut headers,
-        "forwarded",
-        &format!("for={};host={host};proto={proto}", forwarded_for(ip)),
-    );
+    // RFC 7239 §6: IPv6 in brackets and quotes.
+    let forwarded = match ip {
+        IpAddr::V4(ip) => formatted(format_args!("for={ip};host={host};proto={proto}")),
+        IpAddr::V6(ip) => formatted(format_args!("for=\"[{ip}]\";host={host};proto={proto}")),
+    };
+    if let Some(v) = forwarded {
+        append(&mut headers, FORWARDED, v);
+    }
     let via = match parts.version {
         Version::HTTP_2 => "2 portcullis",
         Version::HTTP_10 => "1.0 portcullis",
         _ => "1.1 portcullis",
     };
-    append(&mut headers, "via", via);
-    headers.insert("x-request-id", request_id.clone());
-    let path_and_query = parts.uri.path_and_query().cloned();
+    append(&mut headers, VIA, HeaderValue::from_static(via));
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    Outbound {
+        method: if h2_websocket {
+            Method::GET
+        } else {
+            parts.method
+        },
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+        headers,
+        upgrade,
+        h2_websocket,
+        retryable,
+    }
+}
 
+/// Phase 3: sends to the first candidate and, where that is safe, once more to the second when
+/// the first could not be connected to. The response, the guard counting it in flight, and
+/// the backend that answered.
+async fn send_with_retry(
+    shared: &Shared,
+    conn: &ConnInfo,
+    service: &Service,
+    outbound: Outbound,
+    body: Incoming,
+    states: &[Arc<BackendState>],
+    candidates: [Option<usize>; 2],
+) -> Result<(Response<Incoming>, Inflight, String), Failure> {
     let client_body = ClientBody::new(body);
     let client_failed = client_body.failed.clone();
     let mut body = Some(client_body.boxed());
-    let attempts = if retryable { 2 } else { 1 };
+    let attempts = if outbound.retryable { 2 } else { 1 };
+    let mut headers = Some(outbound.headers);
     for (attempt, index) in candidates.into_iter().take(attempts).enumerate() {
         let Some(index) = index else { break };
-        let backend = &backends[index];
+        let backend = &service.backends[index];
         let state = &states[index];
-        let backend_text = state.label.to_string();
         let mut uri_parts = hyper::http::uri::Parts::default();
         uri_parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
         uri_parts.authority = state.authority.clone();
-        uri_parts.path_and_query = Some(
-            path_and_query
-                .clone()
-                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
-        );
+        uri_parts.path_and_query = Some(outbound.path_and_query.clone());
         let Ok(uri) = Uri::from_parts(uri_parts) else {
             return Err(Failure::BadBackendAddress {
-                backend: backend_text,
+                backend: state.label.to_string(),
             });
         };
         // The response timeout counts from the last byte of the request body sent, not from
@@ -822,13 +973,9 @@ async fn forward(
             (Some(body), None) => body,
             (None, _) => Empty::new().map_err(|never| match never {}).boxed(),
         });
-        *up.method_mut() = if h2_websocket {
-            Method::GET
-        } else {
-            parts.method.clone()
-        };
+        *up.method_mut() = outbound.method.clone();
         *up.uri_mut() = uri;
-        let h2c = service.options.upstream_protocol == UpstreamProtocol::H2c && !upgrade;
+        let h2c = service.options.upstream_protocol == UpstreamProtocol::H2c && !outbound.upgrade;
         *up.version_mut() = if h2c {
             Version::HTTP_2
         } else {
@@ -836,10 +983,9 @@ async fn forward(
         };
         // The last attempt takes the headers; only one with a retry after it copies them.
         let may_retry = attempt + 1 < attempts && candidates[1].is_some();
-        *up.headers_mut() = if may_retry {
-            headers.clone()
-        } else {
-            std::mem::take(&mut headers)
+        *up.headers_mut() = match (may_retry, &mut headers) {
+            (true, Some(h)) => h.clone(),
+            (_, h) => h.take().unwrap_or_default(),
         };
 
         let inflight = Inflight::start(state.clone());
@@ -861,34 +1007,11 @@ async fn forward(
             Some(progress) => progress.within(timeout, request).await,
             None => tokio::time::timeout(timeout, request).await,
         };
+        let backend_text = || state.label.to_string();
         match sent {
-            Ok(Ok(mut response)) => {
+            Ok(Ok(response)) => {
                 state.record_success();
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && let Some(client_upgrade) = client_upgrade
-                {
-                    let backend_upgrade = hyper::upgrade::on(&mut response);
-                    tokio::spawn(tunnel(client_upgrade, backend_upgrade));
-                    let (mut parts, _) = response.into_parts();
-                    if h2_websocket {
-                        // RFC 8441 §5: success is a 2xx, without the RFC 6455 handshake fields.
-                        parts.status = StatusCode::OK;
-                        strip_hop_by_hop(&mut parts.headers, false);
-                        parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
-                    }
-                    parts
-                        .headers
-                        .insert("via", HeaderValue::from_static("1.1 portcullis"));
-                    return Ok((
-                        Response::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed()),
-                        backend_text,
-                    ));
-                }
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers, false);
-                append(&mut parts.headers, "via", "1.1 portcullis");
-                let body = Watched::new(body.boxed(), inflight);
-                return Ok((Response::from_parts(parts, body.boxed()), backend_text));
+                return Ok((response, inflight, backend_text()));
             }
             // The client broke its own request (bad chunked framing, a body cut short): hyper's
             // client reports that as a failed send, but the backend did nothing wrong.
@@ -905,11 +1028,11 @@ async fn forward(
                     && state
                         .record_connect_failure(service.options.health_check.unhealthy_threshold)
                 {
-                    tracing::warn!(backend = %backend_text, host, "backend ejected after repeated connect failures");
+                    tracing::warn!(backend = %state.label, "backend ejected after repeated connect failures");
                 }
-                if connect && attempt + 1 < attempts && candidates[1].is_some() {
+                if connect && may_retry {
                     tracing::warn!(
-                        backend = %backend_text,
+                        backend = %state.label,
                         error = portcullis_config::error::chain(&e),
                         "cannot connect to backend; trying another"
                     );
@@ -917,26 +1040,63 @@ async fn forward(
                 }
                 return Err(if connect {
                     Failure::Connect {
-                        backend: backend_text,
+                        backend: backend_text(),
                         source: e,
                     }
                 } else {
                     Failure::Upstream {
-                        backend: backend_text,
+                        backend: backend_text(),
                         source: e,
                     }
                 });
             }
             Err(_) => {
                 return Err(Failure::Timeout {
-                    backend: backend_text,
-                    after: shared.limits.response_timeout.0,
+                    backend: backend_text(),
+                    after: timeout,
                 });
             }
         }
     }
     // Every candidate was tried (the loop returns on all other paths), or none was left.
     Err(Failure::NoneAvailable)
+}
+
+/// Phase 4: the backend's response as the client gets it: hop-by-hop fields dropped, `Via`
+/// added, the body counted in flight until it ends; a switch of protocols tunnels both
+/// connections.
+fn response_filter(
+    response: Response<Incoming>,
+    inflight: Inflight,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    h2_websocket: bool,
+) -> Response<ProxyBody> {
+    let mut response = response;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let backend_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(tunnel(client_upgrade, backend_upgrade));
+        let (mut parts, _) = response.into_parts();
+        if h2_websocket {
+            // RFC 8441 §5: success is a 2xx, without the RFC 6455 handshake fields.
+            parts.status = StatusCode::OK;
+            strip_hop_by_hop(&mut parts.headers, false);
+            parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+        }
+        parts
+            .headers
+            .insert(VIA, HeaderValue::from_static("1.1 portcullis"));
+        return Response::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed());
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    append(
+        &mut parts.headers,
+        VIA,
+        HeaderValue::from_static("1.1 portcullis"),
+    );
+    Response::from_parts(parts, Watched::new(body.boxed(), inflight).boxed())
 }
 
 async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
