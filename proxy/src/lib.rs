@@ -10,6 +10,7 @@ mod health;
 mod proxy_protocol;
 mod router;
 pub mod tls;
+mod upstream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -163,7 +164,9 @@ impl Proxy {
                 shared: make_shared(),
                 builder: builder.clone(),
                 acceptor: acceptor.clone(),
-                shutdown: shutdown.clone(),
+                // Its own token: every connection polls it on each wakeup, and a token's waiters
+                // sit behind one lock, which a shared token would make every core contend for.
+                shutdown: shutdown.child_token(),
             };
             let (done, finished) = tokio::sync::oneshot::channel::<()>();
             let spawned = std::thread::Builder::new()
@@ -202,7 +205,7 @@ impl Proxy {
             shared,
             builder,
             acceptor,
-            shutdown,
+            shutdown: shutdown.child_token(),
         }
         .run()
         .await;

@@ -41,6 +41,8 @@ pub struct Shared {
     pub h2c_client: Client<HttpConnector, ProxyBody>,
     /// Each service's backends as this worker balances them.
     upstreams: DashMap<ServiceId, Arc<Upstreams>>,
+    /// This worker's HTTP/1.1 connections to backends.
+    pool: Arc<crate::upstream::Pool>,
     pub limits: Limits,
     /// Log one event per request.
     access_log: bool,
@@ -90,6 +92,7 @@ impl Shared {
             client,
             h2c_client,
             upstreams: DashMap::new(),
+            pool: crate::upstream::Pool::new(limits.connect_timeout.0),
             limits,
             access_log,
             request_ids: RequestIds::new(),
@@ -536,7 +539,7 @@ struct AccessRecord {
 }
 
 impl BodyEnd for AccessRecord {
-    fn finished(&mut self, bytes: u64) {
+    fn finished(&mut self, bytes: u64, _complete: bool) {
         tracing::info!(
             target: "portcullis::access",
             service = self.service,
@@ -988,19 +991,23 @@ async fn send_with_retry(
             (_, h) => h.take().unwrap_or_default(),
         };
 
-        let inflight = Inflight::start(state.clone());
-        let client = if h2c {
-            &shared.h2c_client
-        } else {
-            &shared.client
-        };
-        let request = if service.options.proxy_protocol {
+        let mut inflight = Inflight::start(state.clone());
+        let request: LeasedFuture = if service.options.proxy_protocol {
             let addr = (backend, state.label.as_ref());
-            crate::proxy_protocol::send(addr, conn, up, shared.limits.connect_timeout.0)
+            let sent = crate::proxy_protocol::send(addr, conn, up, shared.limits.connect_timeout.0);
+            Box::pin(async move { Ok((sent.await?, None)) })
+        } else if h2c {
+            let client = shared.h2c_client.clone();
+            Box::pin(async move { Ok((client.request(up).await?, None)) })
         } else {
-            let client = client.clone();
-            Box::pin(async move { Ok(client.request(up).await?) })
-                as crate::proxy_protocol::ResponseFuture
+            // HTTP/1.1 to the backend in origin form, on this worker's own connections.
+            *up.uri_mut() = Uri::from(outbound.path_and_query.clone());
+            let pool = shared.pool.clone();
+            let label = state.label.clone();
+            Box::pin(async move {
+                let (response, lease) = pool.send(&label, up).await?;
+                Ok((response, Some(lease)))
+            })
         };
         let timeout = shared.limits.response_timeout.0;
         let sent = match &progress {
@@ -1009,8 +1016,9 @@ async fn send_with_retry(
         };
         let backend_text = || state.label.to_string();
         match sent {
-            Ok(Ok(response)) => {
+            Ok(Ok((response, lease))) => {
                 state.record_success();
+                inflight.lease = lease;
                 return Ok((response, inflight, backend_text()));
             }
             // The client broke its own request (bad chunked framing, a body cut short): hyper's
@@ -1144,25 +1152,47 @@ fn pick(policy: LoadBalancing, states: &[Arc<BackendState>], start: usize) -> [O
 }
 
 /// Counts a request as in flight to its backend until its response body ends or is dropped.
-struct Inflight(Arc<BackendState>);
+/// And holds the pooled connection the response came on, which goes back to the pool when the
+/// body ended whole (one cut short leaves the connection unusable: it is closed).
+struct Inflight {
+    state: Arc<BackendState>,
+    lease: Option<crate::upstream::Lease>,
+}
 
 impl Inflight {
     fn start(state: Arc<BackendState>) -> Self {
         state.inflight.fetch_add(1, Ordering::Relaxed);
-        Inflight(state)
+        Inflight { state, lease: None }
     }
 }
 
 impl Drop for Inflight {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.state.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl BodyEnd for Inflight {
-    // Dropping the guard with the body is the whole job.
-    fn finished(&mut self, _bytes: u64) {}
+    fn finished(&mut self, _bytes: u64, complete: bool) {
+        if let Some(lease) = self.lease.take()
+            && complete
+        {
+            lease.give_back();
+        }
+    }
 }
+
+/// A response on its way from a backend, with the pooled connection it came on (if any).
+type LeasedFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (Response<Incoming>, Option<crate::upstream::Lease>),
+                    crate::proxy_protocol::UpstreamError,
+                >,
+            > + Send,
+    >,
+>;
 
 /// The client's request body on its way to the backend, noting why it failed if it does.
 struct ClientBody {
@@ -1205,7 +1235,8 @@ impl Body for ClientBody {
 
 /// Something to do once a response body has ended, or was dropped unfinished.
 trait BodyEnd: Send + 'static {
-    fn finished(&mut self, bytes: u64);
+    /// `complete`: the body reached its end (rather than being dropped part way).
+    fn finished(&mut self, bytes: u64, complete: bool);
 }
 
 /// A response body that counts the bytes it passes on and tells `end` when it is done.
@@ -1286,6 +1317,8 @@ impl Body for Sending {
 struct Watched<E: BodyEnd> {
     inner: ProxyBody,
     bytes: u64,
+    /// The body said it had no more.
+    ended: bool,
     end: E,
 }
 
@@ -1294,6 +1327,7 @@ impl<E: BodyEnd> Watched<E> {
         Watched {
             inner,
             bytes: 0,
+            ended: false,
             end,
         }
     }
@@ -1308,10 +1342,14 @@ impl<E: BodyEnd + Unpin> Body for Watched<E> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
         let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &poll
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes += data.len() as u64;
+        match &poll {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None) => self.ended = true,
+            _ => {}
         }
         poll
     }
@@ -1327,7 +1365,8 @@ impl<E: BodyEnd + Unpin> Body for Watched<E> {
 
 impl<E: BodyEnd> Drop for Watched<E> {
     fn drop(&mut self) {
-        self.end.finished(self.bytes);
+        let complete = self.ended || self.inner.is_end_stream();
+        self.end.finished(self.bytes, complete);
     }
 }
 
