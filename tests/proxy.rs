@@ -1442,3 +1442,65 @@ async fn access_log_counts_the_bytes_of_streamed_responses() {
     assert!(line.contains("status=200"), "{line}");
     assert!(line.contains(&host), "{line}");
 }
+
+/// A backend that answers one request per connection as if it kept the connection (no
+/// `Connection: close`), then closes it, as a backend's keep-alive timeout does between
+/// requests. Returns its address and how many connections it took.
+async fn closing_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nfresh\n")
+                    .await;
+                // Closed at once: the proxy's idle connection is dead before its next use.
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_closing_idle_connections_costs_no_request() {
+    let node = Node::start();
+    let (backend, accepted) = closing_backend().await;
+    let (_id, host) = node.service(&[backend]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+    let (mut conn, _) = open(&client, https, &host).await;
+    for round in 0..20 {
+        // POST too: not idempotent, so only a request that never left may go on another
+        // connection, which is exactly the case of a connection closed while idle.
+        let method = if round % 2 == 0 {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        let response = conn
+            .send(
+                get(&host, "/")
+                    .method(method)
+                    .body(Full::new(Bytes::from_static(b"x")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "round {round}");
+        assert_eq!(body_text(response).await, "fresh\n");
+    }
+    assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) >= 20);
+}

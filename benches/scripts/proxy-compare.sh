@@ -124,9 +124,13 @@ http {
   keepalive_requests 1000000;
   ssl_session_cache shared:SSL:10m;
   server_names_hash_bucket_size 128;
+  # Bodies stream, through buffers sized for bulk rather than to temporary files.
   client_max_body_size 0;
+  client_body_buffer_size 64k;
   proxy_request_buffering off;
-  proxy_buffering off;
+  proxy_buffers 16 64k;
+  proxy_busy_buffers_size 128k;
+  proxy_max_temp_file_size 0;
   upstream backend { server $BACKEND; keepalive 128; }
   upstream bulk { server $BULK_BACKEND; keepalive 16; }
   server {
