@@ -128,6 +128,10 @@ impl Membership {
         // `node list` shows a lag that is real rather than a stale report. The keep-alive never
         // waits for it.
         let mut report_at: Option<tokio::time::Instant> = None;
+        // While a reload hands the node over, the new process announces it under its own lease
+        // and ends this one's; a beat then would take the entry back. If the reload fails, the
+        // next beat finds the lease gone and announces the node again, as it should.
+        let handing_over = portcullis_proxy::conn::accepting_paused();
         loop {
             let report = async {
                 match report_at {
@@ -138,10 +142,14 @@ impl Membership {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return self,
-                _ = tick.tick() => self.beat().await,
+                _ = tick.tick() => if !*handing_over.borrow() {
+                    self.beat().await;
+                },
                 () = report => {
                     report_at = None;
-                    self.report().await;
+                    if !*handing_over.borrow() {
+                        self.report().await;
+                    }
                 }
                 changed = changes.changed(), if report_at.is_none() => {
                     if changed.is_err() {

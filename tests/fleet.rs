@@ -857,3 +857,92 @@ async fn two_nodes_verify_and_certify_each_alias_once_and_both_serve_it() {
     let checker = shown["trace"]["node"].as_str().unwrap();
     assert!(checker == "node-a" || checker == "node-b", "{shown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloading_a_fleet_node_fails_no_request_and_keeps_it_in_the_answers() {
+    let cluster = EtcdCluster::start(1);
+    let plan = FleetPlan::new();
+    let mut nodes = plan.start(&cluster, 2);
+    let backend = Backend::start("steady").await;
+    let id = create(&nodes[0], &[backend.addr]).await;
+    let host = format!("{id}.{ZONE}");
+    let client = Arc::new(TlsClient::new(&roots(&nodes), &[b"http/1.1"]));
+    for node in &nodes {
+        let https = node.listener("https").await;
+        wait_for("the service on every node", async || {
+            let (status, _, _) = https_get(&client, https, &host).await.ok()?;
+            (status == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
+    let https_a = nodes[0].listener("https").await;
+    let dns_b = nodes[1].dns_addr().await;
+    let both = vec![node_ip(0), node_ip(1)];
+    assert_eq!(a_records(dns_b, &host), both);
+    let traffic = Traffic::start(&nodes, &host, client.clone()).await;
+    // Every answer the other node gives while node-a reloads still names node-a.
+    let watching = Arc::new(AtomicBool::new(true));
+    let answers = tokio::spawn({
+        let (watching, host, both) = (watching.clone(), host.clone(), both.clone());
+        async move {
+            let mut wrong = Vec::new();
+            while watching.load(Ordering::Relaxed) {
+                let name = host.clone();
+                let a = tokio::task::spawn_blocking(move || a_records(dns_b, &name))
+                    .await
+                    .unwrap();
+                if a != both {
+                    wrong.push(a);
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            wrong
+        }
+    });
+
+    let before = nodes[0].pid();
+    let out = tokio::task::spawn_blocking({
+        let args = nodes[0].cli_args(&["--json", "reload"]);
+        move || support::run_cli(&args)
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let after = answer["pid"].as_u64().unwrap() as u32;
+    assert_ne!(after, before);
+    let status = tokio::task::block_in_place(|| nodes[0].follow_reload(after));
+    assert!(status.success(), "{status}");
+    assert_eq!(nodes[0].listener("https").await, https_a);
+    // The new process serves and writes (the fleet's store, its own copy of it).
+    let r = add_record(&nodes[0], "after-reload").await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    wait_for(
+        "node-a's entry to be the new process's and live",
+        async || {
+            let nodes_view = nodes[1].api(Method::GET, "/v1/nodes", None).await.json();
+            let live = nodes_view["nodes"]
+                .as_array()?
+                .iter()
+                .any(|n| n["id"] == "node-a" && n["live"] == true);
+            live.then_some(())
+        },
+    )
+    .await;
+    // The old process ended its lease before it exited: had that taken the entry with it,
+    // node-b's answers would drop node-a within moments. Watch them a while longer (counted
+    // in rounds of traffic, not time).
+    let rounds = traffic.done.load(Ordering::Relaxed) + 40;
+    wait_for("more rounds of traffic", async || {
+        (traffic.done.load(Ordering::Relaxed) >= rounds).then_some(())
+    })
+    .await;
+    watching.store(false, Ordering::Relaxed);
+    let wrong = answers.await.unwrap();
+    assert!(wrong.is_empty(), "answers without node-a: {wrong:?}");
+    traffic.finish().await;
+}

@@ -196,6 +196,11 @@ pub async fn handshakes_settled(limit: Duration) {
     .await;
 }
 
+/// Whether accepting is paused: a reload is handing the process over.
+pub fn accepting_paused() -> tokio::sync::watch::Receiver<bool> {
+    paused().subscribe()
+}
+
 /// Stops (`true`) or resumes (`false`) accepting on every listener of the process.
 pub fn pause_accepting(pause: bool) {
     paused().send_replace(pause);
