@@ -290,6 +290,13 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_bytes as u32)
+        // Windows sized for uploads (the 64 KiB default stalls a stream every 64 KiB until the
+        // proxy's WINDOW_UPDATE arrives); fixed, not adaptive, so a connection's buffering is
+        // bounded by them. hyper's limit on streams reset before being accepted (rapid reset,
+        // CVE-2023-44487) stays at its default.
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(2 * 1024 * 1024)
+        .adaptive_window(false)
         // Extended CONNECT (RFC 8441): WebSocket over HTTP/2, tunnelled by the router.
         .enable_connect_protocol();
     builder
