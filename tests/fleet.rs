@@ -382,6 +382,23 @@ impl Traffic {
     }
 }
 
+/// A service on `backend`, created through the first node, once every node serves it: its
+/// host, and a client trusting every node's CA.
+async fn served_everywhere(nodes: &[Node], backend: &Backend) -> (String, Arc<TlsClient>) {
+    let id = create(&nodes[0], &[backend.addr]).await;
+    let host = format!("{id}.{ZONE}");
+    let client = Arc::new(TlsClient::new(&roots(nodes), &[b"http/1.1"]));
+    for node in nodes {
+        let https = node.listener("https").await;
+        wait_for("the service on every node", async || {
+            let (status, _, _) = https_get(&client, https, &host).await.ok()?;
+            (status == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
+    (host, client)
+}
+
 async fn add_record(node: &Node, name: &str) -> support::Reply {
     node.api(
         Method::POST,
@@ -397,17 +414,7 @@ async fn killing_the_etcd_leader_fails_no_request() {
     let plan = FleetPlan::new();
     let nodes = plan.start(&cluster, 3);
     let backend = Backend::start("steady").await;
-    let id = create(&nodes[0], &[backend.addr]).await;
-    let host = format!("{id}.{ZONE}");
-    let client = Arc::new(TlsClient::new(&roots(&nodes), &[b"http/1.1"]));
-    for node in &nodes {
-        let https = node.listener("https").await;
-        wait_for("the service on every node", async || {
-            let (status, _, _) = https_get(&client, https, &host).await.ok()?;
-            (status == StatusCode::OK).then_some(())
-        })
-        .await;
-    }
+    let (host, client) = served_everywhere(&nodes, &backend).await;
     let traffic = Traffic::start(&nodes, &host, client.clone()).await;
     let leader = cluster.leader();
     cluster.kill(leader);
@@ -864,17 +871,7 @@ async fn reloading_a_fleet_node_fails_no_request_and_keeps_it_in_the_answers() {
     let plan = FleetPlan::new();
     let mut nodes = plan.start(&cluster, 2);
     let backend = Backend::start("steady").await;
-    let id = create(&nodes[0], &[backend.addr]).await;
-    let host = format!("{id}.{ZONE}");
-    let client = Arc::new(TlsClient::new(&roots(&nodes), &[b"http/1.1"]));
-    for node in &nodes {
-        let https = node.listener("https").await;
-        wait_for("the service on every node", async || {
-            let (status, _, _) = https_get(&client, https, &host).await.ok()?;
-            (status == StatusCode::OK).then_some(())
-        })
-        .await;
-    }
+    let (host, client) = served_everywhere(&nodes, &backend).await;
     let https_a = nodes[0].listener("https").await;
     let dns_b = nodes[1].dns_addr().await;
     let both = vec![node_ip(0), node_ip(1)];
@@ -900,23 +897,7 @@ async fn reloading_a_fleet_node_fails_no_request_and_keeps_it_in_the_answers() {
         }
     });
 
-    let before = nodes[0].pid();
-    let out = tokio::task::spawn_blocking({
-        let args = nodes[0].cli_args(&["--json", "reload"]);
-        move || support::run_cli(&args)
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let after = answer["pid"].as_u64().unwrap() as u32;
-    assert_ne!(after, before);
-    let status = tokio::task::block_in_place(|| nodes[0].follow_reload(after));
-    assert!(status.success(), "{status}");
+    nodes[0].reload().await;
     assert_eq!(nodes[0].listener("https").await, https_a);
     // The new process serves and writes (the fleet's store, its own copy of it).
     let r = add_record(&nodes[0], "after-reload").await;

@@ -158,23 +158,7 @@ async fn reloads_and_an_upgrade_under_load_fail_no_request() {
     wait_for_more(&tally, 200).await;
 
     // A reload with the configuration as it is, through the CLI.
-    let first = node.pid();
-    let out = tokio::task::spawn_blocking({
-        let args = node.cli_args(&["--json", "reload"]);
-        move || support::run_cli(&args)
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(answer["previous_pid"], first);
-    let second = answer["pid"].as_u64().unwrap() as u32;
-    let status = tokio::task::block_in_place(|| node.follow_reload(second));
-    assert!(status.success(), "the old process exits cleanly: {status}");
+    let second = node.reload().await;
     wait_for_more(&tally, 200).await;
     assert_eq!(node.listener("https").await, https, "the same listener");
 
@@ -215,12 +199,7 @@ async fn reloads_and_an_upgrade_under_load_fail_no_request() {
 
     // A configuration that cannot be used is refused; the node goes on as it was.
     std::fs::write(&config, "[node]\nid = \"test-1\"\nworkers = \"many\"\n").unwrap();
-    let out = tokio::task::spawn_blocking({
-        let args = node.cli_args(&["reload"]);
-        move || support::run_cli(&args)
-    })
-    .await
-    .unwrap();
+    let out = node.cli_blocking(&["reload"]).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid_config"), "{err}");
@@ -265,12 +244,7 @@ async fn a_new_process_that_fails_leaves_the_old_one_serving() {
         ),
     )
     .unwrap();
-    let out = tokio::task::spawn_blocking({
-        let args = node.cli_args(&["reload"]);
-        move || support::run_cli(&args)
-    })
-    .await
-    .unwrap();
+    let out = node.cli_blocking(&["reload"]).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("reload_failed"), "{err}");

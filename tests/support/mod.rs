@@ -320,6 +320,33 @@ impl Node {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
     }
 
+    /// Runs the CLI against this node off the async runtime (a reload's answer waits for the
+    /// new process, which the runtime may be serving traffic to meanwhile).
+    pub async fn cli_blocking(&self, args: &[&str]) -> Output {
+        let args = self.cli_args(args);
+        tokio::task::spawn_blocking(move || run_cli(&args))
+            .await
+            .expect("the CLI task")
+    }
+
+    /// `portcullis reload` through the CLI, which must succeed; then follows the new process
+    /// (the old one must exit cleanly). Returns the new process's id.
+    pub async fn reload(&mut self) -> u32 {
+        let before = self.pid();
+        let out = self.cli_blocking(&["--json", "reload"]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(answer["previous_pid"], before);
+        let after = answer["pid"].as_u64().unwrap() as u32;
+        let status = tokio::task::block_in_place(|| self.follow_reload(after));
+        assert!(status.success(), "the old process exits cleanly: {status}");
+        after
+    }
+
     /// The CLI's arguments to talk to this node, then `args`: for [`run_cli`] off the runtime.
     pub fn cli_args(&self, args: &[&str]) -> Vec<String> {
         ["--admin", &self.admin, "--token", &self.token]
