@@ -513,7 +513,7 @@ pub async fn route(
         method,
         path,
         status: response.status().as_u16(),
-        upstream: upstream.unwrap_or_default(),
+        upstream,
         request_id,
         client: conn.peer.ip(),
         started,
@@ -532,7 +532,7 @@ struct AccessRecord {
     method: Method,
     path: String,
     status: u16,
-    upstream: String,
+    upstream: Option<Arc<str>>,
     request_id: HeaderValue,
     client: IpAddr,
     started: Instant,
@@ -549,7 +549,7 @@ impl BodyEnd for AccessRecord {
             status = self.status,
             bytes,
             duration_us = self.started.elapsed().as_micros() as u64,
-            upstream = self.upstream,
+            upstream = self.upstream.as_deref().unwrap_or(""),
             request_id = self.request_id.to_str().unwrap_or(""),
             client = %self.client,
         );
@@ -562,7 +562,7 @@ async fn route_inner(
     req: Request<Incoming>,
     name: Result<&str, Response<ProxyBody>>,
     request_id: &HeaderValue,
-) -> (Response<ProxyBody>, Option<Routed>, Option<String>) {
+) -> (Response<ProxyBody>, Option<Routed>, Option<Arc<str>>) {
     if let Some(response) = too_many_headers(shared, &req, Some(request_id)) {
         return (response, None, None);
     }
@@ -623,7 +623,7 @@ async fn route_inner(
                         .headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
                 }
-                (response, failure.backend().map(str::to_string))
+                (response, failure.backend().map(Arc::from))
             }
         };
     if conn.sni.is_some() && wants_hsts(&service, conn) {
@@ -683,16 +683,22 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        if !(keep_upgrade && name == header::UPGRADE) {
-            headers.remove(name);
+    // The fields `Connection` lists go too. Its values are copied out first (a reference
+    // count each, no copy of the bytes), and each listed name is removed by its text, which
+    // allocates nothing: backends list `keep-alive` on most responses.
+    let mut listed = headers.get_all(header::CONNECTION).iter();
+    match (listed.next().cloned(), listed.next().is_some()) {
+        (None, _) => {}
+        (Some(only), false) => remove_listed(headers, &only, keep_upgrade),
+        (Some(_), true) => {
+            let values: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            for value in &values {
+                remove_listed(headers, value, keep_upgrade);
+            }
         }
     }
     for name in &HOP_BY_HOP {
@@ -700,6 +706,20 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if !keep_upgrade {
         headers.remove(header::UPGRADE);
+    }
+}
+
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, keep_upgrade: bool) {
+    let Ok(text) = connection.to_str() else {
+        return;
+    };
+    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if keep_upgrade && name.eq_ignore_ascii_case("upgrade") {
+            continue;
+        }
+        // By its text: matched case-insensitively, and a token that is not a field name
+        // removes nothing.
+        headers.remove(name);
     }
 }
 
@@ -733,12 +753,15 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const VIA: HeaderName = HeaderName::from_static("via");
 
-/// A header value made from formatted text, with no copy beyond the one buffer.
+/// A header value made from formatted text: written on the stack, then one allocation.
 fn formatted(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
     use std::io::Write as _;
-    let mut text = Vec::with_capacity(64);
-    text.write_fmt(args).ok()?;
-    HeaderValue::from_maybe_shared(Bytes::from(text)).ok()
+    // An IPv6 address in brackets, a 253-byte host and the rest fit.
+    let mut buf = [0u8; 384];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    cursor.write_fmt(args).ok()?;
+    let len = cursor.position() as usize;
+    HeaderValue::from_bytes(&buf[..len]).ok()
 }
 
 /// Adds `value` to the comma-separated field `name`: as it is when the message has none (most
@@ -789,7 +812,7 @@ async fn forward(
     mut req: Request<Incoming>,
     host: &str,
     request_id: &HeaderValue,
-) -> Result<(Response<ProxyBody>, String), Failure> {
+) -> Result<(Response<ProxyBody>, Arc<str>), Failure> {
     let client_upgrade =
         (is_upgrade(&req) || is_h2_websocket(&req)).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
@@ -939,10 +962,19 @@ async fn send_with_retry(
     body: Incoming,
     states: &[Arc<BackendState>],
     candidates: [Option<usize>; 2],
-) -> Result<(Response<Incoming>, Inflight, String), Failure> {
-    let client_body = ClientBody::new(body);
-    let client_failed = client_body.failed.clone();
-    let mut body = Some(client_body.boxed());
+) -> Result<(Response<Incoming>, Inflight, Arc<str>), Failure> {
+    // A request with no body (most) has nothing to watch or to fail, and an empty boxed body
+    // allocates nothing.
+    let (mut body, client_failed) = if body.is_end_stream() {
+        (
+            Some(Empty::new().map_err(|never| match never {}).boxed()),
+            None,
+        )
+    } else {
+        let client_body = ClientBody::new(body);
+        let failed = client_body.failed.clone();
+        (Some(client_body.boxed()), Some(failed))
+    };
     let attempts = if outbound.retryable { 2 } else { 1 };
     let mut headers = Some(outbound.headers);
     for (attempt, index) in candidates.into_iter().take(attempts).enumerate() {
@@ -1019,12 +1051,15 @@ async fn send_with_retry(
             Ok(Ok((response, lease))) => {
                 state.record_success();
                 inflight.lease = lease;
-                return Ok((response, inflight, backend_text()));
+                return Ok((response, inflight, state.label.clone()));
             }
             // The client broke its own request (bad chunked framing, a body cut short): hyper's
             // client reports that as a failed send, but the backend did nothing wrong.
-            Ok(Err(_)) if client_failed.get().is_some() => {
-                let why = client_failed.get().cloned().unwrap_or_default();
+            Ok(Err(_)) if client_failed.as_ref().is_some_and(|f| f.get().is_some()) => {
+                let why = client_failed
+                    .as_ref()
+                    .and_then(|f| f.get().cloned())
+                    .unwrap_or_default();
                 return Err(Failure::ClientBody(why));
             }
             Ok(Err(e)) => {
@@ -1104,7 +1139,7 @@ fn response_filter(
         VIA,
         HeaderValue::from_static("1.1 portcullis"),
     );
-    Response::from_parts(parts, Watched::new(body.boxed(), inflight).boxed())
+    Response::from_parts(parts, Watched::new(body, inflight).boxed())
 }
 
 async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
@@ -1314,16 +1349,16 @@ impl Body for Sending {
     }
 }
 
-struct Watched<E: BodyEnd> {
-    inner: ProxyBody,
+struct Watched<B: Body, E: BodyEnd> {
+    inner: B,
     bytes: u64,
     /// The body said it had no more.
     ended: bool,
     end: E,
 }
 
-impl<E: BodyEnd> Watched<E> {
-    fn new(inner: ProxyBody, end: E) -> Self {
+impl<B: Body, E: BodyEnd> Watched<B, E> {
+    fn new(inner: B, end: E) -> Self {
         Watched {
             inner,
             bytes: 0,
@@ -1333,7 +1368,11 @@ impl<E: BodyEnd> Watched<E> {
     }
 }
 
-impl<E: BodyEnd + Unpin> Body for Watched<E> {
+impl<B, E> Body for Watched<B, E>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    E: BodyEnd + Unpin,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -1363,7 +1402,7 @@ impl<E: BodyEnd + Unpin> Body for Watched<E> {
     }
 }
 
-impl<E: BodyEnd> Drop for Watched<E> {
+impl<B: Body, E: BodyEnd> Drop for Watched<B, E> {
     fn drop(&mut self) {
         let complete = self.ended || self.inner.is_end_stream();
         self.end.finished(self.bytes, complete);
