@@ -9,9 +9,13 @@
 #    handshake alone and after one HTTP/1.1 request on each, each proxy freshly started.
 # 3. Bulk: CPU seconds per GiB moved, downloading and uploading BULK_MIB bodies BULK_TIMES
 #    times over HTTPS/1.1.
+# 4. Reloads under load: wrk -c8 keep-alive for 8 s with two reloads in it (nginx: SIGHUP;
+#    Portcullis: `POST /v1/node/reload`, a new process each time); wrk's socket errors and
+#    non-2xx answers are the failed requests. (HAProxy's seamless reload needs its master-worker
+#    mode and a listener-passing socket: not set up here.)
 #
 #   benches/scripts/proxy-compare.sh        # DURATION=10 CONNS=64 IDLE_CONNS=5000 BULK_MIB=256
-#   PARTS="requests" benches/scripts/proxy-compare.sh   # any of: requests memory bulk
+#   PARTS="requests" benches/scripts/proxy-compare.sh   # any of: requests memory bulk reload
 #
 # Needs root (apt for nginx, haproxy, wrk and h2load when missing; a private mount namespace so
 # the load generators resolve the test name to loopback without touching /etc/hosts).
@@ -26,7 +30,7 @@ NEWCONN_CONNS=${NEWCONN_CONNS:-16}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 BULK_MIB=${BULK_MIB:-256}
 BULK_TIMES=${BULK_TIMES:-4}
-PARTS=${PARTS:-requests memory bulk}
+PARTS=${PARTS:-requests memory bulk reload}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 
@@ -387,5 +391,42 @@ if [[ " $PARTS " == *" bulk "* ]]; then
     dl=$(printf '%s\n' "${bulk[@]}" | awk -v n="$name" '$1 == n && $2 == "download" {print $3 " (" $4 ")"}')
     ul=$(printf '%s\n' "${bulk[@]}" | awk -v n="$name" '$1 == n && $2 == "upload" {print $3 " (" $4 ")"}')
     printf '%-10s %20s %20s\n' "$name" "$dl" "$ul"
+  done
+fi
+
+# --- 4. reloads under load -------------------------------------------------------------------
+if [[ " $PARTS " == *" reload "* ]]; then
+  reloaded=()
+  for name in nginx portcullis; do
+    start_proxy "$name" 1 "$PROXY_CPU"
+    port=$(port_of "$name")
+    load "$LOAD_CPU" wrk -t1 -c8 -d8s "https://$domain:$port/" >"$WORK/reload-$name.out" 2>&1 &
+    wrk_pid=$!
+    for _ in 1 2; do
+      sleep 2.5
+      case $name in
+        nginx) kill -HUP "$nginx_pid" ;;
+        portcullis)
+          admin POST /v1/node/reload '{}'
+          # The node is a new process now: it is the one to stop at the end.
+          portcullis_pid=$(cat "$WORK/portcullis/state/portcullis.pid")
+          pids+=("$portcullis_pid")
+          ;;
+      esac
+    done
+    wait "$wrk_pid" || true
+    out=$(cat "$WORK/reload-$name.out")
+    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+    errors=$(echo "$out" | awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10}')
+    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $5}')
+    reloaded+=("$name ${reqs:-0} ${errors:-0} ${non2xx:-0}")
+    stop_proxy "$name"
+  done
+  echo
+  echo "Two reloads during 8 s of wrk -c8 keep-alive, one worker each"
+  printf '%-10s %10s %16s %10s\n' proxy requests "socket errors" "non-2xx"
+  for row in "${reloaded[@]}"; do
+    # shellcheck disable=SC2086
+    printf '%-10s %10s %16s %10s\n' $row
   done
 fi
