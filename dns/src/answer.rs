@@ -158,6 +158,10 @@ pub fn forwardable(view: &ZoneView, request: &Message) -> Option<hickory_proto::
 
 /// NXDOMAIN for a plain query, written without building messages (a flood of random names is
 /// all misses). `None`: any other outcome, for the general path.
+/// Labels a question may have for [`fast_nxdomain`], well under hickory's 64 compression
+/// candidates, so the SOA's names find theirs too.
+const MAX_FAST_LABELS: u8 = 48;
+
 pub fn fast_nxdomain(
     zone: &ZoneView,
     request: &[u8],
@@ -169,6 +173,12 @@ pub fn fast_nxdomain(
         return None;
     }
     let name = crate::wire::key_to_name(key)?;
+    // hickory keeps at most 64 names to compress against (one per label of what it wrote
+    // first, the question): past that it writes a suffix out where this writer would point to
+    // it. Names that long are not real ones; the general path answers them.
+    if name.num_labels() > MAX_FAST_LABELS {
+        return None;
+    }
     let lookup = zone.lookup(&name, RecordType::from(fast.qtype), 0);
     if lookup.rcode != Rcode::NxDomain || !lookup.answers.is_empty() {
         return None;
