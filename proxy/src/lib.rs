@@ -238,27 +238,24 @@ impl Worker {
             }
         };
         let connections = TaskTracker::new();
-        let http = listener(self.listeners.http).map(|l| {
-            tokio::spawn(accept_loop(
+        let tasks: Vec<_> = [
+            (self.listeners.http, None),
+            (self.listeners.https, Some(self.acceptor.clone())),
+        ]
+        .into_iter()
+        .filter_map(|(l, tls)| {
+            let l = listener(l)?;
+            Some(tokio::spawn(accept_loop(
                 l,
                 self.shutdown.clone(),
                 connections.clone(),
                 self.builder.clone(),
                 self.shared.clone(),
-                None,
-            ))
-        });
-        let https = listener(self.listeners.https).map(|l| {
-            tokio::spawn(accept_loop(
-                l,
-                self.shutdown.clone(),
-                connections.clone(),
-                self.builder.clone(),
-                self.shared.clone(),
-                Some(self.acceptor.clone()),
-            ))
-        });
-        for task in [http, https].into_iter().flatten() {
+                tls,
+            )))
+        })
+        .collect();
+        for task in tasks {
             let _ = task.await;
         }
         // Every connection saw `shutdown` and is finishing its in-flight requests.

@@ -459,8 +459,9 @@ pub async fn route(
         Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
         _ => shared.request_ids.next(),
     };
-    let logged_host = match (request_host(&req), shared.access_log) {
-        (Ok(host), true) => host.unwrap_or("").to_string(),
+    // Read a second time only for the access log, and only when it is on.
+    let logged_host = match shared.access_log.then(|| request_host(&req)) {
+        Some(Ok(host)) => host.unwrap_or("").to_string(),
         _ => String::new(),
     };
     // The name, lowercased into a buffer here, so the request can move on without a copy of
