@@ -1504,3 +1504,148 @@ async fn a_backend_closing_idle_connections_costs_no_request() {
     }
     assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) >= 20);
 }
+
+/// Reads from `stream` until `needle` has been seen; what was read.
+async fn read_until<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, needle: &str) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let reading = async {
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {needle:?}: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(DEADLINE, reading)
+        .await
+        .expect("the answer never came");
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// The HTTP/1 server's framing, as raw clients see it: pipelined requests answered in order,
+/// `Expect: 100-continue`, chunked uploads with trailers, HTTP/1.0 without a length, HEAD,
+/// trailers on a chunked answer, and the request shapes that smuggle refused before a
+/// backend sees them.
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_framing_as_raw_clients_see_it() {
+    let Edge {
+        node,
+        backend: a,
+        host,
+        https,
+        client,
+        ..
+    } = Edge::start("a", b"http/1.1").await;
+
+    // Two requests in one write: two answers, in order, then the close the second asked for.
+    let pipelined = format!(
+        "GET /echo?n=1 HTTP/1.1\r\nHost: {host}\r\n\r\nGET /echo?n=2 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw_https(&client, https, &host, pipelined.as_bytes()).await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    let (first, second) = (answer.find("/echo?n=1"), answer.find("/echo?n=2"));
+    assert!(first.is_some() && first < second, "{answer}");
+
+    // Expect: 100-continue: the interim answer comes before the body is sent.
+    let mut stream = client.connect(https, &host).await.unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    let interim = read_until(&mut stream, "\r\n\r\n").await;
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+        "{interim}"
+    );
+    stream.write_all(b"hello").await.unwrap();
+    stream.flush().await.unwrap();
+    let answer = read_until(&mut stream, "}").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.contains(r#""bytes":5,"sum":532"#), "{answer}");
+
+    // A chunked upload with an extension and a trailer.
+    let chunked = format!(
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3;x=y\r\nhel\r\n2\r\nlo\r\n0\r\nx-check: 1\r\n\r\n"
+    );
+    let answer = raw_https(&client, https, &host, chunked.as_bytes()).await;
+    assert!(answer.contains(r#""bytes":5,"sum":532"#), "{answer}");
+
+    // HTTP/1.0 and a streamed answer of no known length: the close delimits it.
+    let old = format!("GET /download?bytes=100000 HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    let answer = raw_https(&client, https, &host, old.as_bytes()).await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert_eq!(body.len(), 100_000);
+
+    // HEAD: the answer's head only, and the connection goes on.
+    let head_then_get = format!(
+        "HEAD /echo HTTP/1.1\r\nHost: {host}\r\n\r\nGET /echo?after-head HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw_https(&client, https, &host, head_then_get.as_bytes()).await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    let second = answer.rfind("HTTP/1.1 200 OK").unwrap();
+    assert!(
+        !answer[..second].contains("\"backend\""),
+        "HEAD got a body: {answer}"
+    );
+    assert!(answer[second..].contains("after-head"), "{answer}");
+
+    // Trailers on a chunked answer, for a client that takes them.
+    let trailers = format!(
+        "GET /trailers HTTP/1.1\r\nHost: {host}\r\nTE: trailers\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw_https(&client, https, &host, trailers.as_bytes()).await;
+    assert!(answer.contains("transfer-encoding: chunked"), "{answer}");
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    assert!(body.contains("grpc-style body"), "{answer}");
+    assert!(body.contains("grpc-status: 0\r\n"), "{answer}");
+    assert!(body.ends_with("\r\n\r\n"), "{answer}");
+
+    // Smuggling shapes: refused with a 400 and a reason, and no backend sees them.
+    let hits = a.hits();
+    for bad in [
+        "POST /upload HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /upload HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+        "POST /upload HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: gzip\r\n\r\n",
+        "POST /upload HTTP/1.0\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "GET /echo HTTP/1.1\r\nHost: HOST\r\nBad Name: x\r\n\r\n",
+    ] {
+        let answer = raw_https(&client, https, &host, bad.replace("HOST", &host).as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{bad:?}: {answer}"
+        );
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(
+            answer.split_once("\r\n\r\n").unwrap().1.len() > 10,
+            "no reason given: {answer}"
+        );
+    }
+    assert_eq!(a.hits(), hits, "a refused request reached the backend");
+
+    // HTTP/2 with prior knowledge on the plain listener (h2c), as curl sends it.
+    let http = node.listener("http").await;
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+        ])
+        .arg("--http2-prior-knowledge")
+        .args(["-H", &format!("Host: {host}")])
+        .arg(format!("http://{http}/echo"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 308");
+}

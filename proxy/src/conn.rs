@@ -118,7 +118,7 @@ pub async fn drive<C>(
     shutdown: CancellationToken,
 ) -> Result<(), C::Error>
 where
-    C: GracefulConnection,
+    C: Graceful,
 {
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
@@ -143,6 +143,37 @@ where
                 }
             }
         }
+    }
+}
+
+/// A connection that can be asked to finish its in-flight requests and close.
+pub trait Graceful: std::future::Future<Output = Result<(), Self::Error>> {
+    type Error;
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<C: GracefulConnection> Graceful for C {
+    type Error = C::Error;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        GracefulConnection::graceful_shutdown(self)
+    }
+}
+
+impl crate::h1::Transport for ActivityIo<TcpStream> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+impl crate::h1::Transport for ActivityIo<tokio_rustls::server::TlsStream<TcpStream>> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (tcp, tls) = self.inner.get_ref();
+        // Plaintext rustls already holds (or the client's close_notify) is ready now.
+        if !tls.wants_read() {
+            return Poll::Ready(Ok(()));
+        }
+        tcp.poll_read_ready(cx)
     }
 }
 

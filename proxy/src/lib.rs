@@ -6,6 +6,7 @@
 mod challenge;
 pub mod conn;
 mod failure;
+mod h1;
 mod health;
 mod proxy_protocol;
 mod router;
@@ -17,9 +18,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use portcullis_config::{SnapshotHandle, State};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -141,7 +144,7 @@ impl Proxy {
             self.limits.certificate_cache,
             self.limits.tls_hello_timeout.0,
         )?);
-        let builder = Arc::new(http_builder(&self.limits));
+        let builder = Arc::new(http2_builder(&self.limits));
         let make_shared = || {
             Arc::new(Shared::new(
                 snapshot.clone(),
@@ -221,7 +224,7 @@ impl Proxy {
 struct Worker {
     listeners: WorkerListeners,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http2::Builder<TokioExecutor>>,
     acceptor: Arc<TlsAcceptor>,
     shutdown: CancellationToken,
 }
@@ -269,21 +272,10 @@ impl Worker {
     }
 }
 
-fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// The HTTP/2 server's settings. HTTP/1 is served by [`h1`].
+fn http2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout.0)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    // hyper parses up to its default count on the stack and any other count on the heap (about
-    // 5% slower), so it is told only a count that differs.
-    if limits.max_headers != portcullis_config::file::DEFAULT_MAX_HEADERS {
-        builder.http1().max_headers(limits.max_headers);
-    }
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_bytes as u32)
@@ -299,11 +291,127 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+fn h1_options(limits: &Limits) -> h1::Options {
+    h1::Options {
+        max_head_bytes: limits.max_header_bytes.max(1024),
+        max_headers: limits.max_headers,
+        header_read_timeout: limits.header_read_timeout.0,
+    }
+}
+
+/// A connection being served, on the heap: a task holds only this pointer, and a connection
+/// waiting between requests holds only what it needs to.
+type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<()>> + Send>>;
+
+/// An HTTP/2 connection as [`conn::drive`] drives it.
+type Http2Conn = std::pin::Pin<
+    Box<dyn conn::Graceful<Error = hyper::Error, Output = Result<(), hyper::Error>> + Send>,
+>;
+
+/// Starts serving one client connection: HTTP/2 where ALPN chose it, HTTP/1.x otherwise (and
+/// HTTP/2 after all when the client opens with its preface), each request answered by
+/// `answer`. Not `async`: `io` moves straight into the future that serves it, so no second copy
+/// of a TLS connection's state is kept in an outer future.
+#[allow(clippy::too_many_arguments)] // two call sites; a struct would only rename them
+fn serve_connection<T, A, F>(
+    io: T,
+    http2: bool,
+    answer: A,
+    builder: Arc<http2::Builder<TokioExecutor>>,
+    options: h1::Options,
+    activity: Activity,
+    idle: Duration,
+    shutdown: CancellationToken,
+) -> Serving
+where
+    T: h1::Transport,
+    A: Fn(Request<h1::RequestBody>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<hyper::Response<ProxyBody>, std::convert::Infallible>>
+        + Send
+        + 'static,
+{
+    let as_h2 = {
+        let answer = answer.clone();
+        move |req: Request<Incoming>| answer(req.map(h1::RequestBody::Hyper))
+    };
+    if http2 {
+        let conn = builder.serve_connection(TokioIo::new(io), service_fn(as_h2));
+        // HTTP/2's GOAWAY ends a connection without a lost request: no linger.
+        let driven = conn::drive(conn, activity, idle, Duration::ZERO, shutdown);
+        return Box::pin(async move { driven.await.map_err(io::Error::other) });
+    }
+    let closing = h1::Closing::default();
+    let served = h1::serve(io, answer, options, closing.clone());
+    let to_h2 = Box::new(move |io: h1::Upgraded| -> Http2Conn {
+        Box::pin(builder.serve_connection(TokioIo::new(io), service_fn(as_h2)))
+    });
+    let conn = H1Conn {
+        h1: Some(Box::pin(served)),
+        h2: None,
+        to_h2: Some(to_h2),
+        closing,
+        asked: false,
+    };
+    Box::pin(conn::drive(conn, activity, idle, LINGER, shutdown))
+}
+
+/// An HTTP/1 connection, or the HTTP/2 connection it turned out to be. Asked to finish, it
+/// raises its [`h1::Closing`] flag, which the HTTP/1 server reads the next time [`conn::drive`]
+/// polls it (right after asking).
+struct H1Conn<F> {
+    h1: Option<std::pin::Pin<Box<F>>>,
+    h2: Option<Http2Conn>,
+    to_h2: Option<Box<dyn FnOnce(h1::Upgraded) -> Http2Conn + Send>>,
+    closing: h1::Closing,
+    /// The HTTP/2 connection was asked to finish.
+    asked: bool,
+}
+
+impl<F: std::future::Future<Output = io::Result<h1::Ended>>> std::future::Future for H1Conn<F> {
+    type Output = io::Result<()>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(h1) = this.h1.as_mut() {
+            match std::task::ready!(h1.as_mut().poll(cx)) {
+                Ok(h1::Ended::Closed) => return std::task::Poll::Ready(Ok(())),
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+                Ok(h1::Ended::Http2(io)) => {
+                    this.h1 = None;
+                    let Some(to_h2) = this.to_h2.take() else {
+                        return std::task::Poll::Ready(Ok(()));
+                    };
+                    this.h2 = Some(to_h2(io));
+                }
+            }
+        }
+        let Some(h2) = this.h2.as_mut() else {
+            return std::task::Poll::Ready(Ok(()));
+        };
+        if this.closing.is_set() && !this.asked {
+            this.asked = true;
+            h2.as_mut().graceful_shutdown();
+        }
+        h2.as_mut().poll(cx).map_err(io::Error::other)
+    }
+}
+
+impl<F: std::future::Future<Output = io::Result<h1::Ended>>> conn::Graceful for H1Conn<F> {
+    type Error = io::Error;
+
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.closing.close();
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     shutdown: CancellationToken,
     connections: TaskTracker,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http2::Builder<TokioExecutor>>,
     shared: Arc<Shared>,
     tls: Option<Arc<TlsAcceptor>>,
 ) {
@@ -320,7 +428,7 @@ async fn accept_loop(
         let builder = builder.clone();
         let shared = shared.clone();
         let tls = tls.clone();
-        connections.spawn(async move {
+        let task = async move {
             let _open = OpenConnection::start(scheme);
             let mut tcp = tcp;
             let mut peer = peer;
@@ -351,17 +459,26 @@ async fn accept_loop(
                         trusted_certificate: false,
                     };
                     let idle = shared.limits.idle_timeout.0;
-                    let service =
-                        service_fn(move |req| router::plain(shared.clone(), info.clone(), req));
+                    let options = h1_options(&shared.limits);
+                    let answer = move |req| router::plain(shared.clone(), info.clone(), req);
                     let activity = Activity::default();
-                    let io = TokioIo::new(ActivityIo::new(tcp, activity.clone()));
-                    let conn = builder.serve_connection(io, service).into_owned();
-                    if let Err(e) = conn::drive(conn, activity, idle, LINGER, shutdown).await {
+                    let served = serve_connection(
+                        ActivityIo::new(tcp, activity.clone()),
+                        false,
+                        answer,
+                        builder,
+                        options,
+                        activity,
+                        idle,
+                        shutdown,
+                    );
+                    if let Err(e) = served.await {
                         tracing::debug!(error = %e, "HTTP connection ended with an error");
                     }
                 }
             }
-        });
+        };
+        connections.spawn(task);
     }
 }
 
@@ -372,11 +489,12 @@ async fn serve_tls(
     peer: SocketAddr,
     local: SocketAddr,
     shutdown: CancellationToken,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http2::Builder<TokioExecutor>>,
     shared: Arc<Shared>,
 ) {
     let handshaking = conn::Handshaking::start();
-    let accepted = acceptor.accept(tcp).await;
+    // On the heap for the handshake only.
+    let accepted = Box::pin(acceptor.accept(tcp)).await;
     drop(handshaking);
     let accepted = match accepted {
         Ok(a) => a,
@@ -387,6 +505,21 @@ async fn serve_tls(
             return;
         }
     };
+    // The connection moves into the boxed future that serves it; nothing of it stays here.
+    let served = start_https(accepted, peer, local, shutdown, builder, shared);
+    if let Err(e) = served.await {
+        tracing::debug!(client = %peer, error = %e, "HTTPS connection ended with an error");
+    }
+}
+
+fn start_https(
+    accepted: tls::Accepted,
+    peer: SocketAddr,
+    local: SocketAddr,
+    shutdown: CancellationToken,
+    builder: Arc<http2::Builder<TokioExecutor>>,
+    shared: Arc<Shared>,
+) -> Serving {
     let version = match accepted.stream.get_ref().1.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
         Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
@@ -405,20 +538,20 @@ async fn serve_tls(
         trusted_certificate,
     };
     let idle = shared.limits.idle_timeout.0;
-    // HTTP/2's GOAWAY ends a connection without a lost request; HTTP/1 lingers (see drive).
-    let linger = match accepted.stream.get_ref().1.alpn_protocol() {
-        Some(b"h2") => Duration::ZERO,
-        _ => LINGER,
-    };
-    let service = service_fn(move |req| router::route(shared.clone(), info.clone(), req));
+    let http2 = accepted.stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let options = h1_options(&shared.limits);
+    let answer = move |req| router::route(shared.clone(), info.clone(), req);
     let activity = Activity::default();
-    let io = TokioIo::new(ActivityIo::new(accepted.stream, activity.clone()));
-    let conn = builder
-        .serve_connection_with_upgrades(io, service)
-        .into_owned();
-    if let Err(e) = conn::drive(conn, activity, idle, linger, shutdown).await {
-        tracing::debug!(client = %peer, error = %e, "HTTPS connection ended with an error");
-    }
+    serve_connection(
+        ActivityIo::new(accepted.stream, activity.clone()),
+        http2,
+        answer,
+        builder,
+        options,
+        activity,
+        idle,
+        shutdown,
+    )
 }
 
 /// Counts an open client connection for as long as it lives.

@@ -26,10 +26,14 @@ use portcullis_config::{ServiceId, SnapshotHandle};
 
 use crate::Limits;
 use crate::failure::{Failure, Fault};
+use crate::h1::RequestBody;
 use crate::health::{BackendState, Health, Target};
 use crate::tls::SnapshotResolver;
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// Why a body could not be read to its end.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
 
 /// What every connection of the node shares.
 pub struct Shared {
@@ -280,7 +284,7 @@ fn empty(status: StatusCode) -> Response<ProxyBody> {
 /// authority (HTTP/1.1's absolute form, HTTP/2's `:authority`) wins over Host (RFC 9112
 /// §3.2.2), and in HTTP/2 the two must name the same site (RFC 9113 §8.3.1). `Ok(None)`: the
 /// request names no host.
-fn request_host(req: &Request<Incoming>) -> Result<Option<&str>, Failure> {
+fn request_host(req: &Request<RequestBody>) -> Result<Option<&str>, Failure> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -320,7 +324,7 @@ fn same_site(authority: &hyper::http::uri::Authority, host: &str, scheme: Option
 
 /// The host as the ACME challenge path has always taken it: `:authority`, else Host. Kept
 /// apart from [`request_host`] so a CA's validation requests are answered exactly as before.
-fn challenge_host(req: &Request<Incoming>) -> Option<&str> {
+fn challenge_host(req: &Request<RequestBody>) -> Option<&str> {
     req.uri().authority().map(|a| a.as_str()).or_else(|| {
         req.headers()
             .get(header::HOST)
@@ -333,7 +337,7 @@ fn challenge_host(req: &Request<Incoming>) -> Option<&str> {
 pub async fn plain(
     shared: Arc<Shared>,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if let Some(token) = req
         .uri()
@@ -414,7 +418,7 @@ pub async fn plain(
 /// here, for both, so the one setting means the same on each.
 fn too_many_headers(
     shared: &Shared,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
     request_id: Option<&HeaderValue>,
 ) -> Option<Response<ProxyBody>> {
     let max = shared.limits.max_headers;
@@ -447,7 +451,7 @@ fn is_ip_literal(host: &str) -> bool {
 pub async fn route(
     shared: Arc<Shared>,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let version = req.version();
@@ -560,7 +564,7 @@ impl BodyEnd for AccessRecord {
 async fn route_inner(
     shared: &Shared,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     name: Result<&str, Response<ProxyBody>>,
     request_id: &HeaderValue,
 ) -> (Response<ProxyBody>, Option<Routed>, Option<Arc<str>>) {
@@ -724,7 +728,7 @@ fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, keep_upgrade
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade(req: &Request<RequestBody>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && lists_token(req.headers(), header::CONNECTION, "upgrade")
@@ -739,7 +743,7 @@ fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
         .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
-fn is_h2_websocket(req: &Request<Incoming>) -> bool {
+fn is_h2_websocket(req: &Request<RequestBody>) -> bool {
     req.method() == Method::CONNECT
         && req
             .extensions()
@@ -810,12 +814,12 @@ async fn forward(
     shared: &Shared,
     conn: &ConnInfo,
     service: &Arc<Service>,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     host: &str,
     request_id: &HeaderValue,
 ) -> Result<(Response<ProxyBody>, Arc<str>), Failure> {
     let client_upgrade =
-        (is_upgrade(&req) || is_h2_websocket(&req)).then(|| hyper::upgrade::on(&mut req));
+        (is_upgrade(&req) || is_h2_websocket(&req)).then(|| ClientUpgrade::of(&mut req));
     let (parts, body) = req.into_parts();
     let retryable = body.is_end_stream()
         && matches!(
@@ -960,7 +964,7 @@ async fn send_with_retry(
     conn: &ConnInfo,
     service: &Service,
     outbound: Outbound,
-    body: Incoming,
+    body: RequestBody,
     states: &[Arc<BackendState>],
     candidates: [Option<usize>; 2],
 ) -> Result<(Response<Incoming>, Inflight, Arc<str>), Failure> {
@@ -1112,7 +1116,7 @@ async fn send_with_retry(
 fn response_filter(
     response: Response<Incoming>,
     inflight: Inflight,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<ClientUpgrade>,
     h2_websocket: bool,
 ) -> Response<ProxyBody> {
     let mut response = response;
@@ -1143,17 +1147,47 @@ fn response_filter(
     Response::from_parts(parts, Watched::new(body, inflight).boxed())
 }
 
-async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
-    let (client, backend) = match tokio::try_join!(client, backend) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
+/// The client's side of an upgrade: its HTTP/1.1 connection after the `101`, or an HTTP/2
+/// stream (WebSocket over extended CONNECT).
+enum ClientUpgrade {
+    H1(crate::h1::OnUpgrade),
+    Hyper(hyper::upgrade::OnUpgrade),
+}
+
+impl ClientUpgrade {
+    fn of(req: &mut Request<RequestBody>) -> Self {
+        match req.extensions_mut().remove::<crate::h1::OnUpgrade>() {
+            Some(on) => ClientUpgrade::H1(on),
+            None => ClientUpgrade::Hyper(hyper::upgrade::on(req)),
         }
+    }
+}
+
+async fn tunnel(client: ClientUpgrade, backend: hyper::upgrade::OnUpgrade) {
+    let outcome = match client {
+        ClientUpgrade::H1(client) => match tokio::try_join!(client.upgraded(), async {
+            backend.await.map_err(BodyError::from)
+        }) {
+            Ok((mut client, backend)) => {
+                tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(backend)).await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        },
+        ClientUpgrade::Hyper(client) => match tokio::try_join!(client, backend) {
+            Ok((client, backend)) => {
+                tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(backend))
+                    .await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        },
     };
-    let mut client = TokioIo::new(client);
-    let mut backend = TokioIo::new(backend);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+    if let Err(e) = outcome {
         tracing::debug!(error = %e, "upgraded connection ended");
     }
 }
@@ -1232,12 +1266,12 @@ type LeasedFuture = std::pin::Pin<
 
 /// The client's request body on its way to the backend, noting why it failed if it does.
 struct ClientBody {
-    inner: Incoming,
+    inner: RequestBody,
     failed: Arc<OnceLock<String>>,
 }
 
 impl ClientBody {
-    fn new(inner: Incoming) -> Self {
+    fn new(inner: RequestBody) -> Self {
         ClientBody {
             inner,
             failed: Arc::default(),
@@ -1247,15 +1281,15 @@ impl ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
         let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Err(e))) = &poll {
-            let _ = self.failed.set(portcullis_config::error::chain(e));
+            let _ = self.failed.set(portcullis_config::error::chain(&**e));
         }
         poll
     }
@@ -1328,12 +1362,12 @@ struct Sending {
 
 impl Body for Sending {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
         let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Ok(_))) = &poll {
             self.progress.touch();
@@ -1371,17 +1405,20 @@ impl<B: Body, E: BodyEnd> Watched<B, E> {
 
 impl<B, E> Body for Watched<B, E>
 where
-    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
     E: BodyEnd + Unpin,
 {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
+        let poll = std::pin::Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(Into::into);
         match &poll {
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
