@@ -1342,6 +1342,58 @@ impl Body for RequestBody {
     }
 }
 
+/// For the fuzzer: `data`, arriving `step` bytes at a time, read as a connection reads it:
+/// heads parsed, bodies decoded, pipelined requests one after another. Panics where something
+/// that must hold does not: a body of declared length decodes to exactly that length, no
+/// request has more fields than allowed, nothing decodes to more bytes than arrived.
+#[doc(hidden)]
+pub fn check_request_bytes(data: &[u8], step: usize) {
+    let options = Options {
+        max_head_bytes: 4096,
+        max_headers: 16,
+        header_read_timeout: Duration::from_secs(1),
+    };
+    let step = step.max(1);
+    let mut input = data.chunks(step);
+    let mut buf = BytesMut::new();
+    let mut decoded_total = 0usize;
+    loop {
+        let parsed = loop {
+            match parse(&mut buf, &options) {
+                Ok(Some(parsed)) => break parsed,
+                Ok(None) if buf.len() < options.max_head_bytes => match input.next() {
+                    Some(more) => buf.extend_from_slice(more),
+                    None => return,
+                },
+                Ok(None) | Err(_) => return,
+            }
+        };
+        assert!(parsed.request.headers().len() <= options.max_headers + 1);
+        let mut decoder = Decoder::new(parsed.framing, options.max_head_bytes);
+        let mut body = 0u64;
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Decoded::Data(frame)) => {
+                    assert!(!frame.is_empty(), "an empty data frame");
+                    body += frame.len() as u64;
+                    decoded_total += frame.len();
+                }
+                Ok(Decoded::Trailers(_)) => {}
+                Ok(Decoded::End) => break,
+                Ok(Decoded::More) => match input.next() {
+                    Some(more) => buf.extend_from_slice(more),
+                    None => return,
+                },
+                Err(_) => return,
+            }
+        }
+        assert!(decoded_total <= data.len(), "more body than input");
+        if let BodyFraming::Length(n) = parsed.framing {
+            assert_eq!(body, n, "a body of declared length decoded to another");
+        }
+    }
+}
+
 /// The `Date` of answers, formatted once a second.
 mod date {
     use std::cell::RefCell;

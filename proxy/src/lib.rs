@@ -6,7 +6,7 @@
 mod challenge;
 pub mod conn;
 mod failure;
-mod h1;
+pub mod h1;
 mod health;
 mod proxy_protocol;
 mod router;
