@@ -319,7 +319,7 @@ where
             keep_alive = false;
             Framing::Close
         };
-        if lists(&parts.headers, header::CONNECTION, "close") || closing.is_set() {
+        if lists_token(&parts.headers, header::CONNECTION, "close") || closing.is_set() {
             keep_alive = false;
         }
         let connection = if !keep_alive {
@@ -653,7 +653,7 @@ fn parse(buf: &mut BytesMut, options: &Options) -> Result<Option<Parsed>, HeadEr
 }
 
 /// True when the comma-separated header `name` lists `token` (case-insensitively).
-fn lists(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+pub(crate) fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()

@@ -26,7 +26,7 @@ use portcullis_config::{ServiceId, SnapshotHandle};
 
 use crate::Limits;
 use crate::failure::{Failure, Fault};
-use crate::h1::RequestBody;
+use crate::h1::{RequestBody, lists_token};
 use crate::health::{BackendState, Health, Target};
 use crate::tls::SnapshotResolver;
 
@@ -732,15 +732,6 @@ fn is_upgrade(req: &Request<RequestBody>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && lists_token(req.headers(), header::CONNECTION, "upgrade")
-}
-
-/// True when the comma-separated header `name` lists `token` (case-insensitively).
-fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 fn is_h2_websocket(req: &Request<RequestBody>) -> bool {
