@@ -1649,3 +1649,82 @@ async fn http1_framing_as_raw_clients_see_it() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "2 308");
 }
+
+/// A backend that answers every request with a head promising `promised` bytes, sends
+/// `sent`, and closes.
+async fn cut_short_backend(promised: usize, sent: &'static [u8]) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {promised}\r\n\r\n");
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                let _ = tcp.write_all(sent).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Faults on either side of an HTTP/1 connection: a backend that dies part way through its
+/// answer is cut short for the client too (never passed on as whole, never left hanging), and
+/// a client that goes away part way through its upload costs the edge nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_answers_and_uploads_cut_short_end_their_connections() {
+    let node = Node::start();
+    let cut = cut_short_backend(1000, b"only a part").await;
+    let (_, cut_host) = node.service(&[cut]).await;
+    let a = Backend::start("a").await;
+    let (_, host) = node.service(&[a.addr]).await;
+    let https = node.listener("https").await;
+    let client = TlsClient::new(&node.root_pem(), &[b"http/1.1"]);
+
+    // Content-Length says 1000, 11 bytes come: the client gets the head and those bytes, then
+    // the connection ends (raw_https reads to the close, within the deadline).
+    let request = format!("GET / HTTP/1.1\r\nHost: {cut_host}\r\n\r\n");
+    let answer = raw_https(&client, https, &cut_host, request.as_bytes()).await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(head.contains("content-length: 1000"), "{answer}");
+    assert_eq!(body, "only a part");
+
+    // The client declares 1 MiB, sends 10 KiB and closes.
+    for _ in 0..3 {
+        let mut stream = client.connect(https, &host).await.unwrap();
+        let head =
+            format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1048576\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&[b'x'; 10 * 1024]).await.unwrap();
+        stream.flush().await.unwrap();
+        drop(stream);
+    }
+    // The edge and the backend are fine: the next upload goes through whole.
+    let (mut conn, _) = open(&client, https, &host).await;
+    let response = conn
+        .send(
+            get(&host, "/upload")
+                .method(Method::POST)
+                .body(Full::new(Bytes::from(vec![b'y'; 200_000])))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let counted: Value = serde_json::from_str(&body_text(response).await).unwrap();
+    assert_eq!(counted["bytes"], 200_000);
+    let text = metrics_text(&node).await;
+    assert!(
+        text.contains("portcullis_upstream_connect_errors_total 0\n"),
+        "{text}"
+    );
+}
