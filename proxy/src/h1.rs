@@ -26,7 +26,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::router::{BodyError, ProxyBody};
 
@@ -180,7 +180,7 @@ where
                 })
                 .await?;
                 if !ready {
-                    let _ = poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)).await;
+                    let _ = io.shutdown().await;
                     return Ok(Ended::Closed);
                 }
                 let read = poll_fn(|cx| Poll::Ready(poll_read_into(&mut io, cx, &mut buf))).await;
@@ -286,8 +286,8 @@ where
                 Framing::None,
                 None,
             );
-            write_all(&mut io, &head).await?;
-            poll_fn(|cx| Pin::new(&mut io).poll_flush(cx)).await?;
+            io.write_all(&head).await?;
+            io.flush().await?;
             let _ = tx.send(Upgraded {
                 io: Box::new(io),
                 read: buf.freeze(),
@@ -353,7 +353,7 @@ where
             keep_alive = false;
         }
         if !keep_alive {
-            let _ = poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)).await;
+            let _ = io.shutdown().await;
             return Ok(Ended::Closed);
         }
     }
@@ -375,21 +375,10 @@ async fn refuse<T: Transport>(io: &mut T, status: StatusCode, text: &str) {
         Some("close"),
     );
     out.extend_from_slice(text.as_bytes());
-    if write_all(io, &out).await.is_ok() {
-        let _ = poll_fn(|cx| Pin::new(&mut *io).poll_flush(cx)).await;
+    if io.write_all(&out).await.is_ok() {
+        let _ = io.flush().await;
     }
-    let _ = poll_fn(|cx| Pin::new(&mut *io).poll_shutdown(cx)).await;
-}
-
-async fn write_all<T: Transport>(io: &mut T, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        let n = poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, bytes)).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        bytes = &bytes[n..];
-    }
-    Ok(())
+    let _ = io.shutdown().await;
 }
 
 thread_local! {
@@ -407,15 +396,18 @@ fn poll_read_into<T: AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
     SCRATCH.with(|scratch| {
-        let Ok(mut scratch) = scratch.try_borrow_mut() else {
-            // Not reached: a read does not read again. Were it, a buffer of its own.
-            let mut own = vec![0; READ_SIZE];
-            let mut read = ReadBuf::new(&mut own);
-            std::task::ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
-            buf.extend_from_slice(read.filled());
-            return Poll::Ready(Ok(read.filled().len()));
+        // A read does not read again, so the scratch buffer is free; were it not, a buffer of
+        // its own rather than a panic.
+        let mut own;
+        let mut borrowed = scratch.try_borrow_mut();
+        let space: &mut [u8] = match borrowed.as_mut() {
+            Ok(scratch) => &mut scratch[..],
+            Err(_) => {
+                own = vec![0; READ_SIZE];
+                &mut own
+            }
         };
-        let mut read = ReadBuf::new(&mut scratch[..]);
+        let mut read = ReadBuf::new(space);
         std::task::ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
         buf.extend_from_slice(read.filled());
         Poll::Ready(Ok(read.filled().len()))
